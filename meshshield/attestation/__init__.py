@@ -1,0 +1,1 @@
+"""Evidence parsing and verification, one module per platform."""

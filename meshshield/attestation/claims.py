@@ -1,0 +1,85 @@
+"""What verified evidence says about a workload, independent of the platform."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+REPORT_DATA_DOMAIN = b"meshshield/v1"
+NONCE_SIZE = 32
+REPORT_DATA_SIZE = 64
+
+
+class Platform(StrEnum):
+    SEV_SNP = "sev-snp"
+    TDX = "tdx"
+    SGX = "sgx"
+    SIM = "sim"
+
+
+class TcbStatus(StrEnum):
+    UP_TO_DATE = "up_to_date"
+    SW_HARDENING_NEEDED = "sw_hardening_needed"
+    CONFIGURATION_NEEDED = "configuration_needed"
+    OUT_OF_DATE = "out_of_date"
+    REVOKED = "revoked"
+    UNKNOWN = "unknown"
+
+
+def _frozen(m: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(m or {}))
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Verified facts from one piece of evidence.
+
+    `measurement` is lowercase hex: the launch digest (sev-snp), MRTD (tdx), MRENCLAVE
+    (sgx) or the workload digest (sim). `extra` holds the platform's own fields
+    (host_data, chip_id, reported_tcb, mrconfigid, rtmr0..3, ...), JSON-serialisable.
+    """
+
+    platform: Platform
+    measurement: str
+    report_data: bytes
+    debug: bool
+    tcb_status: TcbStatus = TcbStatus.UNKNOWN
+    signer: str | None = None
+    product_id: int | None = None
+    svn: int | None = None
+    simulated: bool = False
+    advisories: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.extra, MappingProxyType):
+            object.__setattr__(self, "extra", _frozen(self.extra))
+
+    def to_json(self) -> dict[str, Any]:
+        """The `evidence verify --json` view: common fields, then the platform's own."""
+        out: dict[str, Any] = {
+            "platform": self.platform.value,
+            "measurement": self.measurement,
+            "signer": self.signer,
+            "product_id": self.product_id,
+            "svn": self.svn,
+            "debug": self.debug,
+            "tcb_status": self.tcb_status.value,
+            "report_data": self.report_data.hex(),
+            "simulated": self.simulated,
+            "advisories": list(self.advisories),
+        }
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out
+
+
+def expected_report_data(nonce: bytes, spki_der: bytes) -> bytes:
+    """report_data = SHA-512(b"meshshield/v1" || nonce || SPKI-DER) (SPEC §4)."""
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+    return hashlib.sha512(REPORT_DATA_DOMAIN + nonce + spki_der).digest()
