@@ -1,0 +1,288 @@
+"""Reading policy YAML into a node tree that keeps every value's line number.
+
+Policies come from admins over the network, so the reader is defensive: a size cap,
+a nesting cap, no anchors or aliases (no "billion laughs"), no duplicate keys (PyYAML
+would silently keep the last one), and nothing is ever constructed into Python objects
+except the few scalars the schema asks for. Problems are collected, not raised, so an
+admin sees every one of them at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.events import Event, NodeEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+MAX_POLICY_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+DOCUMENT_PATH = "(document)"
+
+STR_TAG = "tag:yaml.org,2002:str"
+INT_TAG = "tag:yaml.org,2002:int"
+NULL_TAG = "tag:yaml.org,2002:null"
+
+_TAG_NAMES = {
+    STR_TAG: "a string",
+    INT_TAG: "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+    NULL_TAG: "null",
+    "tag:yaml.org,2002:timestamp": "a date",
+    "tag:yaml.org,2002:binary": "binary data",
+    "tag:yaml.org,2002:merge": "a merge key",
+    "tag:yaml.org,2002:value": "a value key (=)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a policy, located by file, line and field path."""
+
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.path}: {self.message}"
+
+
+class AliasNode(ScalarNode):
+    """Stands in for a `*alias` so the walk can report it with its path."""
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """SafeLoader's composer, with aliases replaced, anchors recorded and depth capped."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.anchored: dict[int, str] = {}
+        self._keep: list[Node] = []  # keeps ids in `anchored` unique while we run
+        self._depth = 0
+
+    # PyYAML's stubs leave the event API untyped; these two pin it down once.
+    def upcoming_event(self) -> Event:
+        event: Event = self.peek_event()  # type: ignore[no-untyped-call]
+        return event
+
+    def take_event(self) -> Event:
+        event: Event = self.get_event()  # type: ignore[no-untyped-call]
+        return event
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(_line(self.upcoming_event().start_mark))
+            if self.check_event(yaml.AliasEvent):
+                alias = self.take_event()
+                return AliasNode(
+                    "tag:meshshield:alias", str(getattr(alias, "anchor", "")),
+                    alias.start_mark, alias.end_mark,  # type: ignore[arg-type]
+                )
+            event = self.upcoming_event()
+            anchor = getattr(event, "anchor", None)
+            if isinstance(event, NodeEvent) and anchor is not None:
+                # Compose it as if unanchored; the structural walk reports it with its path.
+                event.anchor = None
+            node = super().compose_node(parent, index)
+            if anchor is not None and node is not None:
+                self.anchored[id(node)] = str(anchor)
+                self._keep.append(node)
+            return node
+        finally:
+            self._depth -= 1
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """The composed root node (None when the file is empty) and its anchored nodes."""
+
+    root: Node | None
+    anchored: dict[int, str]
+
+
+def _line(mark: object) -> int:
+    line = getattr(mark, "line", None)
+    return line + 1 if isinstance(line, int) else 1
+
+
+def line_of(node: Node) -> int:
+    return _line(node.start_mark)
+
+
+def read_document(data: bytes, filename: str) -> tuple[Document | None, list[Problem]]:
+    """Compose one YAML document, or say why it cannot be read at all."""
+
+    def fail(line: int, message: str) -> tuple[None, list[Problem]]:
+        return None, [Problem(filename, line, DOCUMENT_PATH, message)]
+
+    if len(data) > MAX_POLICY_BYTES:
+        return fail(
+            1,
+            f"policy is {len(data)} bytes; the limit is {MAX_POLICY_BYTES} bytes (1 MiB). "
+            "Split the session or remove unused entries",
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return fail(
+            data.count(b"\n", 0, e.start) + 1,
+            f"policy must be UTF-8 text; found byte 0x{data[e.start]:02x} at offset {e.start}",
+        )
+    text = text.removeprefix("\ufeff")
+
+    loader: _GuardedLoader | None = None
+    try:
+        loader = _GuardedLoader(text)
+        loader.take_event()  # stream start
+        root: Node | None = None
+        if not loader.check_event(yaml.StreamEndEvent):
+            root = loader.compose_document()
+        if not loader.check_event(yaml.StreamEndEvent):
+            second = loader.take_event()
+            return fail(
+                _line(second.start_mark),
+                "found a second YAML document; a policy file holds exactly one "
+                "(remove the extra --- and what follows it)",
+            )
+    except _TooDeep as e:
+        return fail(e.line, f"values are nested deeper than {MAX_DEPTH} levels")
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        detail = e.problem or "syntax error"
+        if e.context:
+            where = f" at line {_line(e.context_mark)}" if e.context_mark is not None else ""
+            detail = f"{detail} ({e.context}{where})"
+        return fail(_line(mark), f"invalid YAML: {detail}")
+    except yaml.reader.ReaderError as e:
+        position = e.position if isinstance(e.position, int) else 0
+        return fail(
+            text.count("\n", 0, position) + 1,
+            f"invalid YAML: character {_char(e.character)} is not allowed ({e.reason})",
+        )
+    except yaml.YAMLError as e:
+        return fail(1, f"invalid YAML: {e}")
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+    if root is None or (isinstance(root, ScalarNode) and root.tag == NULL_TAG and not root.value):
+        return fail(
+            1,
+            "the policy is empty; expected a mapping with name, version and services",
+        )
+    return Document(root, loader.anchored), []
+
+
+def _char(character: object) -> str:
+    if isinstance(character, int):
+        return f"U+{character:04X}"
+    return repr(character)
+
+
+def join(path: str, key: str) -> str:
+    return key if not path else f"{path}.{key}"
+
+
+def index(path: str, i: int) -> str:
+    return f"{path}[{i}]"
+
+
+def shown(path: str) -> str:
+    return path or DOCUMENT_PATH
+
+
+def clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_str(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and not isinstance(node, AliasNode) and node.tag == STR_TAG
+
+
+def is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and not isinstance(node, AliasNode) and node.tag == NULL_TAG
+
+
+def key_text(node: Node) -> str:
+    if isinstance(node, AliasNode):
+        return f"*{node.value}"
+    if isinstance(node, ScalarNode):
+        return str(node.value)
+    return "<" + describe(node) + ">"
+
+
+def describe(node: Node) -> str:
+    """What a node is, for "expected X, found Y" messages (YAML 1.1 types included)."""
+    if isinstance(node, AliasNode):
+        return f"an alias (*{node.value})"
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == NULL_TAG:
+        return "null"
+    name = _TAG_NAMES.get(node.tag, f"a value tagged {node.tag}")
+    return f"{name} ({clip(str(node.value))})"
+
+
+def integer(node: Node) -> int | None:
+    """The value of an integer scalar (YAML 1.1: 0x1f, 0o17, 1_000, 1:30), else None."""
+    if not isinstance(node, ScalarNode) or isinstance(node, AliasNode) or node.tag != INT_TAG:
+        return None
+    try:
+        return SafeConstructor().construct_yaml_int(node)
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def structural_problems(doc: Document, filename: str) -> list[Problem]:
+    """Anchors, aliases and duplicate keys anywhere in the tree, with their paths."""
+    problems: list[Problem] = []
+
+    def walk(node: Node, path: str) -> None:
+        if isinstance(node, AliasNode):
+            problems.append(Problem(
+                filename, line_of(node), shown(path),
+                f"aliases are not allowed (found *{node.value}); write the value out in full",
+            ))
+            return
+        anchor = doc.anchored.get(id(node))
+        if anchor is not None:
+            problems.append(Problem(
+                filename, line_of(node), shown(path),
+                f"anchors are not allowed (found &{anchor}); write each value out in full",
+            ))
+        if isinstance(node, MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                child = join(path, key_text(key))
+                if isinstance(key, ScalarNode) and not isinstance(key, AliasNode):
+                    ident = (key.tag, str(key.value))
+                    if ident in seen:
+                        problems.append(Problem(
+                            filename, line_of(key), child,
+                            f"duplicate key {key_text(key)!r} (first at line {seen[ident]}); "
+                            "keep only one",
+                        ))
+                    else:
+                        seen[ident] = line_of(key)
+                walk(key, child)
+                walk(value, child)
+        elif isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, index(path, i))
+
+    if doc.root is not None:
+        walk(doc.root, "")
+    return problems
