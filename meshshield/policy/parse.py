@@ -20,6 +20,7 @@ from meshshield.attestation.claims import Platform
 from meshshield.clock import parse_duration
 from meshshield.errors import PolicyError, Reason
 from meshshield.policy.document import (
+    MAX_POLICY_BYTES,
     Problem,
     clip,
     describe,
@@ -53,7 +54,7 @@ from meshshield.policy.model import (
     Tolerance,
 )
 
-__all__ = ["PolicyInvalid", "Problem", "parse_policy", "policy_hash"]
+__all__ = ["MAX_POLICY_BYTES", "PolicyInvalid", "Problem", "parse_policy", "policy_hash"]
 
 SUPPORTED_VERSION = "1"
 _HEX = frozenset("0123456789abcdefABCDEF")
