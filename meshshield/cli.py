@@ -1,14 +1,424 @@
-"""meshshield command line: one entry point, a small function per subcommand."""
+"""meshshield command line: one entry point, a small function per subcommand.
+
+Exit codes (SPEC §2): 0 success, 1 refused or invalid (reason on stderr), 2 usage error.
+Nothing a user or a peer can cause ends in a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import os
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from meshshield.errors import MeshError
+
+Command = Callable[[argparse.Namespace], int]
 
 
-def main(argv: list[str] | None = None) -> int:
-    del argv
-    print("meshshield: not yet implemented", file=sys.stderr)
-    return 2
+class UsageError(Exception):
+    """A command-line value is unusable (exit 2)."""
+
+
+def _err(msg: str) -> None:
+    print(f"meshshield: {msg}", file=sys.stderr)
+
+
+# -- policy ------------------------------------------------------------------------------
+
+
+def cmd_policy_validate(args: argparse.Namespace) -> int:
+    from meshshield.policy import PolicyInvalid, parse_policy
+
+    path = Path(args.file)
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else path.read_bytes()
+    except OSError as e:
+        _err(f"cannot read {args.file}: {e.strerror}")
+        return 1
+    try:
+        pol = parse_policy(data, args.file, cas_dns=tuple(args.cas_dns or ("localhost",)))
+    except PolicyInvalid as e:
+        for p in e.problems:
+            print(str(p), file=sys.stderr)
+        return 1
+    from meshshield.policy import policy_hash
+
+    print(f"{args.file}: valid: session {pol.name}, {len(pol.services)} service(s), "
+          f"sha256:{policy_hash(data)}")
+    return 0
+
+
+def _client(args: argparse.Namespace, admin: bool = True) -> Any:
+    from meshshield.adminauth import load_admin_key
+    from meshshield.casclient import CasClient
+
+    key = None
+    if admin:
+        if not args.admin_key:
+            raise UsageError("this command needs --admin-key DIR")
+        try:
+            key = load_admin_key(Path(args.admin_key))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:
+        return CasClient(args.cas, Path(args.cas_bundle), key)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    import yaml
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as e:
+        _err(f"cannot read {args.file}: {e.strerror}")
+        return 1
+    try:
+        doc = yaml.safe_load(data)
+        name = doc.get("name") if isinstance(doc, dict) else None
+    except yaml.YAMLError:
+        name = None
+    client = _client(args)
+    if isinstance(name, str) and "/" not in name and "?" not in name and (
+        doc.get("predecessor") is not None
+    ):
+        r = client.request("PUT", f"/v1/sessions/{name}", data,
+                           content_type="application/yaml", sign=True).json()
+        print(f"updated session {r['session']} (policy sha256:{r['policy_hash']}, "
+              f"epoch {r['epoch']})")
+    else:
+        r = client.request("POST", "/v1/sessions", data,
+                           content_type="application/yaml", sign=True).json()
+        print(f"created session {r['session']} (policy sha256:{r['policy_hash']}, "
+              f"epoch {r['epoch']})")
+    return 0
+
+
+def cmd_policy_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+    r = client.request("GET", f"/v1/sessions/{_name(args.name)}", sign=True)
+    sys.stdout.buffer.write(r.body)
+    sys.stdout.flush()
+    h = r.headers.get("X-Policy-Hash")
+    if h:
+        print(f"policy sha256:{h}", file=sys.stderr)
+    return 0
+
+
+def _name(name: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[a-z0-9-]{1,63}", name):
+        raise UsageError(f"session name {name!r} must match [a-z0-9-]{{1,63}}")
+    return name
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.serial is not None:
+        from meshshield.pki.ca import normalize_serial
+
+        try:
+            body = {"serial": normalize_serial(args.serial)}
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        body = {"measurement": args.measurement.lower()}
+    r = client.post_json(f"/v1/sessions/{_name(args.session)}/revocations", body, sign=True)
+    kind = "serial" if "serial" in r else "measurement"
+    print(f"revoked {kind} {r[kind]} in session {r['session']} (epoch {r['epoch']})")
+    return 0
+
+
+# -- keys & measurement ------------------------------------------------------------------
+
+
+def cmd_admin_keygen(args: argparse.Namespace) -> int:
+    from meshshield.adminauth import write_admin_key
+
+    try:
+        _key, fp = write_admin_key(Path(args.out))
+    except FileExistsError:
+        _err(f"{args.out} already holds an admin key; choose another --out")
+        return 1
+    except OSError as e:
+        _err(f"cannot write the admin key to {args.out}: {e.strerror}")
+        return 1
+    print(fp)
+    return 0
+
+
+def cmd_sim_keygen(args: argparse.Namespace) -> int:
+    from meshshield.attestation.sim import (
+        generate_sim_platform_key,
+        sim_platform_key_id,
+        write_sim_platform_key,
+    )
+
+    key = generate_sim_platform_key()
+    try:
+        priv, pub = write_sim_platform_key(key, Path(args.out))
+    except (OSError, ValueError) as e:
+        _err(f"cannot write the sim platform key: {e}")
+        return 1
+    print(f"wrote {priv} and {pub} (sim platform key id "
+          f"{sim_platform_key_id(key.public_key())}; SIMULATED attestation, no hardware "
+          "guarantee)")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from meshshield.attestation.measure import MeasureError, measure_paths
+
+    try:
+        print(measure_paths(args.paths))
+    except MeasureError as e:
+        _err(str(e))
+        return 1
+    return 0
+
+
+# -- CAS ---------------------------------------------------------------------------------
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8443")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - operator's choice
+
+
+def cmd_cas_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from meshshield.attestation.sim import SimKeyError, load_sim_public_key
+    from meshshield.cas.authority import CasConfig
+    from meshshield.cas.server import default_kek_path, serve
+    from meshshield.clock import parse_duration
+    from meshshield.pki.seal import load_or_create_kek
+
+    if args.database and not args.database.startswith("sqlite"):
+        _err(f"--database {args.database.split(':')[0]}: only the built-in SQLite store is "
+             "available in this release; omit --database to use DIR/cas.db")
+        return 2
+    host, port = _listen(args.listen)
+    try:
+        nonce_ttl = parse_duration(args.nonce_ttl)
+        max_ttl = parse_duration(args.max_cert_ttl) if args.max_cert_ttl else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    fps = []
+    for fp in args.admin_fingerprint or []:
+        fp = fp.lower().removeprefix("sha256:")
+        if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+            raise UsageError(f"--admin-fingerprint {fp!r}: expected 64 hex digits")
+        fps.append(fp)
+    try:
+        sim_keys = tuple(load_sim_public_key(p) for p in args.trust_sim_platform or [])
+    except SimKeyError as e:
+        raise UsageError(str(e)) from None
+    data = Path(args.data)
+    kek_path = Path(
+        args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE") or default_kek_path(data)
+    )
+    try:
+        kek = load_or_create_kek(kek_path)
+    except (OSError, ValueError, MeshError) as e:
+        _err(f"key-encryption secret {kek_path}: {e}")
+        return 1
+    config = CasConfig(
+        data_dir=data,
+        trust_domain=args.trust_domain,
+        dns=tuple(args.dns or ("localhost",)),
+        admin_fingerprints=frozenset(fps),
+        sim_platform_keys=sim_keys,
+        collateral_dir=Path(args.collateral) if args.collateral else None,
+        nonce_ttl=nonce_ttl,
+        max_cert_ttl=max_ttl,
+        kek=kek,
+    )
+    if sim_keys:
+        print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
+              "guarantee; use it for development only", file=sys.stderr, flush=True)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(config, host, port))
+    except OSError as e:
+        _err(f"cannot serve on {args.listen}: {e.strerror or e}")
+        return 1
+    except MeshError as e:
+        _err(e.message)
+        return 1
+    return 0
+
+
+def cmd_cas_rotate(args: argparse.Namespace) -> int:
+    from meshshield.clock import parse_duration
+
+    try:
+        after = parse_duration(args.activate_after)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    r = _client(args).post_json("/v1/ca/rotate", {"activate_after_seconds": after}, sign=True)
+    for ca in r["cas"]:
+        print(f"{ca['state']:8} sha256:{ca['fingerprint']} signing={ca['signing']} "
+              f"activate_at={ca['activate_at']} retire_after={ca['retire_after']}")
+    return 0
+
+
+# -- attest ------------------------------------------------------------------------------
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from meshshield.attestclient import AttestRequest, attest_once, write_attest_output
+
+    client = _client(args, admin=False)
+    req = AttestRequest(
+        session=args.session,
+        service=args.service,
+        platform=args.platform,
+        workload=tuple(args.workload or ()),
+        sim_key=Path(args.sim_key) if args.sim_key else None,
+    )
+    result = attest_once(client, req)
+    paths = write_attest_output(Path(args.out), result)
+    sim = result.response["claims"]["simulated"]
+    print(f"attested {result.response['spiffe_id']} until {result.response['expires_at']}"
+          f"{' (SIMULATED: no hardware guarantee)' if sim else ''}")
+    print(f"wrote {', '.join(str(p) for p in paths)}; key.pem holds the PRIVATE KEY "
+          "(a debugging aid: a sidecar never writes its key)")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def _cas_flags(p: argparse.ArgumentParser, admin: bool = True) -> None:
+    p.add_argument("--cas", required=True, help="CAS URL, e.g. https://127.0.0.1:8443")
+    p.add_argument("--cas-bundle", required=True, help="PEM trust bundle of the CAS")
+    if admin:
+        p.add_argument("--admin-key", required=True, help="folder made by `admin keygen`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="meshshield", description=__doc__.splitlines()[0])
+    top.add_argument("--log-level", default=os.environ.get("MESHSHIELD_LOG", "info"))
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pol = sub.add_parser("policy", help="validate, apply and fetch session policies")
+    psub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    p = psub.add_parser("validate", help="check a policy file offline")
+    p.add_argument("file")
+    p.add_argument("--cas-dns", action="append", metavar="NAME",
+                   help="a DNS name the CAS serves (reserved; default: localhost)")
+    p.set_defaults(func=cmd_policy_validate)
+    p = psub.add_parser("apply", help="create a session, or update it (predecessor set)")
+    p.add_argument("file")
+    _cas_flags(p)
+    p.set_defaults(func=cmd_policy_apply)
+    p = psub.add_parser("get", help="print a session's current policy")
+    p.add_argument("name")
+    _cas_flags(p)
+    p.set_defaults(func=cmd_policy_get)
+
+    p = sub.add_parser("revoke", help="revoke a certificate serial or a measurement")
+    p.add_argument("session")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--serial")
+    g.add_argument("--measurement")
+    _cas_flags(p)
+    p.set_defaults(func=cmd_revoke)
+
+    adm = sub.add_parser("admin", help="admin keys")
+    asub = adm.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    p = asub.add_parser("keygen", help="make an admin key; prints its fingerprint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_admin_keygen)
+
+    sim = sub.add_parser("sim", help="simulated attestation (development only)")
+    ssub = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("keygen", help="make a sim platform key pair")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sim_keygen)
+
+    p = sub.add_parser("measure", help="print the sim measurement of files and folders")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_measure)
+
+    cas = sub.add_parser("cas", help="the Configuration and Attestation Service")
+    csub = cas.add_subparsers(dest="cas_command", required=True, metavar="ACTION")
+    p = csub.add_parser("serve", help="run the CAS")
+    p.add_argument("--data", required=True, help="state folder (SQLite, bundle.pem)")
+    p.add_argument("--listen", default="127.0.0.1:8443")
+    p.add_argument("--database", help="postgresql://... for replicas (default: SQLite)")
+    p.add_argument("--trust-domain", default="meshshield.local")
+    p.add_argument("--dns", action="append", metavar="NAME")
+    p.add_argument("--admin-fingerprint", action="append", metavar="FP")
+    p.add_argument("--trust-sim-platform", action="append", metavar="PUB.pem")
+    p.add_argument("--collateral", metavar="DIR")
+    p.add_argument("--nonce-ttl", default="60s")
+    p.add_argument("--kek-file", help="key-encryption secret (default: DATA/../.NAME.kek)")
+    p.add_argument("--max-cert-ttl", help="cap every certificate's lifetime (testing)")
+    p.set_defaults(func=cmd_cas_serve)
+    p = csub.add_parser("rotate-ca", help="publish a new CA now; it signs after a delay")
+    _cas_flags(p)
+    p.add_argument("--activate-after", default="1h")
+    p.set_defaults(func=cmd_cas_rotate)
+
+    p = sub.add_parser("attest", help="attest once and write key, certificate, bundle")
+    _cas_flags(p, admin=False)
+    p.add_argument("--session", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--platform", required=True, choices=["sim", "sev-snp", "tdx", "sgx"])
+    p.add_argument("--workload", action="append", metavar="PATH")
+    p.add_argument("--sim-key", metavar="FILE")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_attest)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from meshshield.casclient import CasUnreachable
+
+    func: Command = args.func
+    try:
+        return func(args)
+    except UsageError as e:
+        _err(str(e))
+        return 2
+    except MeshError as e:
+        _err(f"{e.reason.value}: {e.message}")
+        for p in getattr(e, "problems", []) or []:
+            print(p, file=sys.stderr)
+        return 1
+    except CasUnreachable as e:
+        _err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    except json.JSONDecodeError:
+        _err("the CAS answered with a body that is not JSON")
+        return 1
 
 
 if __name__ == "__main__":

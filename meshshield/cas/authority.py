@@ -1,0 +1,526 @@
+"""The CAS's decisions: sessions, nonces, attestation with issuance, revocations.
+
+This is the part of the CAS that knows nothing of HTTP: requests arrive as bytes or
+decoded JSON, answers leave as dicts or a MeshError with a reason code. The HTTP layer
+(`meshshield.cas.http`) only authenticates, limits sizes and serialises.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshshield.attestation.claims import NONCE_SIZE, Claims, Platform, expected_report_data
+from meshshield.attestation.verify import VerifierConfig, platform_of, verify_evidence
+from meshshield.cas.castate import CaState
+from meshshield.cas.store import (
+    AlreadyExists,
+    IssuedCertificate,
+    NotFound,
+    PredecessorMismatch,
+    SessionRecord,
+    Store,
+)
+from meshshield.clock import Clock, SystemClock, rfc3339
+from meshshield.errors import MeshError, PolicyError, Reason
+from meshshield.pki.ca import issue_leaf, serial_hex
+from meshshield.pki.csr import public_key_from_csr
+from meshshield.pki.keys import spki_der
+from meshshield.pki.spiffe import spiffe_id
+from meshshield.policy import Policy, PolicyInvalid, decide_issuance, parse_policy, policy_hash
+
+log = logging.getLogger("meshshield.cas")
+
+NAME_RE = re.compile(r"^[a-z0-9-]{1,63}$")
+HEX_RE = re.compile(r"^[0-9a-f]+$")
+MAX_FIELD = 64 * 1024
+MAX_EVIDENCE_JSON = 512 * 1024
+
+
+@dataclass
+class CasConfig:
+    data_dir: Path
+    trust_domain: str = "meshshield.local"
+    dns: tuple[str, ...] = ("localhost",)
+    admin_fingerprints: frozenset[str] = frozenset()
+    sim_platform_keys: tuple[ec.EllipticCurvePublicKey, ...] = ()
+    collateral_dir: Path | None = None
+    nonce_ttl: float = 60.0
+    max_cert_ttl: float | None = None
+    kek: bytes = b""
+    clock: Clock = field(default_factory=SystemClock)
+
+
+@dataclass(frozen=True)
+class LoadedSession:
+    record: SessionRecord
+    policy: Policy
+
+
+def _bad(message: str) -> MeshError:
+    return MeshError(Reason.BAD_REQUEST, message)
+
+
+def _field_str(body: Mapping[str, Any], name: str, limit: int = MAX_FIELD) -> str:
+    v = body.get(name)
+    if not isinstance(v, str):
+        found = "nothing" if v is None else f"a JSON {type(v).__name__}"
+        raise _bad(f'"{name}" must be a string, found {found}')
+    if len(v) > limit:
+        raise MeshError(Reason.BODY_TOO_LARGE, f'"{name}" is {len(v)} characters, at most {limit}')
+    return v
+
+
+class Authority:
+    """All CAS state transitions; one per CAS process."""
+
+    def __init__(self, config: CasConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.clock = config.clock
+        self.ca = CaState(store, config.kek, config.trust_domain)
+        self.verifier = VerifierConfig(sim_platform_keys=config.sim_platform_keys)
+        self._sessions: dict[str, LoadedSession] = {}
+        self._revoked_serials: set[str] = set()
+        self._revoked_measurements: set[str] = set()
+        self._epoch = -1
+        self.listeners: list[Callable[[int], None]] = []
+        self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
+
+    # -- state cache ------------------------------------------------------------
+    def start(self) -> None:
+        self.ca.ensure(self.clock.now())
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Reload cached state when another writer (replica, CLI) bumped the epoch."""
+        epoch = self.store.epoch()
+        if not force and epoch == self._epoch:
+            return False
+        sessions: dict[str, LoadedSession] = {}
+        for rec in self.store.list_sessions():
+            try:
+                pol = parse_policy(rec.policy, f"session {rec.name}", cas_dns=())
+            except PolicyInvalid as e:  # stored before a rule tightened: keep it out
+                log.error("session %s: stored policy no longer valid: %s", rec.name, e)
+                continue
+            sessions[rec.name] = LoadedSession(rec, pol)
+        self._sessions = sessions
+        revs = self.store.revocations()
+        self._revoked_serials = {r.value for r in revs if r.kind == "serial"}
+        self._revoked_measurements = {r.value for r in revs if r.kind == "measurement"}
+        self.ca.reload(self.clock.now())
+        self._epoch = epoch
+        return True
+
+    def _changed(self, epoch: int) -> None:
+        self.refresh(force=True)
+        for listener in list(self.listeners):
+            listener(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    # -- authorisation ------------------------------------------------------------
+    def _session(self, name: str) -> LoadedSession:
+        s = self._sessions.get(name)
+        if s is None:
+            raise MeshError(
+                Reason.SESSION_UNKNOWN,
+                f"no session named {name!r} on this CAS; create it with "
+                "`meshshield policy apply FILE` or check the session name",
+            )
+        return s
+
+    def _authorise(self, who: str, s: LoadedSession, update: bool) -> None:
+        allowed = (
+            s.policy.updaters(s.record.creator) if update else s.policy.readers(s.record.creator)
+        )
+        if who not in allowed:
+            what = "update" if update else "read"
+            raise MeshError(
+                Reason.FORBIDDEN,
+                f"admin key {who[:16]}… may not {what} session {s.record.name!r}: its "
+                f"access_policy.{what} names {len(allowed)} other key(s); ask one of them "
+                "to add yours",
+            )
+
+    def is_admin(self, who: str) -> bool:
+        return who in self.config.admin_fingerprints
+
+    def require_admin(self, who: str, action: str) -> None:
+        if not self.is_admin(who):
+            raise MeshError(
+                Reason.FORBIDDEN,
+                f"admin key {who[:16]}… may not {action}: it is not among the CAS's "
+                "--admin-fingerprint keys",
+            )
+
+    # -- sessions -------------------------------------------------------------------
+    def _parse(self, body: bytes, label: str) -> Policy:
+        return parse_policy(body, label, cas_dns=self.config.dns)
+
+    def create_session(self, who: str, body: bytes) -> SessionRecord:
+        self.require_admin(who, "create sessions")
+        pol = self._parse(body, "policy")
+        if pol.predecessor is not None:
+            raise PolicyError(
+                Reason.POLICY_INVALID,
+                f"session {pol.name!r} does not exist yet, so its policy has no predecessor; "
+                f"found predecessor {pol.predecessor}; set `predecessor: null`",
+            )
+        h = policy_hash(body)
+        try:
+            epoch = self.store.create_session(pol.name, body, h, who, self.clock.now())
+        except AlreadyExists:
+            raise MeshError(
+                Reason.CONFLICT,
+                f"session {pol.name!r} already exists; to change it, send a new version with "
+                "`predecessor:` set to its current policy hash (`meshshield policy get`)",
+            ) from None
+        self._changed(epoch)
+        return self._session(pol.name).record
+
+    def read_session(self, who: str, name: str) -> SessionRecord:
+        s = self._session(name)
+        self._authorise(who, s, update=False)
+        return s.record
+
+    def update_session(self, who: str, name: str, body: bytes) -> SessionRecord:
+        s = self._session(name)
+        self._authorise(who, s, update=True)
+        pol = self._parse(body, "policy")
+        if pol.name != name:
+            raise PolicyError(
+                Reason.POLICY_INVALID,
+                f"policy names session {pol.name!r} but was sent to session {name!r}",
+            )
+        h = policy_hash(body)
+        try:
+            epoch = self.store.update_session(
+                name, body, h, pol.predecessor, who, self.clock.now()
+            )
+        except PredecessorMismatch as e:
+            raise MeshError(
+                Reason.PREDECESSOR_MISMATCH,
+                f"policy for session {name!r} names predecessor {pol.predecessor}, but the "
+                f"current policy hash is {e.current}; someone else may have changed it: "
+                "fetch it with `meshshield policy get`, merge, and set predecessor to its hash",
+            ) from None
+        except NotFound:
+            raise self._gone(name) from None
+        self._changed(epoch)
+        return self._session(name).record
+
+    def _gone(self, name: str) -> MeshError:
+        return MeshError(Reason.SESSION_UNKNOWN, f"session {name!r} was deleted meanwhile")
+
+    def delete_session(self, who: str, name: str) -> None:
+        s = self._session(name)
+        self._authorise(who, s, update=True)
+        try:
+            epoch = self.store.delete_session(name, who, self.clock.now())
+        except NotFound:
+            raise self._gone(name) from None
+        self._changed(epoch)
+
+    def revoke(self, who: str, name: str, body: object) -> dict[str, Any]:
+        s = self._session(name)
+        self._authorise(who, s, update=True)
+        if not isinstance(body, dict) or len(body) != 1 or not (
+            set(body) <= {"serial", "measurement"}
+        ):
+            raise _bad('revocation body must be {"serial": HEX} or {"measurement": HEX}')
+        kind, value = next(iter(body.items()))
+        if not isinstance(value, str) or not HEX_RE.match(value.lower()) or len(value) > 128:
+            raise _bad(f'"{kind}" must be a lowercase hex string, found {str(value)[:80]!r}')
+        value = value.lower()
+        if kind == "serial":
+            value = value.lstrip("0") or "0"
+            cert = self.store.get_certificate(value)
+            if cert is None or cert.session != name:
+                raise MeshError(
+                    Reason.NOT_FOUND,
+                    f"no certificate with serial {value} was issued for session {name!r}; "
+                    "check the serial (see the sidecar's /status or the certificate)",
+                )
+        elif len(value) not in (64, 96):
+            raise _bad(
+                f"measurement must be 64 (sim, sgx) or 96 (sev-snp, tdx) hex digits, "
+                f"found {len(value)}"
+            )
+        epoch = self.store.add_revocation(name, kind, value, who, self.clock.now())
+        self._changed(epoch)
+        return {"epoch": epoch, "session": name, kind: value}
+
+    # -- bundle & trust snapshots -------------------------------------------------------
+    def bundle(self) -> dict[str, Any]:
+        now = self.clock.now()
+        return {
+            "trust_domain": self.config.trust_domain,
+            "bundle": self.ca.bundle_pem(now),
+            "epoch": self._epoch,
+            "cas": self.ca.describe(now),
+        }
+
+    def trust_snapshot(self, session: str) -> dict[str, Any]:
+        s = self._sessions.get(session)
+        services: dict[str, Any] = {}
+        tolerate: list[str] = []
+        ignore: list[str] | str = []
+        if s is not None:
+            for svc in s.policy.services:
+                services[svc.name] = {
+                    "spiffe_id": spiffe_id(self.config.trust_domain, session, svc.name),
+                    "allow_from": [str(p) for p in svc.allow_from],
+                    "dns": list(svc.dns),
+                }
+            tolerate = sorted(t.value for t in s.policy.tolerate)
+            ia = s.policy.ignore_advisories
+            ignore = ia if isinstance(ia, str) else list(ia)
+        return {
+            "epoch": self._epoch,
+            "trust_domain": self.config.trust_domain,
+            "session": session,
+            "exists": s is not None,
+            "policy_hash": None if s is None else s.record.policy_hash,
+            "services": services,
+            "tolerate": tolerate,
+            "ignore_advisories": ignore,
+            "revoked_serials": sorted(self._revoked_serials),
+            "revoked_measurements": sorted(self._revoked_measurements),
+            "bundle": self.ca.bundle_pem(self.clock.now()),
+        }
+
+    def is_revoked_serial(self, serial: str) -> bool:
+        return serial in self._revoked_serials
+
+    # -- nonces ----------------------------------------------------------------------
+    def new_nonce(self) -> dict[str, str]:
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        expires = self.clock.now() + timedelta(seconds=self.config.nonce_ttl)
+        self.store.put_nonce(nonce, expires)
+        return {"nonce": base64.b64encode(nonce).decode(), "expires_at": rfc3339(expires)}
+
+    def _consume_nonce(self, text: str) -> bytes:
+        try:
+            nonce = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            nonce = b""
+        if len(nonce) != NONCE_SIZE:
+            raise MeshError(
+                Reason.NONCE_INVALID,
+                f"nonce must be standard base64 of {NONCE_SIZE} bytes, found {text[:60]!r}; "
+                "request one with POST /v1/attest/nonce",
+            )
+        state = self.store.consume_nonce(nonce, self.clock.now())
+        if state == "expired":
+            raise MeshError(
+                Reason.NONCE_INVALID,
+                f"nonce expired (nonces live {self.config.nonce_ttl:g} s); request a fresh "
+                "nonce and attest within its lifetime",
+            )
+        if state != "ok":
+            raise MeshError(
+                Reason.NONCE_INVALID,
+                "nonce was not issued by this CAS or was already used (nonces are single "
+                "use); request a fresh nonce with POST /v1/attest/nonce",
+            )
+        return nonce
+
+    # -- attestation --------------------------------------------------------------------
+    def attest(self, body: object) -> dict[str, Any]:
+        """Verify evidence for a service and issue its certificate, or raise MeshError."""
+        self.refresh()
+        if not isinstance(body, dict):
+            raise _bad(f"attest body must be a JSON object, found {type(body).__name__}")
+        allowed = {"session", "service", "csr", "nonce", "evidence", "platform"}
+        extra = sorted(set(body) - allowed)
+        if extra:
+            raise _bad(f"unknown keys {extra[:5]}; expected {sorted(allowed)}")
+        session = _field_str(body, "session", 63)
+        service = _field_str(body, "service", 63)
+        csr_pem = _field_str(body, "csr")
+        nonce_text = _field_str(body, "nonce", 128)
+        evidence = body.get("evidence")
+        if evidence is None:
+            raise _bad('"evidence" is missing: expected the platform\'s evidence JSON object')
+        if len(json.dumps(evidence)) > MAX_EVIDENCE_JSON:
+            raise MeshError(Reason.BODY_TOO_LARGE, "evidence is larger than 512 KiB")
+        s = self._session(session)
+        svc = s.policy.service(service)
+        if svc is None:
+            names = ", ".join(x.name for x in s.policy.services)
+            raise MeshError(
+                Reason.SERVICE_UNKNOWN,
+                f"session {session!r} has no service {service!r} (it has: {names}); "
+                "check --service or add the service to the policy",
+            )
+        nonce = self._consume_nonce(nonce_text)
+        key = public_key_from_csr(csr_pem)
+        platform = self._platform(body.get("platform"), evidence)
+        now = self.clock.now()
+        claims = verify_evidence(platform, evidence, self.verifier, now)
+        self._check_binding(claims, nonce, key)
+        try:
+            svc = decide_issuance(s.policy, service, claims, self._revoked_measurements)
+        except MeshError as e:
+            raise type(e)(e.reason, f"session {session}, service {service}: {e.message}") from None
+        return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now)
+
+    def _platform(self, declared: object, evidence: object) -> Platform:
+        found = platform_of(evidence)
+        if declared is None:
+            return found
+        try:
+            p = Platform(declared) if isinstance(declared, str) else Platform("?")
+        except ValueError:
+            raise _bad(
+                f'"platform" must be one of sev-snp, tdx, sgx, sim; found {str(declared)[:20]!r}'
+            ) from None
+        if p is Platform.SGX and found is Platform.TDX:
+            return p  # both carry {"quote"}; the verifier tells them apart by header
+        if p is not found:
+            raise MeshError(
+                Reason.EVIDENCE_MALFORMED,
+                f"request says platform {p.value} but the evidence has the shape of "
+                f"{found.value} evidence; send evidence from the declared platform",
+            )
+        return p
+
+    def _check_binding(self, claims: Claims, nonce: bytes, key: ec.EllipticCurvePublicKey) -> None:
+        want = expected_report_data(nonce, spki_der(key))
+        if not secrets.compare_digest(want, claims.report_data):
+            raise MeshError(
+                Reason.REPORT_DATA_MISMATCH,
+                f"evidence report_data is {claims.report_data.hex()[:32]}…, expected "
+                f"{want.hex()[:32]}… = SHA-512(\"meshshield/v1\" || nonce || SPKI of the CSR "
+                "key); the evidence was made for another nonce or key: obtain fresh evidence "
+                "over this nonce and the CSR's key",
+            )
+
+    def _issue(
+        self,
+        s: LoadedSession,
+        service: str,
+        dns: tuple[str, ...],
+        ttl_seconds: int,
+        claims: Claims,
+        evidence: object,
+        key: ec.EllipticCurvePublicKey,
+        now: datetime,
+    ) -> dict[str, Any]:
+        ttl = float(ttl_seconds)
+        if self.config.max_cert_ttl is not None:
+            ttl = min(ttl, self.config.max_cert_ttl)
+        not_after = now + timedelta(seconds=ttl)
+        session = s.record.name
+        sid = spiffe_id(self.config.trust_domain, session, service)
+        evidence_hash = hashlib.sha256(
+            json.dumps(evidence, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+        cert_claims: dict[str, Any] = {
+            "platform": claims.platform.value,
+            "measurement": claims.measurement,
+            "signer": claims.signer,
+            "product_id": claims.product_id,
+            "svn": claims.svn,
+            "debug": claims.debug,
+            "tcb_status": claims.tcb_status.value,
+            "session": session,
+            "service": service,
+            "policy_hash": s.record.policy_hash,
+            "evidence_sha256": evidence_hash,
+            "attested_at": rfc3339(now),
+            "simulated": claims.simulated,
+        }
+        signer = self.ca.signing(now)
+        cert = issue_leaf(
+            signer,
+            key,
+            spiffe_id=sid,
+            dns=list(dns),
+            not_before=now - timedelta(seconds=60),
+            not_after=not_after,
+            claims=cert_claims,
+        )
+        serial = serial_hex(cert)
+        leaf_pem = cert_to_pem(cert)
+        self.store.record_certificate(
+            IssuedCertificate(
+                serial=serial,
+                session=session,
+                service=service,
+                spiffe_id=sid,
+                issuer_fingerprint=signer.fingerprint,
+                not_before=now - timedelta(seconds=60),
+                not_after=cert.not_valid_after_utc,
+                claims_json=json.dumps(cert_claims, sort_keys=True),
+                cert_pem=leaf_pem,
+                issued_at=now,
+            )
+        )
+        log.info(
+            "issued %s serial %s platform %s%s until %s",
+            sid, serial, claims.platform.value, " (SIMULATED)" if claims.simulated else "",
+            rfc3339(cert.not_valid_after_utc),
+        )
+        return {
+            "certificate": leaf_pem + cert_to_pem(signer.cert),
+            "bundle": self.ca.bundle_pem(now),
+            "spiffe_id": sid,
+            "serial": serial,
+            "expires_at": rfc3339(cert.not_valid_after_utc),
+            "claims": cert_claims,
+            "trust": self.trust_snapshot(session),
+        }
+
+    # -- CA rotation & housekeeping ------------------------------------------------------
+    def rotate_ca(self, who: str, activate_after_seconds: float) -> dict[str, Any]:
+        self.require_admin(who, "rotate the CA")
+        now = self.clock.now()
+        try:
+            epoch = self.ca.rotate(now, timedelta(seconds=activate_after_seconds), who)
+        except ValueError as e:
+            raise MeshError(Reason.CONFLICT, str(e)) from None
+        self._changed(epoch)
+        return {"epoch": epoch, "cas": self.ca.describe(now)}
+
+    def tick(self) -> None:
+        """Periodic housekeeping: promote a due CA, drop expired nonces, follow replicas."""
+        now = self.clock.now()
+        self.store.purge_nonces(now)
+        if self.ca.tick(now):
+            self._changed(self.store.epoch())
+        elif self.refresh():
+            for listener in list(self.listeners):
+                listener(self._epoch)
+
+    # -- reports & edges ------------------------------------------------------------------
+    def visible_sessions(self, who: str) -> set[str] | None:
+        """None = every session (a CAS admin); else the sessions `who` may read."""
+        if self.is_admin(who):
+            return None
+        return {
+            n for n, s in self._sessions.items() if who in s.policy.readers(s.record.creator)
+        }
+
+
+def cert_to_pem(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM).decode()

@@ -1,0 +1,124 @@
+"""The CAS's CA set as stored: sealed keys in the store, unsealed only in memory."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+
+from meshshield.cas.store import CaStoredRecord, Store
+from meshshield.clock import rfc3339
+from meshshield.pki.ca import CaRecord, CaSet, cert_pem, generate_ca
+from meshshield.pki.seal import seal_private_key, unseal_private_key
+
+log = logging.getLogger("meshshield.cas")
+
+
+def _context(fingerprint: str) -> bytes:
+    # Binds each sealed key to its CA: a key blob copied onto another CA row won't open.
+    return b"ca:" + fingerprint.encode()
+
+
+class CaState:
+    def __init__(self, store: Store, kek: bytes, trust_domain: str) -> None:
+        self._store = store
+        self._kek = kek
+        self._trust_domain = trust_domain
+        self._set: CaSet | None = None
+        self._created: dict[str, datetime] = {}
+
+    @property
+    def set(self) -> CaSet:
+        if self._set is None:
+            raise RuntimeError("CA not loaded")
+        return self._set
+
+    def ensure(self, now: datetime) -> bool:
+        """Create the first CA if the store has none. True if one was created."""
+        if self._store.load_cas():
+            self.reload(now)
+            return False
+        cert, key = generate_ca(self._trust_domain, now)
+        self._save([CaRecord(cert, key, "active")], now, "cas")
+        return True
+
+    def reload(self, now: datetime) -> None:
+        stored = self._store.load_cas()
+        records = []
+        for s in stored:
+            cert = x509.load_pem_x509_certificate(s.cert_pem.encode())
+            key = unseal_private_key(s.sealed_key, self._kek, _context(s.fingerprint))
+            records.append(CaRecord(cert, key, s.state, s.activate_at, s.retire_after))  # type: ignore[arg-type]
+            self._created[s.fingerprint] = s.created_at
+        self._set = CaSet(records)
+
+    def _save(self, records: list[CaRecord], now: datetime, actor: str) -> int:
+        rows = []
+        for r in records:
+            if r.key is None:
+                raise RuntimeError("cannot store a CA without its key")
+            rows.append(
+                CaStoredRecord(
+                    fingerprint=r.fingerprint,
+                    cert_pem=cert_pem(r.cert),
+                    sealed_key=seal_private_key(r.key, self._kek, _context(r.fingerprint)),
+                    state=r.state,
+                    activate_at=r.activate_at,
+                    retire_after=r.retire_after,
+                    created_at=self._created.get(r.fingerprint, now),
+                )
+            )
+        epoch = self._store.save_cas(rows, actor, now)
+        self._set = CaSet(records)
+        return epoch
+
+    def _maybe_promote(self, now: datetime) -> None:
+        """Once a planned CA is due, make it active and retire the old one."""
+        s = self.set
+        if s.next is None or s.next.activate_at is None or s.next.activate_at > now:
+            return
+        last = self._store.last_not_after(s.active.fingerprint) or now
+        # The CAS's own serving certificate is signed by the old CA too; it is re-issued
+        # at start and rotation, so the leaves bound how long the old CA must stay.
+        self._save(s.promote(now, max(last, now + timedelta(minutes=5))), now, "cas")
+        log.info("CA %s is now the signer", self.set.active.fingerprint[:16])
+
+    def rotate(self, now: datetime, activate_after: timedelta, actor: str) -> int:
+        cert, key = generate_ca(self._trust_domain, now)
+        return self._save(self.set.plan_rotation(now, cert, key, activate_after), now, actor)
+
+    def signing(self, now: datetime) -> CaRecord:
+        # A due "next" signs even before tick() has promoted it (CaSet invariant 2).
+        return self.set.signing_ca(now)
+
+    def tick(self, now: datetime) -> bool:
+        """Promote a due CA; True if the CA set changed."""
+        before = self.set.active.fingerprint
+        self._maybe_promote(now)
+        return self.set.active.fingerprint != before
+
+    def bundle_pem(self, now: datetime) -> str:
+        return self.set.bundle_pem(now)
+
+    def fingerprint(self) -> str:
+        return self.set.active.fingerprint
+
+    def describe(self, now: datetime) -> list[dict[str, Any]]:
+        signer = self.set.signing_ca(now).fingerprint
+        out = []
+        for r in self.set.records:
+            if r.state == "retired" and r.retire_after is not None and r.retire_after <= now:
+                continue
+            out.append(
+                {
+                    "fingerprint": r.fingerprint,
+                    "state": r.state,
+                    "signing": r.fingerprint == signer,
+                    "not_after": rfc3339(r.cert.not_valid_after_utc),
+                    "activate_at": None if r.activate_at is None else rfc3339(r.activate_at),
+                    "retire_after": None if r.retire_after is None else rfc3339(r.retire_after),
+                }
+            )
+        return out

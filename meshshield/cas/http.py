@@ -1,0 +1,469 @@
+"""The CAS's HTTP API (SPEC §6): a thin shell around `Authority`.
+
+Every error leaves as `{"error": {"code", "message"}}` with a fitting status; nothing a
+client sends can produce a 500 or a stack trace (the middleware turns anything
+unexpected into a logged `internal` error without details).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from meshshield.adminauth import ReplayGuard, verify_request
+from meshshield.cas.authority import Authority
+from meshshield.errors import MeshError, Reason
+from meshshield.pki.ca import serial_hex
+from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
+from meshshield.policy import PolicyInvalid
+
+log = logging.getLogger("meshshield.cas")
+
+MAX_BODY = 1024 * 1024
+MAX_REPORT_CONNECTIONS = 10_000
+HEARTBEAT_SECONDS = 15.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+AUTHORITY = web.AppKey("authority", Authority)
+GUARD = web.AppKey("guard", ReplayGuard)
+
+
+class CasMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "meshshield_cas_requests_total", "HTTP requests by route and status",
+            ["route", "status"], registry=self.registry,
+        )
+        self.attestations = Counter(
+            "meshshield_cas_attestations_total",
+            "Attestations by result (issued or the refusal reason code)",
+            ["result"], registry=self.registry,
+        )
+        self.issued = Counter(
+            "meshshield_cas_certificates_issued_total", "Certificates issued",
+            ["session", "platform", "simulated"], registry=self.registry,
+        )
+        self.attest_seconds = Histogram(
+            "meshshield_cas_attest_seconds", "Time to verify evidence and issue",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.epoch = Gauge("meshshield_cas_epoch", "Trust epoch", registry=self.registry)
+        self.subscribers = Gauge(
+            "meshshield_cas_event_subscribers", "Open /v1/events streams", registry=self.registry
+        )
+
+
+class EventHub:
+    """Wakes every /v1/events stream when the trust epoch changes."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    def notify(self, _epoch: int) -> None:
+        for w in self._waiters:
+            w.set()
+
+    def subscribe(self) -> asyncio.Event:
+        ev = asyncio.Event()
+        self._waiters.add(ev)
+        return ev
+
+    def unsubscribe(self, ev: asyncio.Event) -> None:
+        self._waiters.discard(ev)
+
+
+METRICS = web.AppKey("metrics", CasMetrics)
+HUB = web.AppKey("hub", EventHub)
+
+
+def _error(reason: Reason, message: str, status: int | None = None, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"error": {"code": reason.value, "message": message, **extra}}
+    return web.json_response(body, status=status or MeshError(reason, message).http_status)
+
+
+_HTTP_REASON = {
+    400: Reason.BAD_REQUEST,
+    401: Reason.UNAUTHENTICATED,
+    403: Reason.FORBIDDEN,
+    404: Reason.NOT_FOUND,
+    405: Reason.BAD_REQUEST,
+    409: Reason.CONFLICT,
+    413: Reason.BODY_TOO_LARGE,
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics: CasMetrics = request.app[METRICS]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "?"
+    try:
+        resp = await handler(request)
+    except PolicyInvalid as e:
+        resp = _error(
+            Reason.POLICY_INVALID,
+            f"policy has {len(e.problems)} problem(s): "
+            + "; ".join(str(p) for p in e.problems[:3]),
+            problems=[str(p) for p in e.problems],
+        )
+    except MeshError as e:
+        resp = _error(e.reason, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        reason = _HTTP_REASON.get(e.status, Reason.BAD_REQUEST)
+        msg = e.reason
+        if e.status == 413:
+            msg = f"request body is larger than {MAX_BODY} bytes"
+        elif e.status == 404:
+            msg = f"no such endpoint: {request.method} {request.path}"
+        elif e.status == 405:
+            msg = f"method {request.method} is not allowed on {request.path}"
+        resp = _error(reason, msg, status=e.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the one place unexpected errors are contained
+        log.exception("internal error on %s %s", request.method, request.path)
+        resp = _error(Reason.INTERNAL, "internal error; the CAS logged the details", status=500)
+    metrics.requests.labels(route, str(resp.status)).inc()
+    return resp
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise MeshError(
+            Reason.BODY_TOO_LARGE,
+            f"request body is {request.content_length} bytes, at most {MAX_BODY}",
+        )
+    return await request.read()
+
+
+async def _read_json(request: web.Request) -> Any:
+    body = await _read_body(request)
+    if not body:
+        raise MeshError(Reason.BAD_REQUEST, "request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise MeshError(Reason.BAD_REQUEST, "request body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as e:
+        raise MeshError(
+            Reason.BAD_REQUEST, f"request body is not valid JSON: {e.msg} at line {e.lineno} "
+            f"column {e.colno}"
+        ) from None
+    except RecursionError:
+        raise MeshError(Reason.BAD_REQUEST, "request body JSON is nested too deeply") from None
+
+
+async def _admin(request: web.Request, body: bytes = b"") -> str:
+    authority = request.app[AUTHORITY]
+    ident = verify_request(
+        request.headers.get("Authorization"),
+        request.method,
+        request.path_qs,
+        body,
+        authority.clock.now().timestamp(),
+        request.app[GUARD],
+    )
+    return ident.fingerprint
+
+
+def _peer_certificate(request: web.Request) -> x509.Certificate:
+    """The verified TLS client certificate of this connection, or certificate_missing."""
+    ssl_obj = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_obj.getpeercert(binary_form=True) if isinstance(ssl_obj, ssl.SSLObject) else None
+    if not der:
+        raise MeshError(
+            Reason.CERTIFICATE_MISSING,
+            "this endpoint needs a mesh certificate: present the sidecar's certificate "
+            "as the TLS client certificate",
+        )
+    return x509.load_der_x509_certificate(der)
+
+
+def _mesh_identity(request: web.Request) -> tuple[str, str, x509.Certificate]:
+    """(session, service) of a verified, unrevoked mesh client certificate."""
+    authority = request.app[AUTHORITY]
+    cert = _peer_certificate(request)
+    try:
+        uri = spiffe_id_of(cert)
+        sid = parse_spiffe_id(uri) if uri else None
+    except ValueError as e:
+        raise MeshError(Reason.PEER_NOT_ALLOWED, f"client certificate SPIFFE ID: {e}") from None
+    if (
+        sid is None
+        or sid.trust_domain != authority.config.trust_domain
+        or len(sid.path_segments) != 2
+    ):
+        raise MeshError(
+            Reason.PEER_NOT_ALLOWED,
+            f"client certificate is not a workload of trust domain "
+            f"{authority.config.trust_domain} (URI SAN {uri!r})",
+        )
+    if authority.is_revoked_serial(serial_hex(cert)):
+        raise MeshError(Reason.REVOKED, f"client certificate serial {serial_hex(cert)} is revoked")
+    return sid.path_segments[0], sid.path_segments[1], cert
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    authority = request.app[AUTHORITY]
+    try:
+        epoch = authority.store.epoch()
+    except Exception as e:  # noqa: BLE001 - readiness reports, it does not raise
+        return _error(Reason.INTERNAL, f"store unavailable: {type(e).__name__}", status=503)
+    return web.json_response({"status": "ready", "epoch": epoch})
+
+
+async def bundle(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AUTHORITY].bundle())
+
+
+def _session_response(rec_policy: bytes, h: str, status: int = 200) -> web.Response:
+    return web.Response(
+        body=rec_policy,
+        status=status,
+        content_type="application/yaml",
+        headers={"ETag": f'"{h}"', "X-Policy-Hash": h},
+    )
+
+
+async def create_session(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    who = await _admin(request, body)
+    authority = request.app[AUTHORITY]
+    rec = authority.create_session(who, body)
+    return web.json_response(
+        {"session": rec.name, "policy_hash": rec.policy_hash, "epoch": authority.epoch},
+        status=201, headers={"ETag": f'"{rec.policy_hash}"'},
+    )
+
+
+async def get_session(request: web.Request) -> web.Response:
+    who = await _admin(request)
+    rec = request.app[AUTHORITY].read_session(who, request.match_info["name"])
+    return _session_response(rec.policy, rec.policy_hash)
+
+
+async def put_session(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    who = await _admin(request, body)
+    authority = request.app[AUTHORITY]
+    rec = authority.update_session(who, request.match_info["name"], body)
+    return web.json_response(
+        {"session": rec.name, "policy_hash": rec.policy_hash, "epoch": authority.epoch},
+        headers={"ETag": f'"{rec.policy_hash}"'},
+    )
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    who = await _admin(request)
+    authority = request.app[AUTHORITY]
+    authority.delete_session(who, request.match_info["name"])
+    return web.json_response({"deleted": request.match_info["name"], "epoch": authority.epoch})
+
+
+async def revoke(request: web.Request) -> web.Response:
+    raw = await _read_body(request)
+    who = await _admin(request, raw)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise MeshError(Reason.BAD_REQUEST, "revocation body is not valid JSON") from None
+    result = request.app[AUTHORITY].revoke(who, request.match_info["name"], body)
+    return web.json_response(result, status=201)
+
+
+async def nonce(request: web.Request) -> web.Response:
+    await _read_body(request)
+    return web.json_response(request.app[AUTHORITY].new_nonce())
+
+
+async def attest(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        body = await _read_json(request)
+        result = request.app[AUTHORITY].attest(body)
+    except MeshError as e:
+        metrics.attestations.labels(e.reason.value).inc()
+        log.info("attestation refused from %s: %s", request.remote, e)
+        raise
+    metrics.attestations.labels("issued").inc()
+    claims = result["claims"]
+    metrics.issued.labels(claims["session"], claims["platform"], str(claims["simulated"])).inc()
+    metrics.attest_seconds.observe(time.perf_counter() - started)
+    return web.json_response(result)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    session, service, _cert = _mesh_identity(request)
+    authority = request.app[AUTHORITY]
+    hub = request.app[HUB]
+    metrics = request.app[METRICS]
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    wake = hub.subscribe()
+    metrics.subscribers.inc()
+    log.info("events: %s/%s subscribed", session, service)
+    try:
+        sent = -1
+        while True:
+            if authority.epoch != sent:
+                sent = authority.epoch
+                snap = authority.trust_snapshot(session)
+                await resp.write(
+                    f"id: {sent}\nevent: trust\ndata: {json.dumps(snap)}\n\n".encode()
+                )
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
+            except TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        hub.unsubscribe(wake)
+        metrics.subscribers.dec()
+    return resp
+
+
+async def reports(request: web.Request) -> web.Response:
+    session, service, cert = _mesh_identity(request)
+    body = await _read_json(request)
+    conns = body.get("connections") if isinstance(body, dict) else None
+    if not isinstance(conns, list) or not all(isinstance(c, dict) for c in conns):
+        raise MeshError(
+            Reason.BAD_REQUEST, 'report must be {"connections": [ {...}, ... ]}'
+        )
+    if len(conns) > MAX_REPORT_CONNECTIONS:
+        raise MeshError(
+            Reason.BODY_TOO_LARGE,
+            f"report lists {len(conns)} connections, at most {MAX_REPORT_CONNECTIONS}",
+        )
+    authority = request.app[AUTHORITY]
+    reporter = spiffe_id_of(cert) or f"{session}/{service}"
+    authority.store.put_report(
+        reporter, json.dumps({"connections": conns}), authority.clock.now()
+    )
+    return web.json_response({"accepted": len(conns)}, status=202)
+
+
+def _edge(reporter: str, c: dict[str, Any]) -> dict[str, Any] | None:
+    direction = c.get("direction")
+    peer = c.get("peer_spiffe_id")
+    if direction not in ("inbound", "outbound") or not isinstance(peer, str):
+        return None
+    src, dst = (peer, reporter) if direction == "inbound" else (reporter, peer)
+    reason = c.get("reason")
+    def _num(v: object) -> int:
+        return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    return {
+        "src": src,
+        "dst": dst,
+        "reporter": reporter,
+        "platform": c.get("platform") if isinstance(c.get("platform"), str) else None,
+        "simulated": bool(c.get("simulated")),
+        "attested": True if reason is None else str(reason),
+        "since": c.get("opened_at") if isinstance(c.get("opened_at"), str) else None,
+        "bytes": _num(c.get("bytes_in")) + _num(c.get("bytes_out")),
+    }
+
+
+async def edges(request: web.Request) -> web.Response:
+    who = await _admin(request)
+    authority = request.app[AUTHORITY]
+    visible = authority.visible_sessions(who)
+    if visible is not None and not visible:
+        raise MeshError(
+            Reason.FORBIDDEN, "this admin key may read no session, so it sees no edges"
+        )
+    out = []
+    for rep in authority.store.reports():
+        try:
+            sid = parse_spiffe_id(rep.reporter)
+        except ValueError:
+            continue
+        if visible is not None and (not sid.path_segments or sid.path_segments[0] not in visible):
+            continue
+        for c in json.loads(rep.body_json).get("connections", []):
+            e = _edge(rep.reporter, c)
+            if e is not None:
+                e["reported_at"] = rep.at.isoformat()
+                out.append(e)
+    return web.json_response({"edges": out})
+
+
+async def rotate_ca(request: web.Request) -> web.Response:
+    raw = await _read_body(request)
+    who = await _admin(request, raw)
+    authority = request.app[AUTHORITY]
+    authority.require_admin(who, "rotate the CA")
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):
+        raise MeshError(Reason.BAD_REQUEST, "rotate body is not valid JSON") from None
+    after = body.get("activate_after_seconds", 3600) if isinstance(body, dict) else None
+    if (
+        not isinstance(after, (int, float))
+        or isinstance(after, bool)
+        or not 1 <= after <= 30 * 86400
+    ):
+        raise MeshError(
+            Reason.BAD_REQUEST, "activate_after_seconds must be a number from 1 to 2592000"
+        )
+    return web.json_response(authority.rotate_ca(who, float(after)), status=201)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    m.epoch.set(request.app[AUTHORITY].epoch)
+    return web.Response(body=generate_latest(m.registry), content_type="text/plain")
+
+
+def create_app(authority: Authority) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    app[AUTHORITY] = authority
+    m = CasMetrics()
+    app[METRICS] = m
+    hub = EventHub()
+    app[HUB] = hub
+    app[GUARD] = ReplayGuard()
+    authority.listeners.append(hub.notify)
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_get("/v1/ready", ready)
+    r.add_get("/v1/bundle", bundle)
+    r.add_post("/v1/sessions", create_session)
+    r.add_get("/v1/sessions/{name}", get_session)
+    r.add_put("/v1/sessions/{name}", put_session)
+    r.add_delete("/v1/sessions/{name}", delete_session)
+    r.add_post("/v1/sessions/{name}/revocations", revoke)
+    r.add_post("/v1/attest/nonce", nonce)
+    r.add_post("/v1/attest", attest)
+    r.add_get("/v1/events", events)
+    r.add_post("/v1/reports", reports)
+    r.add_get("/v1/edges", edges)
+    r.add_post("/v1/ca/rotate", rotate_ca)
+    r.add_get("/metrics", metrics)
+    return app

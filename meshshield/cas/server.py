@@ -1,0 +1,158 @@
+"""Running the CAS: open the store, unseal the CA, serve HTTPS, keep house."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import ssl
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from meshshield.cas.authority import Authority, CasConfig
+from meshshield.cas.http import create_app
+from meshshield.cas.sqlite_store import SqliteStore
+from meshshield.pki.ca import cert_pem, issue_server_cert
+from meshshield.pki.keys import generate_p256
+from meshshield.pki.spiffe import cas_spiffe_id
+from meshshield.tlsutil import load_chain_from_memory
+
+log = logging.getLogger("meshshield.cas")
+
+SERVER_CERT_LIFETIME = timedelta(days=7)
+TICK_SECONDS = 1.0
+
+
+class CasServer:
+    """One CAS process: the authority, its HTTPS identity and the HTTP app."""
+
+    def __init__(self, config: CasConfig) -> None:
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.config = config
+        self.store = SqliteStore(config.data_dir / "cas.db")
+        self.authority = Authority(config, self.store)
+        self.authority.start()
+        self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Client certificates are optional at the TLS layer: admins sign requests and
+        # anyone may fetch a nonce, but /v1/events and /v1/reports demand a mesh one.
+        self.ssl.verify_mode = ssl.CERT_OPTIONAL
+        self._trusted: set[str] = set()
+        self._cert_not_after = self.authority.clock.now()
+        self._served_by = ""
+        self.refresh_tls()
+        self.write_bundle()
+        self.authority.listeners.append(lambda _e: self.on_change())
+
+    @property
+    def ca_fingerprint(self) -> str:
+        return self.authority.ca.fingerprint()
+
+    def write_bundle(self) -> None:
+        path = self.config.data_dir / "bundle.pem"
+        tmp = path.with_suffix(".pem.tmp")
+        tmp.write_text(self.authority.ca.bundle_pem(self.authority.clock.now()))
+        tmp.replace(path)
+
+    def refresh_tls(self) -> None:
+        """Trust every CA in the bundle; (re)issue the CAS's own certificate if due."""
+        now = self.authority.clock.now()
+        bundle = self.authority.ca.bundle_pem(now)
+        if bundle not in self._trusted:
+            self.ssl.load_verify_locations(cadata=bundle)
+            self._trusted.add(bundle)
+        signer = self.authority.ca.signing(now)
+        due = now + SERVER_CERT_LIFETIME / 2 >= self._cert_not_after
+        if not due and signer.fingerprint == self._served_by:
+            return
+        key = generate_p256()
+        dns: list[str] = []
+        ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+            ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"),
+        ]
+        for name in self.config.dns:
+            try:
+                ip = ipaddress.ip_address(name)
+            except ValueError:
+                dns.append(name)
+            else:
+                if ip not in ips:
+                    ips.append(ip)
+        cert = issue_server_cert(
+            signer,
+            key.public_key(),
+            spiffe_id=cas_spiffe_id(self.config.trust_domain),
+            dns=dns,
+            ips=ips,
+            not_before=now - timedelta(minutes=5),
+            not_after=now + SERVER_CERT_LIFETIME,
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        load_chain_from_memory(self.ssl, (cert_pem(cert) + cert_pem(signer.cert)).encode(), key_pem)
+        self._cert_not_after = cert.not_valid_after_utc
+        self._served_by = signer.fingerprint
+
+    def on_change(self) -> None:
+        self.refresh_tls()
+        self.write_bundle()
+
+    async def housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.authority.tick()
+                self.refresh_tls()
+            except Exception:  # noqa: BLE001 - keep serving; the next tick retries
+                log.exception("housekeeping failed")
+
+    def app(self) -> web.Application:
+        return create_app(self.authority)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+async def serve(config: CasConfig, host: str, port: int) -> None:
+    server = CasServer(config)
+    print(f"ca-fingerprint sha256:{server.ca_fingerprint}", flush=True)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=server.ssl, backlog=1024)
+    await site.start()
+    bound = port
+    # aiohttp has no public accessor for the bound port (needed for --listen HOST:0).
+    sockets = getattr(site._server, "sockets", None)  # noqa: SLF001
+    if sockets:
+        bound = sockets[0].getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening https://{shown}:{bound}", flush=True)
+    print(f"bundle {config.data_dir / 'bundle.pem'}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    keeper = asyncio.create_task(server.housekeeping())
+    try:
+        await stop.wait()
+    finally:
+        keeper.cancel()
+        await runner.cleanup()
+        server.close()
+        print("cas stopped", file=sys.stderr, flush=True)
+
+
+def default_kek_path(data_dir: Path) -> Path:
+    """Where the key-encryption secret lives when none is given: beside, never inside."""
+    d = data_dir.resolve()
+    return d.parent / f".{d.name}.kek"

@@ -1,0 +1,356 @@
+"""SQLite implementation of the CAS store: one file, WAL, every write one transaction.
+
+Durability: WAL with `synchronous=NORMAL` makes a committed transaction survive the
+death of the CAS process (SIGKILL, OOM kill) because the commit has been written to the
+WAL file before the call returns; only an operating-system crash or power loss can roll
+back the last few commits. `--sqlite-sync full` trades throughput for that last case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from meshshield.cas.store import (
+    AlreadyExists,
+    AuditRecord,
+    CaStoredRecord,
+    HistoryRecord,
+    IssuedCertificate,
+    NotFound,
+    PredecessorMismatch,
+    Report,
+    Revocation,
+    SessionRecord,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ca (
+    fingerprint TEXT PRIMARY KEY, cert_pem TEXT NOT NULL, sealed_key BLOB NOT NULL,
+    state TEXT NOT NULL, activate_at REAL, retire_after REAL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    name TEXT PRIMARY KEY, policy BLOB NOT NULL, policy_hash TEXT NOT NULL,
+    creator TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS policy_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, session TEXT NOT NULL, policy_hash TEXT NOT NULL,
+    predecessor TEXT, policy BLOB, author TEXT NOT NULL, at REAL NOT NULL, action TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS policy_history_session ON policy_history(session, id);
+CREATE TABLE IF NOT EXISTS nonces (nonce BLOB PRIMARY KEY, expires_at REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY, session TEXT NOT NULL, service TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL, issuer TEXT NOT NULL, not_before REAL NOT NULL,
+    not_after REAL NOT NULL, claims TEXT NOT NULL, cert_pem TEXT NOT NULL,
+    issued_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS certificates_issuer ON certificates(issuer, not_after);
+CREATE TABLE IF NOT EXISTS revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, session TEXT NOT NULL, kind TEXT NOT NULL,
+    value TEXT NOT NULL, actor TEXT NOT NULL, at REAL NOT NULL, UNIQUE(kind, value));
+CREATE TABLE IF NOT EXISTS reports (
+    reporter TEXT PRIMARY KEY, body TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, session TEXT, detail TEXT NOT NULL);
+"""
+
+
+def _ts(t: datetime) -> float:
+    return t.timestamp()
+
+
+def _dt(x: float | None) -> datetime | None:
+    return None if x is None else datetime.fromtimestamp(x, UTC)
+
+
+def _dt_req(x: float) -> datetime:
+    return datetime.fromtimestamp(x, UTC)
+
+
+class SqliteStore:
+    """The default store: `DIR/cas.db` under `--data`."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be NORMAL or FULL")
+        self.path = path
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a transaction's
+        # reads and writes are serialised against other writers (another CAS process
+        # on the same file waits on the busy timeout instead of failing half-way).
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                c.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                c.execute("INSERT INTO meta VALUES ('epoch', '0')")
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{path}: database schema version {row[0]}, this CAS understands "
+                    f"{SCHEMA_VERSION}; use a matching meshshield release"
+                )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        else:
+            cur.execute("COMMIT")
+        finally:
+            cur.close()
+
+    @staticmethod
+    def _bump(c: sqlite3.Cursor) -> int:
+        c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='epoch'")
+        row = c.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _audit(
+        c: sqlite3.Cursor, at: datetime, actor: str, action: str, session: str | None, detail: str
+    ) -> None:
+        c.execute(
+            "INSERT INTO audit (at, actor, action, session, detail) VALUES (?,?,?,?,?)",
+            (_ts(at), actor, action, session, detail),
+        )
+
+    # -- epoch ----------------------------------------------------------------
+    def epoch(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        return int(row[0])
+
+    # -- CA -------------------------------------------------------------------
+    def load_cas(self) -> list[CaStoredRecord]:
+        rows = self._db.execute(
+            "SELECT fingerprint, cert_pem, sealed_key, state, activate_at, retire_after,"
+            " created_at FROM ca ORDER BY created_at"
+        ).fetchall()
+        return [
+            CaStoredRecord(r[0], r[1], bytes(r[2]), r[3], _dt(r[4]), _dt(r[5]), _dt_req(r[6]))
+            for r in rows
+        ]
+
+    def save_cas(self, records: Sequence[CaStoredRecord], actor: str, at: datetime) -> int:
+        with self._tx() as c:
+            for r in records:
+                c.execute(
+                    "INSERT INTO ca (fingerprint, cert_pem, sealed_key, state, activate_at,"
+                    " retire_after, created_at) VALUES (?,?,?,?,?,?,?)"
+                    " ON CONFLICT(fingerprint) DO UPDATE SET state=excluded.state,"
+                    " activate_at=excluded.activate_at, retire_after=excluded.retire_after",
+                    (
+                        r.fingerprint,
+                        r.cert_pem,
+                        r.sealed_key,
+                        r.state,
+                        None if r.activate_at is None else _ts(r.activate_at),
+                        None if r.retire_after is None else _ts(r.retire_after),
+                        _ts(r.created_at),
+                    ),
+                )
+            states = ", ".join(f"{r.fingerprint[:16]}={r.state}" for r in records)
+            self._audit(c, at, actor, "ca", None, states)
+            return self._bump(c)
+
+    # -- sessions ---------------------------------------------------------------
+    def create_session(
+        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime
+    ) -> int:
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM sessions WHERE name=?", (name,)).fetchone():
+                raise AlreadyExists(name)
+            c.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?,?,?)",
+                (name, policy, policy_hash, creator, _ts(at), _ts(at)),
+            )
+            c.execute(
+                "INSERT INTO policy_history (session, policy_hash, predecessor, policy, author,"
+                " at, action) VALUES (?,?,?,?,?,?, 'create')",
+                (name, policy_hash, None, policy, creator, _ts(at)),
+            )
+            self._audit(c, at, creator, "session.create", name, policy_hash)
+            return self._bump(c)
+
+    def _session_row(
+        self, c: sqlite3.Cursor | sqlite3.Connection, name: str
+    ) -> SessionRecord | None:
+        r = c.execute(
+            "SELECT name, policy, policy_hash, creator, created_at, updated_at FROM sessions"
+            " WHERE name=?",
+            (name,),
+        ).fetchone()
+        if r is None:
+            return None
+        return SessionRecord(r[0], bytes(r[1]), r[2], r[3], _dt_req(r[4]), _dt_req(r[5]))
+
+    def get_session(self, name: str) -> SessionRecord | None:
+        return self._session_row(self._db, name)
+
+    def list_sessions(self) -> list[SessionRecord]:
+        names = [r[0] for r in self._db.execute("SELECT name FROM sessions ORDER BY name")]
+        out = []
+        for n in names:
+            rec = self._session_row(self._db, n)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def update_session(
+        self,
+        name: str,
+        policy: bytes,
+        policy_hash: str,
+        predecessor: str | None,
+        actor: str,
+        at: datetime,
+    ) -> int:
+        with self._tx() as c:
+            cur = self._session_row(c, name)
+            if cur is None:
+                raise NotFound(name)
+            if predecessor != cur.policy_hash:
+                raise PredecessorMismatch(cur.policy_hash)
+            c.execute(
+                "UPDATE sessions SET policy=?, policy_hash=?, updated_at=? WHERE name=?",
+                (policy, policy_hash, _ts(at), name),
+            )
+            c.execute(
+                "INSERT INTO policy_history (session, policy_hash, predecessor, policy, author,"
+                " at, action) VALUES (?,?,?,?,?,?, 'update')",
+                (name, policy_hash, predecessor, policy, actor, _ts(at)),
+            )
+            self._audit(c, at, actor, "session.update", name, f"{predecessor} -> {policy_hash}")
+            return self._bump(c)
+
+    def delete_session(self, name: str, actor: str, at: datetime) -> int:
+        with self._tx() as c:
+            cur = self._session_row(c, name)
+            if cur is None:
+                raise NotFound(name)
+            c.execute("DELETE FROM sessions WHERE name=?", (name,))
+            c.execute(
+                "INSERT INTO policy_history (session, policy_hash, predecessor, policy, author,"
+                " at, action) VALUES (?,?,?,NULL,?,?, 'delete')",
+                (name, cur.policy_hash, cur.policy_hash, actor, _ts(at)),
+            )
+            self._audit(c, at, actor, "session.delete", name, cur.policy_hash)
+            return self._bump(c)
+
+    def history(self, name: str) -> list[HistoryRecord]:
+        rows = self._db.execute(
+            "SELECT session, policy_hash, predecessor, author, at, action FROM policy_history"
+            " WHERE session=? ORDER BY id",
+            (name,),
+        ).fetchall()
+        return [HistoryRecord(r[0], r[1], r[2], r[3], _dt_req(r[4]), r[5]) for r in rows]
+
+    # -- nonces -----------------------------------------------------------------
+    def put_nonce(self, nonce: bytes, expires_at: datetime) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO nonces VALUES (?, ?)", (nonce, _ts(expires_at)))
+
+    def consume_nonce(self, nonce: bytes, now: datetime) -> str:
+        with self._tx() as c:
+            row = c.execute(
+                "DELETE FROM nonces WHERE nonce=? RETURNING expires_at", (nonce,)
+            ).fetchone()
+        if row is None:
+            return "unknown"
+        return "ok" if float(row[0]) > _ts(now) else "expired"
+
+    def purge_nonces(self, now: datetime) -> int:
+        with self._tx() as c:
+            return c.execute("DELETE FROM nonces WHERE expires_at <= ?", (_ts(now),)).rowcount
+
+    # -- certificates -------------------------------------------------------------
+    def record_certificate(self, cert: IssuedCertificate) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    cert.serial,
+                    cert.session,
+                    cert.service,
+                    cert.spiffe_id,
+                    cert.issuer_fingerprint,
+                    _ts(cert.not_before),
+                    _ts(cert.not_after),
+                    cert.claims_json,
+                    cert.cert_pem,
+                    _ts(cert.issued_at),
+                ),
+            )
+
+    def get_certificate(self, serial: str) -> IssuedCertificate | None:
+        r = self._db.execute(
+            "SELECT serial, session, service, spiffe_id, issuer, not_before, not_after, claims,"
+            " cert_pem, issued_at FROM certificates WHERE serial=?",
+            (serial,),
+        ).fetchone()
+        if r is None:
+            return None
+        return IssuedCertificate(
+            r[0], r[1], r[2], r[3], r[4], _dt_req(r[5]), _dt_req(r[6]), r[7], r[8], _dt_req(r[9])
+        )
+
+    def count_certificates(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
+
+    def last_not_after(self, issuer_fingerprint: str) -> datetime | None:
+        r = self._db.execute(
+            "SELECT MAX(not_after) FROM certificates WHERE issuer=?", (issuer_fingerprint,)
+        ).fetchone()
+        return _dt(r[0])
+
+    # -- revocations ----------------------------------------------------------------
+    def add_revocation(self, session: str, kind: str, value: str, actor: str, at: datetime) -> int:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO revocations (session, kind, value, actor, at) VALUES (?,?,?,?,?)"
+                " ON CONFLICT(kind, value) DO NOTHING",
+                (session, kind, value, actor, _ts(at)),
+            )
+            self._audit(c, at, actor, "revoke", session, f"{kind}={value}")
+            return self._bump(c)
+
+    def revocations(self) -> list[Revocation]:
+        rows = self._db.execute(
+            "SELECT id, session, kind, value, actor, at FROM revocations ORDER BY id"
+        ).fetchall()
+        return [Revocation(r[0], r[1], r[2], r[3], r[4], _dt_req(r[5])) for r in rows]
+
+    # -- reports & audit --------------------------------------------------------------
+    def put_report(self, reporter: str, body_json: str, at: datetime) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO reports VALUES (?,?,?) ON CONFLICT(reporter) DO UPDATE SET"
+                " body=excluded.body, at=excluded.at",
+                (reporter, body_json, _ts(at)),
+            )
+
+    def reports(self) -> list[Report]:
+        rows = self._db.execute("SELECT reporter, body, at FROM reports ORDER BY reporter")
+        return [Report(r[0], r[1], _dt_req(r[2])) for r in rows]
+
+    def audit_log(self, limit: int = 100) -> list[AuditRecord]:
+        rows = self._db.execute(
+            "SELECT id, at, actor, action, session, detail FROM audit ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [AuditRecord(r[0], _dt_req(r[1]), r[2], r[3], r[4], r[5]) for r in rows]

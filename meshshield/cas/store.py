@@ -1,0 +1,179 @@
+"""The CAS's durable state behind one interface.
+
+SQLite (`SqliteStore`) is the default, one file under `--data`; a PostgreSQL store for
+several replicas implements the same `Store` protocol. Every method is one transaction:
+it either happens whole or not at all, and a method that returns has committed, so a
+response sent after it never describes state that a crash can lose.
+
+Every change that alters what a sidecar must trust (a session created, updated or
+deleted, a revocation, a CA change) bumps the mesh-wide `epoch` in the same
+transaction, and every change writes its audit row in that transaction too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """Base of the store's refusals."""
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+class PredecessorMismatch(StoreError):
+    def __init__(self, current: str) -> None:
+        super().__init__(f"current policy hash is {current}")
+        self.current = current
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    name: str
+    policy: bytes
+    policy_hash: str
+    creator: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    session: str
+    policy_hash: str
+    predecessor: str | None
+    author: str
+    at: datetime
+    action: str  # create | update | delete
+
+
+@dataclass(frozen=True)
+class CaStoredRecord:
+    """A CA as stored: the certificate in PEM and the private key sealed (never plain)."""
+
+    fingerprint: str
+    cert_pem: str
+    sealed_key: bytes
+    state: str  # active | next | retired
+    activate_at: datetime | None
+    retire_after: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    serial: str
+    session: str
+    service: str
+    spiffe_id: str
+    issuer_fingerprint: str
+    not_before: datetime
+    not_after: datetime
+    claims_json: str
+    cert_pem: str
+    issued_at: datetime
+
+
+@dataclass(frozen=True)
+class Revocation:
+    id: int
+    session: str
+    kind: str  # serial | measurement
+    value: str
+    actor: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Report:
+    reporter: str  # SPIFFE ID of the sidecar that sent it
+    body_json: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    session: str | None
+    detail: str
+
+
+class Store(Protocol):
+    def close(self) -> None: ...
+
+    # -- epoch ------------------------------------------------------------
+    def epoch(self) -> int: ...
+
+    # -- CA -----------------------------------------------------------------
+    def load_cas(self) -> list[CaStoredRecord]: ...
+
+    def save_cas(self, records: Sequence[CaStoredRecord], actor: str, at: datetime) -> int:
+        """Replace the CA set (insert new rows, update states); bumps the epoch."""
+        ...
+
+    # -- sessions -----------------------------------------------------------
+    def create_session(
+        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime
+    ) -> int: ...
+
+    def get_session(self, name: str) -> SessionRecord | None: ...
+
+    def list_sessions(self) -> list[SessionRecord]: ...
+
+    def update_session(
+        self,
+        name: str,
+        policy: bytes,
+        policy_hash: str,
+        predecessor: str | None,
+        actor: str,
+        at: datetime,
+    ) -> int: ...
+
+    def delete_session(self, name: str, actor: str, at: datetime) -> int: ...
+
+    def history(self, name: str) -> list[HistoryRecord]: ...
+
+    # -- nonces -------------------------------------------------------------
+    def put_nonce(self, nonce: bytes, expires_at: datetime) -> None: ...
+
+    def consume_nonce(self, nonce: bytes, now: datetime) -> str:
+        """Delete the nonce; 'ok', 'expired' or 'unknown' (never issued or already used)."""
+        ...
+
+    def purge_nonces(self, now: datetime) -> int: ...
+
+    # -- certificates -------------------------------------------------------
+    def record_certificate(self, cert: IssuedCertificate) -> None: ...
+
+    def get_certificate(self, serial: str) -> IssuedCertificate | None: ...
+
+    def count_certificates(self) -> int: ...
+
+    def last_not_after(self, issuer_fingerprint: str) -> datetime | None: ...
+
+    # -- revocations --------------------------------------------------------
+    def add_revocation(
+        self, session: str, kind: str, value: str, actor: str, at: datetime
+    ) -> int: ...
+
+    def revocations(self) -> list[Revocation]: ...
+
+    # -- reports & audit ----------------------------------------------------
+    def put_report(self, reporter: str, body_json: str, at: datetime) -> None: ...
+
+    def reports(self) -> list[Report]: ...
+
+    def audit_log(self, limit: int = 100) -> list[AuditRecord]: ...
