@@ -145,7 +145,8 @@ class CasProcess:
         raise RuntimeError("CAS never became ready")
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text() if self.stderr_path and self.stderr_path.exists() else ""
+        p = self.stderr_path
+        return p.read_text() if p and p.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc is None:
@@ -191,7 +192,8 @@ class CasProcess:
             self.url + path, data=body if method != "GET" else None, method=method, headers=h
         )
         try:
-            with urllib.request.urlopen(req, timeout=timeout, context=ctx or self.ssl_context()) as r:
+            ctx = ctx or self.ssl_context()
+            with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
                 return HttpResult(r.status, dict(r.headers.items()), r.read())
         except urllib.error.HTTPError as e:
             return HttpResult(e.code, dict(e.headers.items()), e.read())
