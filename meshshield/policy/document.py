@@ -159,6 +159,10 @@ def read_document(data: bytes, filename: str) -> tuple[Document | None, list[Pro
         return fail(e.line, f"values are nested deeper than {MAX_DEPTH} levels")
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
+        if e.problem_mark is not None and e.problem_mark.index >= len(text) and e.context_mark:
+            # "found end of stream" points past the last line; the opening that was never
+            # closed (the context) is where the fix goes.
+            mark = e.context_mark
         detail = e.problem or "syntax error"
         if e.context:
             where = f" at line {_line(e.context_mark)}" if e.context_mark is not None else ""

@@ -21,6 +21,7 @@ from meshshield.clock import parse_duration
 from meshshield.errors import PolicyError, Reason
 from meshshield.policy.document import (
     MAX_POLICY_BYTES,
+    AliasNode,
     Problem,
     clip,
     describe,
@@ -144,6 +145,8 @@ class _Checker:
     # -- reporting ---------------------------------------------------------------------
 
     def add(self, node: Node, path: str, message: str) -> None:
+        if isinstance(node, AliasNode):
+            return  # already reported by the structural walk; its type would only repeat it
         self.problems.append(Problem(self.filename, line_of(node), shown(path), message))
 
     def expected(self, node: Node, path: str, what: str) -> None:
@@ -416,11 +419,12 @@ class _Checker:
         if isinstance(node, SequenceNode) and not items:
             self.add(node, "services", "a session needs at least one service")
         # allow_from may name a service defined further down, so collect names first.
-        names = {
-            str(v.value)
-            for item in items if isinstance(item, MappingNode)
-            for k, v in item.value if is_str(k) and k.value == "name" and is_str(v)
-        }
+        names = set()
+        for item in items:
+            if isinstance(item, MappingNode):
+                name = next((v for k, v in item.value if is_str(k) and k.value == "name"), None)
+                if name is not None and is_str(name):
+                    names.add(str(name.value))
         state = _SessionState(session, names, tolerate, cas_dns)
         services = []
         for i, item in enumerate(items):
@@ -678,9 +682,8 @@ class _Checker:
             if local and ref.service is not None and ref.service not in state.names:
                 known = ", ".join(sorted(state.names)) or "none"
                 self.add(item, here,
-                         f"session {state.session or '(unnamed)'!r} has no service "
-                         f"{ref.service!r} (its services: {known}); to allow a service of "
-                         "another session write session/svc")
+                         f"this session has no service {ref.service!r} (its services: "
+                         f"{known}); to allow a service of another session write session/svc")
                 continue
             refs.append((item, text))
             parsed.append(ref)
@@ -690,17 +693,17 @@ class _Checker:
     def cert_ttl(self, node: Node | None, path: str) -> int:
         if node is None or is_null(node):
             return CERT_TTL_DEFAULT_SECONDS
-        expected = "a duration from 5m to 24h, e.g. 1h"
+        expected = "a duration from 5m to 24h (e.g. 30m, 1h, 1h30m)"
         seconds: float
         number = integer(node)
         if number is not None:
-            seconds, text = float(number), f"{number} (seconds)"
+            seconds, text = float(number), str(number)
         elif is_str(node):
             text = str(node.value)
             try:
                 seconds = parse_duration(text)
-            except ValueError as e:
-                self.add(node, path, f"expected {expected}; {e}")
+            except ValueError:
+                self.add(node, path, f"expected {expected}, found {clip(text)!r}")
                 return CERT_TTL_DEFAULT_SECONDS
         else:
             self.expected(node, path, expected)
