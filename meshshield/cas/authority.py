@@ -312,7 +312,10 @@ class Authority:
     # -- nonces ----------------------------------------------------------------------
     def new_nonce(self) -> dict[str, str]:
         nonce = secrets.token_bytes(NONCE_SIZE)
-        expires = self.clock.now() + timedelta(seconds=self.config.nonce_ttl)
+        # Whole seconds, so the expiry the client is shown is exactly the one enforced.
+        expires = (self.clock.now() + timedelta(seconds=self.config.nonce_ttl)).replace(
+            microsecond=0
+        )
         self.store.put_nonce(nonce, expires)
         return {"nonce": base64.b64encode(nonce).decode(), "expires_at": rfc3339(expires)}
 
