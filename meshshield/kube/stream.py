@@ -41,7 +41,7 @@ def inject_stream(text: str, config: InjectConfig = DEFAULT_CONFIG) -> str:
             out.append(chunk)
             continue
         index += 1
-        new = _inject(doc, config, index, start_line)
+        new = _inject(doc, config, index, _content_line(start_line, chunk))
         out.append(chunk if not json_patch(doc, new) else _rewrite(chunk, new))
     return "".join(out)
 
@@ -58,6 +58,15 @@ def _inject(doc: Any, config: InjectConfig, index: int, line: int) -> Any:
         if isinstance(doc, dict) and message.startswith(describe(doc) + ": "):
             message = message[len(describe(doc)) + 2:]
         raise InjectError(f"{where}: {message}") from None
+
+
+def _content_line(start: int, chunk: str) -> int:
+    """Line number of the document's first line of content (after `---` and comments)."""
+    for offset, line in enumerate(chunk.splitlines()):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not _is_marker(line, "---"):
+            return start + offset
+    return start
 
 
 def _is_marker(line: str, marker: str) -> bool:
