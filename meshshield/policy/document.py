@@ -20,9 +20,11 @@ MAX_POLICY_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 DOCUMENT_PATH = "(document)"
 
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 STR_TAG = "tag:yaml.org,2002:str"
 INT_TAG = "tag:yaml.org,2002:int"
 NULL_TAG = "tag:yaml.org,2002:null"
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 _TAG_NAMES = {
     STR_TAG: "a string",
@@ -32,7 +34,7 @@ _TAG_NAMES = {
     NULL_TAG: "null",
     "tag:yaml.org,2002:timestamp": "a date",
     "tag:yaml.org,2002:binary": "binary data",
-    "tag:yaml.org,2002:merge": "a merge key",
+    MERGE_TAG: "a merge key",
     "tag:yaml.org,2002:value": "a value key (=)",
 }
 
@@ -231,13 +233,19 @@ def describe(node: Node) -> str:
     if isinstance(node, AliasNode):
         return f"an alias (*{node.value})"
     if isinstance(node, MappingNode):
-        return "a mapping"
+        return "a mapping" + _tagged(node, "map")
     if isinstance(node, SequenceNode):
-        return "a list"
+        return "a list" + _tagged(node, "seq")
     if node.tag == NULL_TAG:
         return "null"
-    name = _TAG_NAMES.get(node.tag, f"a value tagged {node.tag}")
+    name = _TAG_NAMES.get(node.tag, "a value" + _tagged(node, "str"))
     return f"{name} ({clip(str(node.value))})"
+
+
+def _tagged(node: Node, plain: str) -> str:
+    if node.tag == _YAML_TAG_PREFIX + plain:
+        return ""
+    return " tagged " + node.tag.replace(_YAML_TAG_PREFIX, "!!", 1)
 
 
 def integer(node: Node) -> int | None:

@@ -21,6 +21,7 @@ from meshshield.clock import parse_duration
 from meshshield.errors import PolicyError, Reason
 from meshshield.policy.document import (
     MAX_POLICY_BYTES,
+    MERGE_TAG,
     AliasNode,
     Problem,
     clip,
@@ -172,6 +173,9 @@ class _Checker:
         fields = _Fields(node)
         for key, value in node.value:
             child = join(path, key_text(key))
+            if key.tag == MERGE_TAG:
+                self.add(key, child, "merge keys (<<) are not allowed; write the keys out in full")
+                continue
             if not is_str(key):
                 self.add(key, child, f"keys must be strings, found {describe(key)}; "
                                      f"allowed {where}: {', '.join(allowed)}")
