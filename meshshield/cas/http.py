@@ -163,6 +163,11 @@ async def _read_json(request: web.Request) -> Any:
             Reason.BAD_REQUEST, f"request body is not valid JSON: {e.msg} at line {e.lineno} "
             f"column {e.colno}"
         ) from None
+    except ValueError:  # e.g. an integer longer than Python's 4300-digit limit
+        raise MeshError(
+            Reason.BAD_REQUEST, "request body JSON holds a number too long to read (over 4300 "
+            "digits); send numbers of reasonable size"
+        ) from None
     except RecursionError:
         raise MeshError(Reason.BAD_REQUEST, "request body JSON is nested too deeply") from None
 
