@@ -301,6 +301,12 @@ def cmd_attest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshshield.dev.demo import run_demo
+
+    return run_demo()
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -385,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-key", metavar="FILE")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_attest)
+    p = sub.add_parser("demo", help="see meshshield work on loopback (sim attestation)")
+    p.set_defaults(func=cmd_demo)
     return top
 
 

@@ -379,10 +379,7 @@ class Authority:
         now = self.clock.now()
         claims = verify_evidence(platform, evidence, self.verifier, now)
         self._check_binding(claims, nonce, key)
-        try:
-            svc = decide_issuance(s.policy, service, claims, self._revoked_measurements)
-        except MeshError as e:
-            raise type(e)(e.reason, f"session {session}, service {service}: {e.message}") from None
+        svc = decide_issuance(s.policy, service, claims, self._revoked_measurements)
         return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now)
 
     def _platform(self, declared: object, evidence: object) -> Platform:

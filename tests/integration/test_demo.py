@@ -1,0 +1,27 @@
+"""`meshshield demo` (what `make demo` runs) as a newcomer runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def test_demo_runs_every_step_and_cleans_up() -> None:
+    before = set(Path(tempfile.gettempdir()).glob("meshshield-demo-*"))
+    r = subprocess.run([sys.executable, "-m", "meshshield.cli", "demo"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "SIMULATED" in out
+    assert "spiffe://meshshield.local/demo/orders-api" in out
+    assert "over TLSv1.3" in out
+    assert '"item": "scones"' in out
+    assert "refused: measurement_not_allowed" in out
+    assert "found " in out and "allows " in out  # expected and found measurements
+    assert "Demo complete" in out
+    after = set(Path(tempfile.gettempdir()).glob("meshshield-demo-*"))
+    assert after <= before, f"left behind: {after - before}"
+    leftover = subprocess.run(["pgrep", "-f", "meshshield-demo-"], capture_output=True)
+    assert leftover.returncode == 1, leftover.stdout
