@@ -70,10 +70,16 @@ class EventHub:
 
     def __init__(self) -> None:
         self._waiters: set[asyncio.Event] = set()
+        self.closing = False
 
     def notify(self, _epoch: int) -> None:
         for w in self._waiters:
             w.set()
+
+    async def close(self, _app: web.Application) -> None:
+        """On shutdown: end every stream now, or a graceful stop waits for them."""
+        self.closing = True
+        self.notify(-1)
 
     def subscribe(self) -> asyncio.Event:
         ev = asyncio.Event()
@@ -333,7 +339,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     log.info("events: %s/%s subscribed", session, service)
     try:
         sent = -1
-        while True:
+        while not hub.closing:
             if authority.epoch != sent:
                 sent = authority.epoch
                 snap = authority.trust_snapshot(session)
@@ -345,6 +351,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                 await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
             except TimeoutError:
                 await resp.write(b": keep-alive\n\n")
+            if hub.closing:
+                break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
@@ -455,6 +463,7 @@ def create_app(authority: Authority) -> web.Application:
     app[HUB] = hub
     app[GUARD] = ReplayGuard()
     authority.listeners.append(hub.notify)
+    app.on_shutdown.append(hub.close)
     r = app.router
     r.add_get("/v1/health", health)
     r.add_get("/v1/ready", ready)
