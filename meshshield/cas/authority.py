@@ -503,7 +503,8 @@ class Authority:
     def tick(self) -> None:
         """Periodic housekeeping: promote a due CA, drop expired nonces, follow replicas."""
         now = self.clock.now()
-        self.store.purge_nonces(now)
+        # Keep expired nonces a minute longer so a late client hears "expired", not "unknown".
+        self.store.purge_nonces(now - timedelta(seconds=60))
         if self.ca.tick(now):
             self._changed(self.store.epoch())
         elif self.refresh():

@@ -313,6 +313,13 @@ class EventStream:
                 self.lock.wait(left)
 
     def close(self) -> None:
+        # Shut down and join the reader before closing: closing under a thread blocked in
+        # recv() frees the fd number, and the next socket opened would be read by it.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
         self.sock.close()
 
 
