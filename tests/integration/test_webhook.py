@@ -240,3 +240,48 @@ def test_unusable_certificate_exits_1_without_a_traceback(tmp_path: Path) -> Non
     assert process.returncode == 1
     assert b"meshshield webhook: cannot serve" in err
     assert b"Traceback" not in err
+
+
+def test_renewed_certificate_is_served_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshshield.kube import webhook as webhook_module
+
+    monkeypatch.setattr(webhook_module, "CERT_RELOAD_SECONDS", 0.05)
+    old_ca = make_certs(tmp_path)
+    renewed = tmp_path / "renewed"
+    new_ca = make_certs(renewed)
+    port = free_port()
+
+    async def healthz(ca: Path) -> bool:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=ctx,
+                                       server_hostname=HOST) as resp:
+                    return resp.status == 200
+        except aiohttp.ClientConnectorCertificateError:
+            return False
+
+    async def scenario() -> None:
+        started, stop = asyncio.Event(), asyncio.Event()
+        server = asyncio.create_task(webhook_module.serve_webhook(
+            f"127.0.0.1:{port}", str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"),
+            started=started, stop=stop))
+        await asyncio.wait_for(started.wait(), 10)
+        try:
+            assert await healthz(old_ca)
+            assert not await healthz(new_ca)
+            # Key first, then certificate: for a moment the pair does not match, and the
+            # webhook must keep serving the old one until it does.
+            (renewed / "tls.key").replace(tmp_path / "tls.key")
+            (renewed / "tls.crt").replace(tmp_path / "tls.crt")
+            deadline = time.monotonic() + 10
+            while not await healthz(new_ca):
+                assert time.monotonic() < deadline, "renewed certificate never served"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await server
+
+    asyncio.run(scenario())
