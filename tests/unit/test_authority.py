@@ -1,0 +1,159 @@
+"""The CAS's decisions in-process, with a clock the test moves (no sockets)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from meshshield.adminauth import fingerprint_of
+from meshshield.attestation.measure import measure_paths
+from meshshield.attestation.sim import generate_sim_platform_key
+from meshshield.attestclient import AttestRequest, build_attest_body
+from meshshield.cas.authority import Authority, CasConfig
+from meshshield.cas.sqlite_store import SqliteStore
+from meshshield.clock import FixedClock
+from meshshield.errors import MeshError, Reason
+from meshshield.pki.keys import generate_p256
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+ADMIN = "a" * 64
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Authority, FixedClock, Path]:
+    sim = generate_sim_platform_key()
+    from meshshield.attestation.sim import write_sim_platform_key
+
+    write_sim_platform_key(sim, tmp_path / "sim")
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.py").write_text("print(1)\n")
+    clock = FixedClock(T0)
+    cfg = CasConfig(
+        data_dir=tmp_path / "data", admin_fingerprints=frozenset({ADMIN}),
+        sim_platform_keys=(sim.public_key(),), nonce_ttl=30, kek=b"k" * 32, clock=clock,
+    )
+    cfg.data_dir.mkdir()
+    a = Authority(cfg, SqliteStore(cfg.data_dir / "cas.db"))
+    a.start()
+    m = measure_paths([app])
+    a.create_session(ADMIN, f"""name: shop
+version: "1"
+predecessor: null
+services:
+  - name: api
+    tee: [{{platform: sim, measurement: "{m}"}}]
+    allow_from: [web]
+    cert_ttl: 1h
+  - name: web
+    tee: [{{platform: sim, measurement: "{m}"}}]
+security: {{attestation: {{tolerate: [simulation]}}}}
+""".encode())
+    return a, clock, tmp_path
+
+
+def _req(root: Path, service: str) -> AttestRequest:
+    return AttestRequest("shop", service, "sim", (str(root / "app"),),
+                         root / "sim" / "sim-platform.key")
+
+
+def _attest(a: Authority, root: Path, service: str = "api") -> dict[str, object]:
+    key = generate_p256()
+    nonce = a.new_nonce()["nonce"]
+    body = build_attest_body(
+        _req(root, service),
+        key, nonce)
+    return a.attest(body)
+
+
+def test_nonce_expires_by_the_injected_clock(world: tuple[Authority, FixedClock, Path]) -> None:
+    a, clock, root = world
+    key = generate_p256()
+    n = a.new_nonce()
+    assert n["expires_at"] == "2026-03-01T12:00:30Z"
+    body = build_attest_body(
+        _req(root, "api"),
+        key, n["nonce"])
+    clock.advance(30)
+    with pytest.raises(MeshError) as e:
+        a.attest(body)
+    assert e.value.reason is Reason.NONCE_INVALID and "expired" in e.value.message
+
+
+def test_certificate_lifetime_follows_the_clock(world: tuple[Authority, FixedClock, Path]) -> None:
+    a, _clock, root = world
+    r = _attest(a, root)
+    assert r["expires_at"] == "2026-03-01T13:00:00Z"
+    assert r["claims"]["attested_at"] == "2026-03-01T12:00:00Z"  # type: ignore[index]
+
+
+def test_max_cert_ttl_caps_the_policy(world: tuple[Authority, FixedClock, Path]) -> None:
+    a, _clock, root = world
+    a.config.max_cert_ttl = 10
+    assert _attest(a, root)["expires_at"] == "2026-03-01T12:00:10Z"
+
+
+def test_every_trust_change_bumps_the_epoch(world: tuple[Authority, FixedClock, Path]) -> None:
+    a, _clock, root = world
+    e0 = a.epoch
+    serial = str(_attest(a, root)["serial"])
+    assert a.epoch == e0  # issuing changes no one's trust
+    a.revoke(ADMIN, "shop", {"serial": serial})
+    assert a.epoch == e0 + 1
+    snap = a.trust_snapshot("shop")
+    assert snap["revoked_serials"] == [serial] and snap["epoch"] == e0 + 1
+    assert snap["services"]["api"]["allow_from"] == ["web"]
+
+
+def test_revoking_a_serial_of_another_session_is_not_found(
+    world: tuple[Authority, FixedClock, Path]
+) -> None:
+    a, _clock, _root = world
+    with pytest.raises(MeshError) as e:
+        a.revoke(ADMIN, "shop", {"serial": "abcdef"})
+    assert e.value.reason is Reason.NOT_FOUND
+
+
+def test_ca_rotation_publishes_first_signs_later_and_retires_after_last_leaf(
+    world: tuple[Authority, FixedClock, Path]
+) -> None:
+    a, clock, root = world
+    old = a.ca.fingerprint()
+    leaf_old = x509.load_pem_x509_certificate(str(_attest(a, root)["certificate"]).encode())
+    a.rotate_ca(ADMIN, 600)
+    bundle = x509.load_pem_x509_certificates(a.bundle()["bundle"].encode())
+    assert len(bundle) == 2  # the next CA is trusted before it signs anything
+    leaf = x509.load_pem_x509_certificate(str(_attest(a, root)["certificate"]).encode())
+    assert leaf.issuer == leaf_old.issuer  # still the old CA signing
+    clock.advance(601)
+    a.tick()
+    assert a.ca.fingerprint() != old
+    leaf_new = x509.load_pem_x509_certificate(str(_attest(a, root)["certificate"]).encode())
+    assert leaf_new.issuer != leaf_old.issuer
+    states = {c["fingerprint"]: c["state"] for c in a.bundle()["cas"]}
+    assert states[old] == "retired"
+    # the old CA stays until the last leaf it signed has expired, then leaves the bundle
+    # (both old leaves were issued at T0 with a 1 h lifetime)
+    clock.advance(3600 - 601 - 5)
+    assert len(x509.load_pem_x509_certificates(a.bundle()["bundle"].encode())) == 2
+    clock.advance(10)
+    assert len(x509.load_pem_x509_certificates(a.bundle()["bundle"].encode())) == 1
+
+
+def test_only_cas_admins_rotate(world: tuple[Authority, FixedClock, Path]) -> None:
+    a, _clock, _root = world
+    with pytest.raises(MeshError) as e:
+        a.rotate_ca("b" * 64, 600)
+    assert e.value.reason is Reason.FORBIDDEN
+
+
+def test_access_policy_names_readers(world: tuple[Authority, FixedClock, Path]) -> None:
+    a, _clock, _root = world
+    other = fingerprint_of(generate_p256().public_key())
+    with pytest.raises(MeshError) as e:
+        a.read_session(other, "shop")
+    assert e.value.reason is Reason.FORBIDDEN
+    assert a.read_session(ADMIN, "shop").name == "shop"
