@@ -38,13 +38,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from meshshield.attestation.claims import Claims, Platform, TcbStatus
 from meshshield.attestation.snp_chain import (
+    CERT_DECODE_ERRORS,
     MAX_CERTS,
     MAX_CERTS_BYTES,
     OID_BL_SPL,
@@ -138,10 +139,10 @@ def _verify(
         _check_report_signature(report, chain)
         reported = _check_report_matches_chain(report, chain)
         return _claims(report, chain, reported)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+    except CERT_DECODE_ERRORS as e:
         # `cryptography` parses certificates lazily; a malformed name or extension
         # surfaces here rather than at load time.
-        raise _malformed(f"certificate could not be decoded ({e})") from None
+        raise _malformed(f"certificate could not be decoded ({type(e).__name__}: {e})") from None
 
 
 def _utc(at: datetime) -> datetime:

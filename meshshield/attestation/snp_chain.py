@@ -58,6 +58,17 @@ OID_HWID = x509.ObjectIdentifier(_AMD_ARC + ".4")
 OID_CSP_ID = x509.ObjectIdentifier(_AMD_ARC + ".5")
 
 LEAF_CN = {"SEV-VCEK": "vcek", "SEV-VLEK": "vlek"}
+# What `cryptography` raises for certificate bytes it cannot decode, at load time or
+# lazily when a field is first read.
+CERT_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    x509.AttributeNotFound,
+)
 MAX_CERTS_BYTES = 64 * 1024
 MAX_CERTS = 8
 _PEM_BEGIN = b"-----BEGIN"
@@ -133,8 +144,8 @@ def load_certificates(blob: bytes) -> list[x509.Certificate]:
                     raise _malformed("bytes after the DER certificate are not PEM certificates")
             if data:
                 certs.extend(x509.load_pem_x509_certificates(data))
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-        raise _malformed(f"could not parse a certificate ({e})") from None
+    except CERT_DECODE_ERRORS as e:
+        raise _malformed(f"could not parse a certificate ({type(e).__name__}: {e})") from None
     if len(certs) > MAX_CERTS:
         raise _malformed(f"{len(certs)} certificates given; at most {MAX_CERTS} accepted")
     return certs
