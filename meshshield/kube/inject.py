@@ -164,7 +164,7 @@ def inject_document(doc: Any, config: InjectConfig = DEFAULT_CONFIG) -> Any:
     try:
         if kind == "Pod":
             meta, spec = inject_pod_spec(out.get("metadata"), _mapping(out, "spec", "spec"), config)
-            out["metadata"], out["spec"] = meta, spec
+            _replace(out, meta, spec)
             return out
         if kind == "CronJob":
             holder = _mapping(_mapping(_mapping(out, "spec", "spec"), "jobTemplate",
@@ -179,10 +179,17 @@ def inject_document(doc: Any, config: InjectConfig = DEFAULT_CONFIG) -> Any:
         meta, spec = inject_pod_spec(
             template.get("metadata"), _mapping(template, "spec", where + ".spec"), config
         )
-        template["metadata"], template["spec"] = meta, spec
+        _replace(template, meta, spec)
         return out
     except InjectError as err:
         raise InjectError(f"{describe(doc)}: {err.message}") from err
+
+
+def _replace(holder: Manifest, meta: Manifest, spec: Manifest) -> None:
+    """Set metadata and spec, adding no empty `metadata: {}` to an untouched document."""
+    if meta != (holder.get("metadata") or {}):
+        holder["metadata"] = meta
+    holder["spec"] = spec
 
 
 def describe(doc: Mapping[str, Any]) -> str:

@@ -440,6 +440,13 @@ def test_inject_stream_without_workloads_is_the_identity() -> None:
     assert inject_stream(text) == text
 
 
+def test_unannotated_workloads_without_template_metadata_stay_byte_for_byte() -> None:
+    text = ("apiVersion: batch/v1\nkind: Job\nmetadata: {name: once}\nspec:\n  template:\n"
+            "    spec:\n      restartPolicy: Never\n      containers: [{name: a, image: a}]\n"
+            "---\napiVersion: v1\nkind: Pod\nspec:\n  containers: [{name: a, image: a}]\n")
+    assert inject_stream(text) == text
+
+
 def test_inject_stream_reports_the_document() -> None:
     text = (FIXTURES / "workloads.yaml").read_text().replace("platform: tdx", "platform: sgx", 1)
     with pytest.raises(InjectError, match=r"document 3 \(line 23\), Deployment shop/backend: "
