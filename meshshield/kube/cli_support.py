@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from meshshield.kube.annotations import InjectError
 from meshshield.kube.certs import make_webhook_certs
-from meshshield.kube.inject import DEFAULT_CONFIG, InjectConfig
+from meshshield.kube.config import DEFAULT_CONFIG, InjectConfig
 from meshshield.kube.stream import inject_stream
 from meshshield.kube.webhook import parse_listen, serve_webhook
 

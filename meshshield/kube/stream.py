@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from meshshield.kube.annotations import InjectError
-from meshshield.kube.inject import DEFAULT_CONFIG, InjectConfig, describe, inject_document
+from meshshield.kube.config import DEFAULT_CONFIG, InjectConfig
+from meshshield.kube.inject import describe, inject_document
 from meshshield.kube.patch import json_patch
 
 _MAX_WIDTH = 1 << 30  # never fold long strings (commands, JSON annotations)

@@ -32,7 +32,8 @@ from prometheus_client import (
 
 from meshshield.errors import Reason
 from meshshield.kube.annotations import InjectError
-from meshshield.kube.inject import DEFAULT_CONFIG, InjectConfig, describe, inject_pod_spec
+from meshshield.kube.config import DEFAULT_CONFIG, InjectConfig
+from meshshield.kube.inject import describe, inject_pod_spec
 from meshshield.kube.patch import json_patch
 
 log = logging.getLogger("meshshield.kube.webhook")
