@@ -292,8 +292,18 @@ def verify_chain(
     candidates = [c for c in certs if c.subject == leaf.issuer and c.subject != c.issuer]
     if not candidates:
         candidates = [shipped_intermediate(product, kind)]
-    intermediate = candidates[0]
-    _check_issued_by(leaf, role, intermediate, mid_role)
+    # Several certificates may carry the issuer's name; the one whose key signed the
+    # leaf is the intermediate (the first one's error is reported if none did).
+    first_error: EvidenceError | None = None
+    for intermediate in candidates:
+        try:
+            _check_issued_by(leaf, role, intermediate, mid_role)
+            break
+        except EvidenceError as e:
+            first_error = first_error or e
+    else:
+        assert first_error is not None
+        raise first_error
     root_candidates = [r for r in trusted if r.subject == intermediate.issuer]
     if not root_candidates:
         raise _chain_invalid(

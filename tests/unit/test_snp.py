@@ -567,3 +567,17 @@ def test_parse_exposes_fields() -> None:
     assert r.firmware_json() == {"current": "1.49.3", "committed": "1.49.3"}
     assert r.cpuid is None and r.cpuid_product is None
     assert r.debug is True
+
+
+def test_the_intermediate_that_signed_the_leaf_is_chosen(pkis: dict[Product, SynthPki]) -> None:
+    from snp_synth import sign_cert
+
+    pki = pkis[Product.MILAN]
+    impostor = sign_cert(pki.ask_name, pki.ark_name, rsa_key(7).public_key(), rsa_key(0), ca=True)
+    leaf = pki.leaf()
+    certs = leaf.pem + impostor.public_bytes(serialization.Encoding.PEM) + pki.chain_pem()
+    report = sign_report(build_report(), leaf.key)
+    assert verify_snp_report(report, certs, at=AT, roots=pki.roots).extra["product"] == "milan"
+    refused(CHAIN, verify_snp_report, report,
+            leaf.pem + impostor.public_bytes(serialization.Encoding.PEM), at=AT,
+            roots=pki.roots, match="does not verify")
