@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_evidence_verify(args: argparse.Namespace) -> int:
+    from meshshield.attestation.claims import Platform
+    from meshshield.attestation.collateral import load_collateral
+    from meshshield.attestation.sgx import verify_sgx_quote
+    from meshshield.attestation.snp import verify_snp_report
+    from meshshield.attestation.tdx import verify_tdx_quote
+    from meshshield.attestation.verify import VerifierConfig, verify_evidence
+    from meshshield.clock import parse_rfc3339
+
+    try:
+        at = parse_rfc3339(args.at) if args.at else datetime.now(UTC)
+    except ValueError as e:
+        raise UsageError(f"--at: {e}") from None
+    try:
+        data = Path(args.file).read_bytes()
+        certs = Path(args.certs).read_bytes() if args.certs else None
+    except OSError as e:
+        _err(f"cannot read {e.filename}: {e.strerror}")
+        return 1
+    collateral = load_collateral(Path(args.collateral)) if args.collateral else None
+    platform = Platform(args.platform)
+    evidence: object = None
+    if data[:1] == b"{":
+        try:
+            evidence = json.loads(data)
+        except (ValueError, RecursionError):
+            evidence = None
+    if isinstance(evidence, dict):
+        if certs is not None and platform is Platform.SEV_SNP:
+            evidence = {**evidence, "certs": certs.decode("latin-1")}
+        claims = verify_evidence(platform, evidence, VerifierConfig(collateral=collateral), at)
+    elif platform is Platform.SEV_SNP:
+        if certs is None:
+            raise UsageError("--platform sev-snp with a raw report needs --certs (VCEK or VLEK)")
+        claims = verify_snp_report(data, certs, at=at)
+    elif platform is Platform.TDX:
+        claims = verify_tdx_quote(data, at=at, collateral=collateral)
+    else:
+        claims = verify_sgx_quote(data, at=at, collateral=collateral)
+    out = claims.to_json()
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print(f"verified {platform.value} evidence at {at.isoformat()}")
+        for k, v in out.items():
+            print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -391,6 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-key", metavar="FILE")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_attest)
+    ev = sub.add_parser("evidence", help="hardware evidence tools")
+    esub = ev.add_subparsers(dest="evidence_command", required=True, metavar="ACTION")
+    p = esub.add_parser("verify", help="verify SEV-SNP, TDX or SGX evidence offline")
+    p.add_argument("file", help="raw report / quote, or the evidence JSON")
+    p.add_argument("--platform", required=True, choices=["sev-snp", "tdx", "sgx"])
+    p.add_argument("--certs", help="sev-snp: VCEK or VLEK (DER or PEM), then ASK/ASVK, ARK")
+    p.add_argument("--collateral", metavar="DIR", help="Intel TCB info / QE identity / CRLs")
+    p.add_argument("--at", metavar="RFC3339", help="verification time (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evidence_verify)
+
     p = sub.add_parser("demo", help="see meshshield work on loopback (sim attestation)")
     p.set_defaults(func=cmd_demo)
     return top

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.attestation.claims import NONCE_SIZE, Claims, Platform, expected_report_data
+from meshshield.attestation.collateral import load_collateral
 from meshshield.attestation.verify import VerifierConfig, platform_of, verify_evidence
 from meshshield.cas.castate import CaState
 from meshshield.cas.store import (
@@ -92,7 +93,10 @@ class Authority:
         self.store = store
         self.clock = config.clock
         self.ca = CaState(store, config.kek, config.trust_domain)
-        self.verifier = VerifierConfig(sim_platform_keys=config.sim_platform_keys)
+        collateral = load_collateral(config.collateral_dir) if config.collateral_dir else None
+        self.verifier = VerifierConfig(
+            sim_platform_keys=config.sim_platform_keys, collateral=collateral
+        )
         self._sessions: dict[str, LoadedSession] = {}
         self._revoked_serials: set[str] = set()
         self._revoked_measurements: set[str] = set()
