@@ -452,6 +452,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evidence_verify)
 
+    from meshshield.kube.cli_support import (
+        add_inject_arguments,
+        add_webhook_arguments,
+        inject_command,
+        webhook_command,
+    )
+
+    p = sub.add_parser("inject", help="print a manifest with the sidecar injected")
+    add_inject_arguments(p)
+    p.set_defaults(func=inject_command)
+    p = sub.add_parser("webhook", help="sidecar-injecting admission webhook; `webhook certs`")
+    add_webhook_arguments(p)
+    p.set_defaults(func=webhook_command)
+
     p = sub.add_parser("demo", help="see meshshield work on loopback (sim attestation)")
     p.set_defaults(func=cmd_demo)
     return top
