@@ -175,11 +175,12 @@ def verify_request(
         spki = base64.b64decode(fields["key"], validate=True)
         sig = base64.b64decode(fields["sig"], validate=True)
         ts = int(fields["ts"])
-    except (binascii.Error, ValueError):
+        skew = now - ts  # OverflowError for an integer beyond a float
+    except (binascii.Error, ValueError, OverflowError):
         raise _unauth("Authorization header: key and sig must be base64, ts an integer") from None
-    if abs(now - ts) > MAX_SKEW:
+    if abs(skew) > MAX_SKEW:
         raise _unauth(
-            f"signed request timestamp {ts} is {int(now - ts)} s from the CAS clock "
+            f"signed request timestamp {ts} is {int(skew)} s from the CAS clock "
             f"(allowed ±{int(MAX_SKEW)} s); check the admin machine's clock"
         )
     try:
