@@ -28,7 +28,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.attestation.dcap import EnclaveReport
-from meshshield.attestation.pck import verify_p256
+from meshshield.attestation.pck import check_readable, verify_p256
 from meshshield.errors import EvidenceError, Reason
 
 _MAX_FILE = 4 << 20
@@ -427,16 +427,18 @@ def load_files(
             data = urllib.parse.unquote_to_bytes(data.strip())
         try:
             if b"-----BEGIN X509 CRL-----" in data:
-                crls.extend(
-                    CollateralCrl(source, x509.load_pem_x509_crl(m)) for m in _PEM_CRL.findall(data)
-                )
+                crls.extend(_crl(source, x509.load_pem_x509_crl(m)) for m in _PEM_CRL.findall(data))
             elif b"-----BEGIN CERTIFICATE-----" in data:
-                certs.extend(x509.load_pem_x509_certificates(data.rstrip(b"\x00")))
+                for cert in x509.load_pem_x509_certificates(data.rstrip(b"\x00")):
+                    check_readable(cert)
+                    certs.append(cert)
             elif data[:1] == b"\x30":
                 try:
-                    crls.append(CollateralCrl(source, x509.load_der_x509_crl(data)))
+                    crls.append(_crl(source, x509.load_der_x509_crl(data)))
                 except ValueError:
-                    certs.append(x509.load_der_x509_certificate(data))
+                    cert = x509.load_der_x509_certificate(data)
+                    check_readable(cert)
+                    certs.append(cert)
             else:
                 raise ValueError("not JSON, PEM or DER")
         except ValueError as e:
@@ -445,3 +447,10 @@ def load_files(
                 f"not a TCB info / enclave identity JSON, PEM certificates or a CRL ({e})",
             ) from None
     return tuple(infos), tuple(identities), tuple(crls), tuple(certs), tuple(sources)
+
+
+def _crl(source: str, crl: x509.CertificateRevocationList) -> CollateralCrl:
+    """Parse now what `cryptography` reads lazily; ValueError if malformed."""
+    _ = crl.issuer, crl.last_update_utc, crl.next_update_utc
+    _ = [r.serial_number for r in crl]
+    return CollateralCrl(source, crl)

@@ -42,7 +42,13 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshshield.attestation.pck import PckChain, cert_label, verify_p256, verify_pck_chain
+from meshshield.attestation.pck import (
+    PckChain,
+    cert_label,
+    check_readable,
+    verify_p256,
+    verify_pck_chain,
+)
 from meshshield.errors import EvidenceError, Reason
 
 HEADER_SIZE = 48
@@ -309,6 +315,8 @@ def _parse_pem_chain(pem: bytes) -> tuple[x509.Certificate, ...]:
         raise _malformed(f"PCK certificate chain holds {count} certificates, at most 8 expected")
     try:
         certs = x509.load_pem_x509_certificates(text)
+        for cert in certs:
+            check_readable(cert)
     except ValueError as e:
         raise _malformed(f"PCK certificate chain is not valid PEM certificates: {e}") from None
     return tuple(certs)

@@ -50,6 +50,12 @@ SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
 _TAG_INTEGER, _TAG_OCTETS, _TAG_OID, _TAG_ENUM, _TAG_SEQ = 0x02, 0x04, 0x06, 0x0A, 0x30
 
 
+def check_readable(cert: x509.Certificate) -> None:
+    """Parse now the fields `cryptography` reads lazily; ValueError if one is malformed."""
+    _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+    _ = cert.serial_number, len(cert.extensions)
+
+
 def _chain_invalid(message: str) -> EvidenceError:
     return EvidenceError(Reason.CHAIN_INVALID, message)
 
