@@ -29,6 +29,7 @@ from meshshield.policy import (
     SnpTcb,
     TdxEntry,
     Tolerance,
+    document,
     parse_policy,
     policy_hash,
 )
@@ -94,7 +95,7 @@ def located(problems: tuple[Problem, ...]) -> list[tuple[int, str]]:
 # -- the valid example -------------------------------------------------------------------
 
 
-def test_shop_example_parses_into_the_expected_model() -> None:
+def test_shop_example_parses_into_the_expected_model(parser: str) -> None:
     policy = parse_policy(SHOP.read_bytes(), SHOP.name, cas_dns=CAS_DNS)
     assert policy == Policy(
         name="shop",
@@ -218,9 +219,21 @@ def test_there_are_enough_distinct_invalid_fixtures() -> None:
     assert len({f.read_bytes() for f in INVALID}) == len(INVALID)
 
 
+# PyYAML reads events with libyaml when it was built with it, else in pure Python; line
+# numbers and paths must not depend on which one a machine has.
+PARSERS = ["default", "pure-python"]
+
+
+@pytest.fixture(params=PARSERS)
+def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "pure-python":
+        monkeypatch.setattr(document, "_Loader", document._PureLoader)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("path", INVALID, ids=[f.name.removesuffix(".policy.yaml")
                                                for f in INVALID])
-def test_invalid_fixture_reports_exactly_its_problems(path: Path) -> None:
+def test_invalid_fixture_reports_exactly_its_problems(path: Path, parser: str) -> None:
     data = path.read_bytes()
     expected = [(int(line), where, part) for line, where, part in
                 _EXPECT.findall(data.decode("utf-8", "replace"))]
@@ -293,7 +306,8 @@ def test_empty_input_is_one_problem() -> None:
 
 def test_deep_nesting_is_refused_quickly() -> None:
     (problem,) = problems_of(b"name: " + b"[" * 50_000 + b"]" * 50_000)
-    assert problem.path == "(document)" and "nested deeper" in problem.message
+    # libyaml has a flow-nesting limit of its own; either refusal will do.
+    assert problem.path == "(document)" and "nest" in problem.message
 
 
 def test_billion_laughs_is_refused_without_expanding() -> None:
