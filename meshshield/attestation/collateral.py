@@ -29,10 +29,11 @@ What is checked when a quote is evaluated (`evaluate_tcb`)
 - The TCB info for the PCK certificate's FMSPC and PCE-ID (``id`` "TDX" for TDX quotes,
   "SGX" for SGX quotes). Its first TCB level whose SGX component SVNs and PCESVN are all
   <= the PCK certificate's (and, for TDX, whose TDX component SVNs are <= the quote's
-  TEE_TCB_SVN) gives the platform status. For TDX 1.5 and later (TEE_TCB_SVN[1] > 0, with
-  ``tdxModuleIdentities``) the TDX module is rated by its own identity ``TDX_<version>``
-  and the comparison skips TEE_TCB_SVN[0..1], as Intel's QVL does. MRSIGNERSEAM and the
-  SEAM attributes must match the TDX module identity.
+  TEE_TCB_SVN) gives the platform status. For TDX 1.5 and later (TEE_TCB_SVN[1] > 0)
+  the TDX module is rated by its own identity ``TDX_<version>`` in ``tdxModuleIdentities``
+  (its ISVSVN is TEE_TCB_SVN[0]) and the level comparison skips TEE_TCB_SVN[0..1], as
+  Intel's QVL does. MRSIGNERSEAM and the SEAM attributes must match the TDX module
+  identity (``tdxModule`` for version 0).
 - The QE identity (``TD_QE`` for TDX, ``QE`` for SGX): MRSIGNER, ISVPRODID and masked
   MISCSELECT / ATTRIBUTES must match (else `chain_invalid`); ISVSVN picks the QE level.
 - CRLs issued by the quote's PCK CA or by the root: signature and window at ``at``; a
@@ -223,8 +224,6 @@ def _platform_level(
         start = 2 if skip_module else 0
         if any(tee_tcb_svn[i] < level.tdx_svns[i] for i in range(start, 16)):
             continue
-        if not skip_module and level.tdx_svns[1] != tee_tcb_svn[1]:
-            continue  # Intel: this TCB info does not describe this TDX module version
         return level
     return None
 
@@ -235,8 +234,9 @@ def _module_status(
     """(skip module bytes?, module status or None, advisories); checks MRSIGNERSEAM."""
     tee, mrsignerseam, seam_attrs = tdx
     version, isvsvn = tee[1], tee[0]
-    if version > 0 and info.module_identities:
-        ident = next((m for m in info.module_identities if m.id == f"TDX_{version:02X}"), None)
+    if version > 0:
+        want = f"TDX_{version:02X}"
+        ident = next((m for m in info.module_identities if m.id.upper() == want), None)
         if ident is None:
             return True, "TcbLevelNotSupported", ()
         ident.check(mrsignerseam, seam_attrs, info.doc.source)

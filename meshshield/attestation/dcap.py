@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.attestation.pck import (
@@ -339,7 +340,10 @@ def verify_quote_signatures(
     sig = quote.sig
     chain = verify_pck_chain(sig.pck_chain, at, roots)
 
-    pck_key = chain.leaf.public_key()
+    try:
+        pck_key = chain.leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        pck_key = None
     if not isinstance(pck_key, ec.EllipticCurvePublicKey) or not isinstance(
         pck_key.curve, ec.SECP256R1
     ):
@@ -354,6 +358,8 @@ def verify_quote_signatures(
             f"QE report MRSIGNER is {sig.qe_report.mr_signer.hex()}, expected Intel's quoting "
             f"enclave {qe_mrsigner.hex()}"
         )
+    if sig.qe_report.debug:
+        raise _bad_chain("the quoting enclave runs in debug mode; its keys are not protected")
 
     want = hashlib.sha256(sig.attest_key + sig.qe_auth_data).digest() + bytes(32)
     if sig.qe_report.report_data != want:

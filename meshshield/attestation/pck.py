@@ -87,6 +87,8 @@ def rfc3339(t: datetime) -> str:
 def cert_label(cert: x509.Certificate) -> str:
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else cert.subject.rfc4514_string()
+    # Names come from untrusted input: keep messages and logs to one printable line.
+    cn = "".join(c if c.isprintable() else "?" for c in cn[:80])
     return f'"{cn}" (serial {cert.serial_number:x})'
 
 
@@ -147,11 +149,12 @@ def verify_pck_chain(
             "leaf and its Platform or Processor CA (then the root)"
         )
     leaf, rest = certs[0], certs[1:]
+    if _is_ca(leaf):
+        raise _chain_invalid(f"PCK leaf {cert_label(leaf)} is a CA certificate, not a PCK")
     intermediate = next((c for c in rest if issued_by(leaf, c)), None)
     if intermediate is None:
         raise _chain_invalid(
-            f"PCK leaf {cert_label(leaf)} is not signed by any CA certificate in the quote's "
-            f"chain (issuer {leaf.issuer.rfc4514_string()})"
+            f"PCK leaf {cert_label(leaf)} is not signed by any CA certificate in the quote's chain"
         )
     if not _is_ca(intermediate):
         raise _chain_invalid(f"PCK issuer {cert_label(intermediate)} is not a CA certificate")

@@ -175,6 +175,7 @@ class QuoteSpec:
     isv_svn: int = 3
     qe_mrsigner: bytes | None = None
     qe_isv_svn: int = 8
+    qe_attributes: bytes = QE_ATTRIBUTES
     qe_binding: bytes | None = None  # override QE report_data
     chain: bytes | None = None  # override the PEM chain
     pck: x509.Certificate | None = None
@@ -234,7 +235,7 @@ def make_quote(s: QuoteSpec) -> bytes:
     attest = key("attest")
     pub = raw_pub(attest)
     qe = bytearray(384)
-    qe[48:64] = QE_ATTRIBUTES
+    qe[48:64] = s.qe_attributes
     qe[128:160] = s.qe_mrsigner or (dcap.TDX_QE_MRSIGNER if tdx else dcap.SGX_QE3_MRSIGNER)
     struct.pack_into("<HH", qe, 256, 2 if tdx else 1, s.qe_isv_svn)
     qe[320:384] = s.qe_binding or hashlib.sha256(pub + AUTH).digest() + bytes(32)

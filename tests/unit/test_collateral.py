@@ -415,3 +415,42 @@ def test_sgx_quotes_use_sgx_tcb_info_and_the_qe3_identity(tmp_path: Path) -> Non
     )
     claims = verify_sgx_quote(quote, at=synth.AT, collateral=tdx_only, roots=synth.ROOTS)
     assert claims.tcb_status is TcbStatus.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("quote", "tcb_info", "module", "platform"),
+    [
+        (
+            "go-tdx-guest/quote_v5_sample.dat",
+            "go-tdx-guest/sample_tcbinfo_response_v5",
+            "UpToDate",
+            "UpToDate",
+        ),
+        (
+            "trustee-tdx/tdx_quote_5.dat",
+            "go-tdx-guest/sample_tcbinfo_response_v5",
+            "OutOfDate",
+            None,
+        ),
+        ("trustee-tdx/tdx_quote_6.dat", "trustee-tdx/tcbInfo.json", "UpToDate", "OutOfDate"),
+    ],
+)
+def test_level_matching_on_real_tdx15_tcb_info(
+    quote: str, tcb_info: str, module: str, platform: str | None
+) -> None:
+    # These TCB infos cannot pass the time checks (their only signing certificate expired
+    # before they were issued), so the matching itself is checked here on the real data.
+    from meshshield.attestation.collateral import _module_status, _platform_level
+    from meshshield.attestation.pck import pck_tcb
+    from meshshield.attestation.tdx import parse_tdx_quote
+
+    info = load_collateral_files([vectors_dir() / tcb_info]).tcb_infos[0]
+    q, td = parse_tdx_quote(vector(quote))
+    tcb = pck_tcb(q.sig.pck_chain[0])
+    assert tcb.fmspc == info.fmspc and td.tee_tcb_svn[1] > 0
+    skip, module_status, _ = _module_status(
+        info, (td.tee_tcb_svn, td.mr_signer_seam, td.seam_attributes)
+    )
+    assert skip and module_status == module
+    level = _platform_level(info, tcb, td.tee_tcb_svn, skip)
+    assert (level.status if level else None) == platform

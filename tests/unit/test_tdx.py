@@ -295,6 +295,11 @@ def synth_refused(spec: synth.QuoteSpec, reason: Reason, needle: str) -> None:
 def test_synthetic_refusals() -> None:
     synth_refused(synth.QuoteSpec(qe_mrsigner=bytes(32)), Reason.CHAIN_INVALID, "MRSIGNER")
     synth_refused(synth.QuoteSpec(qe_binding=bytes(64)), Reason.SIGNATURE_INVALID, "does not vouch")
+    debug_qe = bytes([0x17]) + synth.QE_ATTRIBUTES[1:]
+    synth_refused(synth.QuoteSpec(qe_attributes=debug_qe), Reason.CHAIN_INVALID, "debug mode")
+    synth_refused(
+        synth.QuoteSpec(chain=synth.pem(synth.CA, synth.ROOT)), Reason.CHAIN_INVALID, "is a CA"
+    )
     synth_refused(synth.QuoteSpec(cert_type=3), Reason.EVIDENCE_MALFORMED, "type is 3")
     synth_refused(
         synth.QuoteSpec(chain=synth.pem(synth.pck_leaf())), Reason.CHAIN_INVALID, "1 certificate"
