@@ -374,8 +374,10 @@ def _parse_json(source: str, data: bytes) -> TcbInfo | QeIdentity:
     return QeIdentity(
         doc=doc,
         id=b.jstr("id", "QE"),
-        miscselect=int.from_bytes(misc, "big"),
-        miscselect_mask=int.from_bytes(misc_mask, "big"),
+        # The hex is the MISCSELECT bytes as they sit in the report (Intel's QVL reads it
+        # little-endian), so it compares with the report's little-endian u32.
+        miscselect=int.from_bytes(misc, "little"),
+        miscselect_mask=int.from_bytes(misc_mask, "little"),
         attributes=b.jhex("attributes", 16),
         attributes_mask=b.jhex("attributesMask", 16),
         mrsigner=b.jhex("mrsigner", 32),
