@@ -80,6 +80,18 @@ services:
 """
 
 
+# PyYAML reads events with libyaml when it was built with it, else in pure Python; line
+# numbers and paths must not depend on which one a machine has.
+PARSERS = ["default", "pure-python"]
+
+
+@pytest.fixture(params=PARSERS)
+def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "pure-python":
+        monkeypatch.setattr(document, "_Loader", document._PureLoader)
+    return str(request.param)
+
+
 def problems_of(text: str | bytes, filename: str = "p.yaml", **kwargs: object
                 ) -> tuple[Problem, ...]:
     data = text.encode() if isinstance(text, str) else text
@@ -219,18 +231,6 @@ def test_there_are_enough_distinct_invalid_fixtures() -> None:
     assert len({f.read_bytes() for f in INVALID}) == len(INVALID)
 
 
-# PyYAML reads events with libyaml when it was built with it, else in pure Python; line
-# numbers and paths must not depend on which one a machine has.
-PARSERS = ["default", "pure-python"]
-
-
-@pytest.fixture(params=PARSERS)
-def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "pure-python":
-        monkeypatch.setattr(document, "_Loader", document._PureLoader)
-    return str(request.param)
-
-
 @pytest.mark.parametrize("path", INVALID, ids=[f.name.removesuffix(".policy.yaml")
                                                for f in INVALID])
 def test_invalid_fixture_reports_exactly_its_problems(path: Path, parser: str) -> None:
@@ -280,37 +280,37 @@ def test_policy_of_exactly_the_limit_is_accepted() -> None:
     assert parse_policy(data).name == "shop"
 
 
-def test_non_utf8_bytes_are_reported_with_their_line() -> None:
+def test_non_utf8_bytes_are_reported_with_their_line(parser: str) -> None:
     data = MINIMAL.encode().replace(b"name: backend", b"name: back\xffend")
     (problem,) = problems_of(data)
     assert (problem.line, problem.path) == (4, "(document)")
     assert "UTF-8" in problem.message
 
 
-def test_control_characters_are_reported_with_their_line() -> None:
+def test_control_characters_are_reported_with_their_line(parser: str) -> None:
     (problem,) = problems_of(MINIMAL.replace("version", "ver\x00sion"))
     assert (problem.line, problem.path) == (2, "(document)")
     assert "U+0000" in problem.message
 
 
-def test_a_utf8_byte_order_mark_is_accepted() -> None:
+def test_a_utf8_byte_order_mark_is_accepted(parser: str) -> None:
     assert parse_policy(b"\xef\xbb\xbf" + MINIMAL.encode()).name == "shop"
 
 
-def test_empty_input_is_one_problem() -> None:
+def test_empty_input_is_one_problem(parser: str) -> None:
     for data in (b"", b"\n\n", b"---\n", b"# just a comment\n"):
         (problem,) = problems_of(data)
         assert (problem.line, problem.path) == (1, "(document)")
         assert "empty" in problem.message
 
 
-def test_deep_nesting_is_refused_quickly() -> None:
+def test_deep_nesting_is_refused_quickly(parser: str) -> None:
     (problem,) = problems_of(b"name: " + b"[" * 50_000 + b"]" * 50_000)
     # libyaml has a flow-nesting limit of its own; either refusal will do.
     assert problem.path == "(document)" and "nest" in problem.message
 
 
-def test_billion_laughs_is_refused_without_expanding() -> None:
+def test_billion_laughs_is_refused_without_expanding(parser: str) -> None:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for i in range(1, 10):
         refs = ", ".join([f"*a{i - 1}"] * 9)
