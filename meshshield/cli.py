@@ -357,6 +357,41 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from meshshield.sidecar.config import ConfigError, build_config, load_config_file
+    from meshshield.sidecar.main import run_sidecar
+
+    flags = {
+        "cas": args.cas, "cas_bundle": args.cas_bundle, "session": args.session,
+        "service": args.service, "platform": args.platform, "workload": args.workload,
+        "sim_key": args.sim_key, "inbound": args.inbound, "outbound": args.outbound,
+        "admin_listen": args.admin_listen, "health_listen": args.health_listen,
+        "max_connections": args.max_connections, "handshake_timeout": args.handshake_timeout,
+        "drain_timeout": args.drain_timeout,
+    }
+    try:
+        values = load_config_file(Path(args.config)) if args.config else {}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        config = build_config(values)
+        if not config.cas_bundle.is_file():
+            raise ConfigError(f"--cas-bundle {config.cas_bundle}: no such file")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        return asyncio.run(run_sidecar(config))
+    except OSError as e:
+        _err(f"sidecar {config.session}/{config.service}: {e.strerror or e}")
+        return 1
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -465,6 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webhook", help="sidecar-injecting admission webhook; `webhook certs`")
     add_webhook_arguments(p)
     p.set_defaults(func=webhook_command)
+
+    p = sub.add_parser("sidecar", help="run the attested mTLS proxy beside a service")
+    p.add_argument("--config", metavar="FILE", help="YAML with the same settings as the flags")
+    p.add_argument("--cas")
+    p.add_argument("--cas-bundle")
+    p.add_argument("--session")
+    p.add_argument("--service")
+    p.add_argument("--platform", choices=["sim", "sev-snp", "tdx", "sgx"])
+    p.add_argument("--workload", action="append", metavar="PATH")
+    p.add_argument("--sim-key", metavar="FILE")
+    p.add_argument("--inbound", action="append", metavar="LISTEN=FORWARD")
+    p.add_argument("--outbound", action="append", metavar="LISTEN=SERVICE@HOST:PORT")
+    p.add_argument("--admin-listen", metavar="HOST:PORT", help="default 127.0.0.1:15000")
+    p.add_argument("--health-listen", metavar="HOST:PORT", help="/ready and /live only")
+    p.add_argument("--max-connections", type=int)
+    p.add_argument("--handshake-timeout", metavar="DURATION")
+    p.add_argument("--drain-timeout", metavar="DURATION")
+    p.set_defaults(func=cmd_sidecar)
 
     p = sub.add_parser("demo", help="see meshshield work on loopback (sim attestation)")
     p.set_defaults(func=cmd_demo)

@@ -270,3 +270,101 @@ services:
 
 def env_without_proxies() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+@dataclass
+class SidecarProcess:
+    """A `meshshield sidecar` subprocess; listeners on port 0, bound ports parsed."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    lines: list[str]
+    log_path: Path
+    admin: str = ""
+    bound: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls, cas: CasProcess, session: str, service: str, *,
+        inbound: list[str] = (), outbound: list[str] = (),  # type: ignore[assignment]
+        workload: Path | None = None, extra: tuple[str, ...] = (), wait_ready: bool = True,
+    ) -> SidecarProcess:
+        args = [*MESHSHIELD, "sidecar", "--cas", cas.url, "--cas-bundle", str(cas.bundle),
+                "--session", session, "--service", service, "--platform", "sim",
+                "--workload", str(workload or cas.workload),
+                "--sim-key", str(cas.sim_dir / "sim-platform.key"),
+                "--admin-listen", "127.0.0.1:0", *extra]
+        for i in inbound:
+            args += ["--inbound", i]
+        for o in outbound:
+            args += ["--outbound", o]
+        log_path = cas.root / f"sidecar-{service}-{time.monotonic_ns()}.log"
+        err = log_path.open("w")
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+        err.close()
+        lines: list[str] = []
+
+        def reader() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+
+        threading.Thread(target=reader, daemon=True).start()
+        sc = cls(service, proc, lines, log_path)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if any(x.startswith("admin http://") for x in lines):
+                sc.admin = next(x.split()[1] for x in lines if x.startswith("admin http://"))
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {proc.returncode}: {log_path.read_text()}")
+            time.sleep(0.02)
+        if wait_ready:
+            sc.wait_ready()
+        return sc
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "ready" in self.lines:
+                for x in self.lines:
+                    if " listening " in x:
+                        route, _, addr = x.partition(" listening ")
+                        self.bound[route] = addr
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited: {self.log_path.read_text()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"sidecar not ready: {self.log_path.read_text()}")
+
+    def port(self, route_prefix: str) -> int:
+        """Bound port of the first route whose name starts with e.g. 'inbound'."""
+        addr = next(v for k, v in self.bound.items() if k.startswith(route_prefix))
+        return int(addr.rsplit(":", 1)[1])
+
+    def get(self, path: str) -> HttpResult:
+        try:
+            with urllib.request.urlopen(self.admin + path, timeout=10) as r:
+                return HttpResult(r.status, dict(r.headers.items()), r.read())
+        except urllib.error.HTTPError as e:
+            return HttpResult(e.code, dict(e.headers.items()), e.read())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=5)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,117 @@
+"""The sidecar's admin API (loopback by default) and its kubelet health listener."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from meshshield.clock import rfc3339
+from meshshield.sidecar.caslink import CasLink
+from meshshield.sidecar.identity import Identity
+from meshshield.sidecar.proxy import Proxy, SidecarMetrics
+from meshshield.sidecar.registry import ConnectionRegistry, rfc3339_from
+
+
+class SidecarState:
+    """What the admin API reads; one per sidecar process."""
+
+    def __init__(self, identity: Identity, registry: ConnectionRegistry, proxy: Proxy,
+                 link: CasLink, metrics: SidecarMetrics) -> None:
+        self.identity = identity
+        self.registry = registry
+        self.proxy = proxy
+        self.link = link
+        self.metrics = metrics
+        self.listening = False
+        self.draining = False
+        self.started = time.time()
+
+    @property
+    def ready(self) -> bool:
+        return self.identity.ready and self.listening and not self.draining
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.identity.config
+        held = self.identity.held
+        view = self.identity.view
+        return {
+            "session": cfg.session,
+            "service": cfg.service,
+            "platform": cfg.platform,
+            "ready": self.ready,
+            "draining": self.draining,
+            "identity": None if held is None else {
+                "spiffe_id": held.spiffe_id,
+                "serial": held.serial,
+                "not_after": rfc3339(held.not_after),
+                "renew_at": None if self.identity.renew_at is None
+                else rfc3339_from(self.identity.renew_at),
+                "claims": held.claims,
+                "simulated": bool(held.claims.get("simulated")),
+            },
+            "attestations": self.identity.renewals,
+            "last_attest_error": self.identity.last_error,
+            "cas": {
+                "url": cfg.cas,
+                "reachable": self.link.connected,
+                "last_error": self.link.last_error,
+                "last_event_at": None if self.link.last_event_at is None
+                else rfc3339_from(self.link.last_event_at),
+                "reconnects": self.link.reconnects,
+            },
+            "epoch": None if view is None else view.epoch,
+            "policy_hash": None if view is None else view.policy_hash,
+            "listeners": [
+                {"route": name, "bound": bound} for name, bound in self.proxy.bound.items()
+            ],
+            "connections": len(self.registry.live),
+            "uptime_seconds": round(time.time() - self.started, 1),
+        }
+
+
+STATE = web.AppKey("state", SidecarState)
+
+
+async def ready(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    if st.ready:
+        return web.json_response({"ready": True})
+    why = ("draining" if st.draining else "no certificate yet" if not st.identity.ready
+           else "listeners not up")
+    return web.json_response({"ready": False, "reason": why}, status=503)
+
+
+async def live(_request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].status())
+
+
+async def connections(request: web.Request) -> web.Response:
+    refused = request.query.get("refused", "") in ("1", "true", "yes")
+    return web.json_response(request.app[STATE].registry.snapshot(refused=refused))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    st.metrics.cas_reachable.set(1 if st.link.connected else 0)
+    if st.identity.held is not None:
+        st.metrics.cert_expiry.set(st.identity.held.not_after.timestamp())
+    return web.Response(body=generate_latest(st.metrics.registry), content_type="text/plain")
+
+
+def create_admin_app(state: SidecarState, *, health_only: bool = False) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app[STATE] = state
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/live", live)
+    if not health_only:
+        app.router.add_get("/status", status)
+        app.router.add_get("/connections", connections)
+        app.router.add_get("/metrics", metrics)
+    return app

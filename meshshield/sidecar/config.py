@@ -1,0 +1,195 @@
+"""Sidecar configuration: SPEC §7 flags, or the same keys in a `--config` YAML file."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshshield.clock import parse_duration
+
+NAME = re.compile(r"^[a-z0-9-]{1,63}$")
+
+
+class ConfigError(ValueError):
+    """A sidecar setting is unusable; the message names it and the expected form."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class InboundRoute:
+    listen: Endpoint
+    forward: Endpoint
+
+
+@dataclass(frozen=True)
+class OutboundRoute:
+    listen: Endpoint
+    session: str | None  # None: the sidecar's own session
+    service: str
+    target: Endpoint
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    cas: str
+    cas_bundle: Path
+    session: str
+    service: str
+    platform: str
+    workload: tuple[str, ...] = ()
+    sim_key: Path | None = None
+    inbound: tuple[InboundRoute, ...] = ()
+    outbound: tuple[OutboundRoute, ...] = ()
+    admin_listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 15000))
+    health_listen: Endpoint | None = None
+    max_connections: int = 4096
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    drain_timeout: float = 10.0
+    report_interval: float = 10.0
+
+
+def parse_endpoint(text: str, what: str) -> Endpoint:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:15006")
+    return Endpoint(host, int(port))
+
+
+def parse_inbound(text: str) -> InboundRoute:
+    listen, sep, forward = text.partition("=")
+    if not sep:
+        raise ConfigError(
+            f"--inbound {text!r}: expected LISTEN=FORWARD, e.g. 0.0.0.0:15006=127.0.0.1:8080"
+        )
+    return InboundRoute(parse_endpoint(listen, "--inbound listen"),
+                        parse_endpoint(forward, "--inbound forward"))
+
+
+def parse_outbound(text: str) -> OutboundRoute:
+    listen, sep, rest = text.partition("=")
+    service, at, target = rest.rpartition("@") if sep else ("", "", "")
+    if not sep or not at or not service:
+        raise ConfigError(
+            f"--outbound {text!r}: expected LISTEN=SERVICE@HOST:PORT, e.g. "
+            "127.0.0.1:15001=payments@payments.shop.svc:15006"
+        )
+    session, slash, svc = service.rpartition("/")
+    if (slash and not NAME.match(session)) or not NAME.match(svc):
+        raise ConfigError(
+            f"--outbound {text!r}: SERVICE must be `service` or `session/service` "
+            "(names of a-z, 0-9 and -)"
+        )
+    ep = parse_endpoint(listen, "--outbound listen")
+    try:
+        if not ipaddress.ip_address(ep.host).is_loopback:
+            raise ConfigError(
+                f"--outbound {text!r}: the listen address must be loopback (the app's "
+                "plaintext side never leaves the pod or host)"
+            )
+    except ValueError:
+        if ep.host != "localhost":
+            raise ConfigError(f"--outbound {text!r}: listen on a loopback IP address") from None
+    return OutboundRoute(ep, session if slash else None, svc,
+                         parse_endpoint(target, "--outbound target"))
+
+
+def _duration(v: Any, what: str) -> float:
+    try:
+        return parse_duration(str(v))
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+FILE_KEYS = {
+    "cas", "cas_bundle", "session", "service", "platform", "workload", "sim_key",
+    "inbound", "outbound", "admin_listen", "health_listen", "max_connections",
+    "handshake_timeout", "connect_timeout", "drain_timeout", "report_interval",
+}
+
+
+def build_config(values: Mapping[str, Any]) -> SidecarConfig:
+    """From flag values or a YAML mapping with the same (underscored) keys."""
+    unknown = sorted(set(values) - FILE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(FILE_KEYS)}")
+    for key in ("cas", "cas_bundle", "session", "service", "platform"):
+        if not values.get(key):
+            raise ConfigError(f"--{key.replace('_', '-')} is required")
+    if not str(values["cas"]).startswith("https://"):
+        raise ConfigError(f"--cas {values['cas']!r}: expected an https:// URL")
+    for key in ("session", "service"):
+        if not NAME.match(str(values[key])):
+            raise ConfigError(f"--{key} {values[key]!r}: expected 1-63 of a-z, 0-9 and -")
+    if values["platform"] not in ("sim", "sev-snp", "tdx", "sgx"):
+        raise ConfigError(f"--platform {values['platform']!r}: one of sim, sev-snp, tdx, sgx")
+
+    def _list(key: str) -> list[str]:
+        v = values.get(key) or []
+        if isinstance(v, str):
+            return [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{key}: expected a list of strings")
+        return v
+
+    inbound = tuple(parse_inbound(x) for x in _list("inbound"))
+    outbound = tuple(parse_outbound(x) for x in _list("outbound"))
+    if not inbound and not outbound:
+        raise ConfigError("give at least one --inbound or --outbound route")
+    listens = [str(r.listen) for r in inbound] + [str(r.listen) for r in outbound]
+    dup = {x for x in listens if listens.count(x) > 1}
+    if dup:
+        raise ConfigError(f"listen address used by two routes: {sorted(dup)}")
+    health = values.get("health_listen")
+    try:
+        max_conn = int(values.get("max_connections", 4096))
+    except (TypeError, ValueError):
+        raise ConfigError("max_connections: expected an integer") from None
+    if not 1 <= max_conn <= 1_000_000:
+        raise ConfigError("max_connections: expected 1..1000000")
+    return SidecarConfig(
+        cas=str(values["cas"]).rstrip("/"),
+        cas_bundle=Path(str(values["cas_bundle"])),
+        session=str(values["session"]),
+        service=str(values["service"]),
+        platform=str(values["platform"]),
+        workload=tuple(_list("workload")),
+        sim_key=Path(str(values["sim_key"])) if values.get("sim_key") else None,
+        inbound=inbound,
+        outbound=outbound,
+        admin_listen=parse_endpoint(str(values.get("admin_listen") or "127.0.0.1:15000"),
+                                    "--admin-listen"),
+        health_listen=parse_endpoint(str(health), "--health-listen") if health else None,
+        max_connections=max_conn,
+        handshake_timeout=_duration(values.get("handshake_timeout", "10s"), "handshake_timeout"),
+        connect_timeout=_duration(values.get("connect_timeout", "5s"), "connect_timeout"),
+        drain_timeout=_duration(values.get("drain_timeout", "10s"), "drain_timeout"),
+        report_interval=_duration(values.get("report_interval", "10s"), "report_interval"),
+    )
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in doc.items()}

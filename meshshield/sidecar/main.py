@@ -1,0 +1,98 @@
+"""Running a sidecar: attest, listen, follow the CAS, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import aiohttp
+from aiohttp import web
+
+from meshshield.sidecar.admin import SidecarState, create_admin_app
+from meshshield.sidecar.caslink import CasLink
+from meshshield.sidecar.config import Endpoint, SidecarConfig
+from meshshield.sidecar.identity import Identity
+from meshshield.sidecar.proxy import Proxy, SidecarMetrics
+from meshshield.sidecar.registry import ConnectionRegistry
+
+log = logging.getLogger("meshshield.sidecar")
+
+
+async def _site(app: web.Application, ep: Endpoint) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, ep.host, ep.port)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None)  # noqa: SLF001 - bound port for :0
+    port = sockets[0].getsockname()[1] if sockets else ep.port
+    return runner, str(Endpoint(ep.host, port))
+
+
+async def run_sidecar(config: SidecarConfig) -> int:
+    identity = Identity(config)
+    metrics = SidecarMetrics()
+    registry = ConnectionRegistry()
+    proxy = Proxy(config, identity, registry, metrics)
+    link = CasLink(identity, registry)
+    state = SidecarState(identity, registry, proxy, link, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    runners = []
+    runner, admin_at = await _site(create_admin_app(state), config.admin_listen)
+    runners.append(runner)
+    print(f"admin http://{admin_at}", flush=True)
+    if config.health_listen is not None:
+        runner, health_at = await _site(create_admin_app(state, health_only=True),
+                                        config.health_listen)
+        runners.append(runner)
+        print(f"health http://{health_at}", flush=True)
+
+    connector = aiohttp.TCPConnector(limit=8)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as http:
+        renewals = asyncio.ensure_future(identity.run_renewals(http, stop))
+        # Fail closed: no listener exists until a certificate is held.
+        while not identity.ready and not stop.is_set():
+            await asyncio.sleep(0.05)
+        tasks = [renewals]
+        mesh_http: aiohttp.ClientSession | None = None
+        if identity.ready:
+            await proxy.start()
+            state.listening = True
+            for name, bound in proxy.bound.items():
+                print(f"{name} listening {bound}", flush=True)
+            print("ready", flush=True)
+            # Its own connections: a pooled one from before the certificate was held
+            # would carry no client certificate, and the CAS requires one here.
+            mesh_http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+            tasks.append(asyncio.ensure_future(link.follow(mesh_http, stop)))
+            tasks.append(asyncio.ensure_future(link.report(mesh_http, stop)))
+        await stop.wait()
+        log.info("%s/%s: stopping: no new connections, draining %d for up to %.0f s",
+                 config.session, config.service, len(registry.live), config.drain_timeout)
+        state.draining = True
+        proxy.stop_accepting()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.drain_timeout):
+                while proxy.handlers:
+                    await asyncio.wait(set(proxy.handlers))
+        for t in list(proxy.handlers) + tasks:
+            t.cancel()
+        for t in list(proxy.handlers) + tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if mesh_http is not None:
+            await mesh_http.close()
+    for r in runners:
+        await r.cleanup()
+    print("stopped", flush=True)
+    return 0

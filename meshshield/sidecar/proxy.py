@@ -1,0 +1,326 @@
+"""Listeners and the byte pump.
+
+Inbound: mutual TLS in from a peer sidecar, plaintext out to the app.
+Outbound: plaintext in from the app, mutual TLS out to the peer's sidecar.
+The peer check runs after the handshake and before the first byte is read from either
+side; a refused peer gets a TCP reset and a line in the refusal list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from meshshield.errors import MeshError, Reason
+from meshshield.sidecar.config import Endpoint, InboundRoute, OutboundRoute, SidecarConfig
+from meshshield.sidecar.identity import Identity
+from meshshield.sidecar.peercheck import check_peer
+from meshshield.sidecar.registry import Connection, ConnectionRegistry
+from meshshield.sidecar.streams import CHUNK, PlainStream, TlsStream
+
+log = logging.getLogger("meshshield.sidecar")
+
+
+class SidecarMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.accepted = Counter("meshshield_sidecar_connections_total",
+                                "Connections admitted after the peer check", ["direction"],
+                                registry=self.registry)
+        self.refused = Counter("meshshield_sidecar_refusals_total",
+                               "Connections refused, by reason code", ["direction", "reason"],
+                               registry=self.registry)
+        self.active = Gauge("meshshield_sidecar_active_connections", "Live connections",
+                            ["direction"], registry=self.registry)
+        self.bytes = Counter("meshshield_sidecar_bytes_total", "Bytes carried",
+                             ["direction", "way"], registry=self.registry)
+        self.cas_reachable = Gauge("meshshield_sidecar_cas_reachable",
+                                   "1 when the CAS event stream is connected",
+                                   registry=self.registry)
+        self.cert_expiry = Gauge("meshshield_sidecar_certificate_expiry_seconds",
+                                 "Unix time the held certificate expires",
+                                 registry=self.registry)
+
+
+def _handshake_reason(e: BaseException) -> MeshError:
+    text = str(e)
+    if "certificate required" in text or "did not return a certificate" in text or (
+        "PEER_DID_NOT_RETURN" in text
+    ):
+        return MeshError(Reason.CERTIFICATE_MISSING,
+                         "peer presented no client certificate; only mesh sidecars may connect")
+    if "certificate verify failed" in text or "unknown ca" in text.lower():
+        return MeshError(Reason.TLS_HANDSHAKE_FAILED,
+                         f"peer certificate does not chain to the mesh trust bundle ({text})")
+    if isinstance(e, TimeoutError):
+        return MeshError(Reason.TLS_HANDSHAKE_FAILED, "TLS handshake timed out")
+    return MeshError(Reason.TLS_HANDSHAKE_FAILED,
+                     f"TLS handshake failed: {text or type(e).__name__}")
+
+
+async def pump_both(a: PlainStream, b: PlainStream, conn: Connection | None,
+                    metrics: SidecarMetrics, direction: str) -> None:
+    """Copy a→b and b→a until both sides have sent EOF; half-close passes through."""
+
+    async def copy(src: PlainStream, dst: PlainStream, way: str) -> None:
+        counter = metrics.bytes.labels(direction, way)
+        while True:
+            data = await src.read(CHUNK)
+            if not data:
+                await dst.write_eof()
+                return
+            n = len(data)
+            if conn is not None:
+                if way == "in":
+                    conn.bytes_in += n
+                else:
+                    conn.bytes_out += n
+            counter.inc(n)
+            await dst.write(data)
+
+    t1 = asyncio.ensure_future(copy(a, b, "in"))
+    t2 = asyncio.ensure_future(copy(b, a, "out"))
+    try:
+        done, pending = await asyncio.wait({t1, t2}, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            t.result()
+        if pending:
+            await asyncio.gather(*pending)
+    finally:
+        for t in (t1, t2):
+            t.cancel()
+        for t in (t1, t2):
+            with contextlib.suppress(BaseException):
+                await t
+
+
+class Proxy:
+    def __init__(self, config: SidecarConfig, identity: Identity, registry: ConnectionRegistry,
+                 metrics: SidecarMetrics) -> None:
+        self.config = config
+        self.identity = identity
+        self.registry = registry
+        self.metrics = metrics
+        self.listeners: list[socket.socket] = []
+        self.accept_tasks: list[asyncio.Task[None]] = []
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.active = 0
+        self.bound: dict[str, str] = {}
+
+    # -- listening -------------------------------------------------------------------
+    def _listen(self, ep: Endpoint) -> socket.socket:
+        family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ep.host, ep.port))
+        s.listen(1024)
+        s.setblocking(False)
+        self.listeners.append(s)
+        return s
+
+    async def start(self) -> None:
+        for r in self.config.inbound:
+            s = self._listen(r.listen)
+            self.bound[f"inbound {r.listen}"] = _name(s)
+            self._accept(s, functools.partial(self.inbound, route=r))
+        for o in self.config.outbound:
+            s = self._listen(o.listen)
+            self.bound[f"outbound {o.listen}"] = _name(s)
+            self._accept(s, functools.partial(self.outbound, route=o))
+
+    def _accept(self, s: socket.socket,
+                handler: Callable[[socket.socket, str], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def loop_accept() -> None:
+            while True:
+                try:
+                    conn, addr = await loop.sock_accept(s)
+                except OSError as e:
+                    if s.fileno() < 0:
+                        return
+                    log.warning("accept failed: %s", e)
+                    await asyncio.sleep(0.05)
+                    continue
+                peer = f"{addr[0]}:{addr[1]}"
+                if self.active >= self.config.max_connections:
+                    self.metrics.refused.labels("any", "over_capacity").inc()
+                    PlainStream(conn).abort()
+                    continue
+                task = asyncio.ensure_future(self._run(handler, conn, peer))
+                self.handlers.add(task)
+                task.add_done_callback(self.handlers.discard)
+
+        self.accept_tasks.append(asyncio.ensure_future(loop_accept()))
+
+    async def _run(self, handler: Callable[[socket.socket, str], Awaitable[None]],
+                   conn: socket.socket, peer: str) -> None:
+        self.active += 1
+        try:
+            await handler(conn, peer)
+        except asyncio.CancelledError:
+            pass
+        except (OSError, ssl.SSLError) as e:
+            log.debug("connection from %s ended: %s", peer, e)
+        except Exception:  # noqa: BLE001 - one connection must not take the proxy down
+            log.exception("connection from %s failed", peer)
+        finally:
+            self.active -= 1
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def stop_accepting(self) -> None:
+        for t in self.accept_tasks:
+            t.cancel()
+        for s in self.listeners:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    # -- connections -----------------------------------------------------------------
+    def _refuse(self, direction: str, local: str, peer: str, err: MeshError,
+                spiffe: str | None = None) -> None:
+        self.metrics.refused.labels(direction, err.reason.value).inc()
+        self.registry.refuse(direction, local, peer, err, spiffe)
+        log.info("%s/%s: refused %s %s: %s: %s", self.config.session, self.config.service,
+                 direction, spiffe or peer, err.reason.value, err.message)
+
+    async def _connect(self, ep: Endpoint) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+        last: OSError | None = None
+        for family, stype, proto, _c, addr in infos:
+            s = socket.socket(family, stype, proto)
+            s.setblocking(False)
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    await loop.sock_connect(s, addr)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return s
+            except (OSError, TimeoutError) as e:
+                s.close()
+                last = e if isinstance(e, OSError) else OSError(f"connect to {ep} timed out")
+        raise last or OSError(f"cannot resolve {ep}")
+
+    async def _serve(self, conn: Connection, a: PlainStream, b: PlainStream) -> None:
+        conn.task = asyncio.current_task()
+        self.registry.add(conn)
+        self.metrics.accepted.labels(conn.direction).inc()
+        gauge = self.metrics.active.labels(conn.direction)
+        gauge.inc()
+        try:
+            await pump_both(a, b, conn, self.metrics, conn.direction)
+        finally:
+            gauge.dec()
+            self.registry.remove(conn)
+            if conn.closed_reason:
+                a.abort()
+                b.abort()
+            else:
+                a.close()
+                b.close()
+
+    async def inbound(self, sock: socket.socket, peer: str, route: InboundRoute) -> None:
+        local = str(route.listen)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = TlsStream(sock, self.identity.server_ctx, server_side=True)
+        view = self.identity.view
+        if view is None or not self.identity.ready:
+            tls.abort()
+            return
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await tls.handshake()
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            self._refuse("inbound", local, peer, _handshake_reason(e))
+            tls.abort()
+            return
+        cert = _peer_cert(tls)
+        try:
+            info = check_peer(cert, self.identity.view or view,
+                              local_service=self.config.service, direction="inbound")
+        except MeshError as e:
+            self._refuse("inbound", local, peer, e, _spiffe(cert))
+            tls.abort()
+            return
+        try:
+            app = PlainStream(await self._connect(route.forward))
+        except OSError as e:
+            log.warning("%s/%s: app at %s unreachable: %s", self.config.session,
+                        self.config.service, route.forward, e)
+            tls.abort()
+            return
+        assert cert is not None
+        conn = Connection(self.registry.next_id(), "inbound", local, peer, info, cert,
+                          tls.version(), tls.cipher(), time.time())
+        await self._serve(conn, tls, app)
+
+    async def outbound(self, sock: socket.socket, peer: str, route: OutboundRoute) -> None:
+        local = str(route.listen)
+        app = PlainStream(sock)
+        if not self.identity.ready:
+            self._refuse("outbound", local, peer, MeshError(
+                Reason.CERTIFICATE_MISSING, "this sidecar holds no certificate yet"))
+            app.abort()
+            return
+        expected = (route.session or self.config.session, route.service)
+        try:
+            raw = await self._connect(route.target)
+        except OSError as e:
+            self._refuse("outbound", local, str(route.target), MeshError(
+                Reason.TLS_HANDSHAKE_FAILED, f"cannot connect to {route.target}: {e}"))
+            app.abort()
+            return
+        tls = TlsStream(raw, self.identity.client_ctx, server_side=False,
+                        server_hostname=route.target.host)
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await tls.handshake()
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            self._refuse("outbound", local, str(route.target), _handshake_reason(e))
+            tls.abort()
+            app.abort()
+            return
+        cert = _peer_cert(tls)
+        try:
+            assert self.identity.view is not None
+            info = check_peer(cert, self.identity.view, local_service=self.config.service,
+                              direction="outbound", expected=expected)
+        except MeshError as e:
+            self._refuse("outbound", local, str(route.target), e, _spiffe(cert))
+            tls.abort()
+            app.abort()
+            return
+        assert cert is not None
+        conn = Connection(self.registry.next_id(), "outbound", local, str(route.target), info,
+                          cert, tls.version(), tls.cipher(), time.time(), expected=expected)
+        await self._serve(conn, tls, app)
+
+
+def _name(s: socket.socket) -> str:
+    host, port = s.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_cert(tls: TlsStream) -> x509.Certificate | None:
+    der = tls.peer_certificate_der()
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def _spiffe(cert: x509.Certificate | None) -> str | None:
+    if cert is None:
+        return None
+    from meshshield.pki.spiffe import spiffe_id_of
+
+    try:
+        return spiffe_id_of(cert)
+    except ValueError:
+        return None
