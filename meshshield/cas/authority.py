@@ -81,7 +81,8 @@ def _field_str(body: Mapping[str, Any], name: str, limit: int = MAX_FIELD) -> st
         found = "nothing" if v is None else f"a JSON {type(v).__name__}"
         raise _bad(f'"{name}" must be a string, found {found}')
     if len(v) > limit:
-        raise MeshError(Reason.BODY_TOO_LARGE, f'"{name}" is {len(v)} characters, at most {limit}')
+        reason = Reason.BODY_TOO_LARGE if limit >= MAX_FIELD else Reason.BAD_REQUEST
+        raise MeshError(reason, f'"{name}" is {len(v)} characters, at most {limit}')
     return v
 
 
@@ -176,7 +177,28 @@ class Authority:
 
     # -- sessions -------------------------------------------------------------------
     def _parse(self, body: bytes, label: str) -> Policy:
-        return parse_policy(body, label, cas_dns=self.config.dns)
+        pol = parse_policy(body, label, cas_dns=self.config.dns)
+        self._check_dns_unclaimed(pol)
+        return pol
+
+    def _check_dns_unclaimed(self, pol: Policy) -> None:
+        """A DNS SAN belongs to one session: another session's service could otherwise
+        get a certificate that clients verifying by host name accept for this one."""
+        owners = {
+            name: f"{s.policy.name}/{svc.name}"
+            for s in self._sessions.values() if s.policy.name != pol.name
+            for svc in s.policy.services for name in svc.dns
+        }
+        clashes = [
+            f"services[{i}].dns: {name!r} already belongs to {owners[name]}"
+            for i, svc in enumerate(pol.services) for name in svc.dns if name in owners
+        ]
+        if clashes:
+            raise PolicyError(
+                Reason.POLICY_INVALID,
+                "DNS names are claimed by another session: " + "; ".join(clashes)
+                + "; choose names of your own",
+            )
 
     def create_session(self, who: str, body: bytes) -> SessionRecord:
         self.require_admin(who, "create sessions")

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from meshshield.cas.authority import Authority, CasConfig
 from meshshield.cas.http import create_app
 from meshshield.cas.sqlite_store import SqliteStore
+from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert
 from meshshield.pki.keys import generate_p256
 from meshshield.pki.spiffe import cas_spiffe_id
@@ -125,7 +126,7 @@ class CasServer:
 async def serve(config: CasConfig, host: str, port: int) -> None:
     server = CasServer(config)
     print(f"ca-fingerprint sha256:{server.ca_fingerprint}", flush=True)
-    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+    runner = json_error_runner(server.app())
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=server.ssl, backlog=1024)
     await site.start()

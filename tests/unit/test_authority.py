@@ -157,3 +157,17 @@ def test_access_policy_names_readers(world: tuple[Authority, FixedClock, Path]) 
         a.read_session(other, "shop")
     assert e.value.reason is Reason.FORBIDDEN
     assert a.read_session(ADMIN, "shop").name == "shop"
+
+
+def test_a_dns_name_belongs_to_one_session(world: tuple[Authority, FixedClock, Path]) -> None:
+    a, _clock, _root = world
+    first = a.read_session(ADMIN, "shop").policy.decode()
+    taken = first.replace("name: shop", "name: other").replace(
+        "allow_from: [web]", "allow_from: [web]\n    dns: [api.shop.example]")
+    a.create_session(ADMIN, taken.encode())
+    thief = first.replace("name: shop", "name: thief").replace(
+        "allow_from: [web]", "allow_from: [web]\n    dns: [api.shop.example]")
+    with pytest.raises(MeshError) as e:
+        a.create_session(ADMIN, thief.encode())
+    assert e.value.reason is Reason.POLICY_INVALID
+    assert "other/api" in e.value.message
