@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.attestation.dcap import EnclaveReport
-from meshshield.attestation.pck import check_readable, verify_p256
+from meshshield.attestation.pck import PARSE_ERRORS, check_readable, verify_p256
 from meshshield.errors import EvidenceError, Reason
 
 _MAX_FILE = 4 << 20
@@ -54,7 +53,7 @@ class SignedDoc:
     def signed_by(self, cert: x509.Certificate) -> bool:
         try:
             key = cert.public_key()
-        except (ValueError, UnsupportedAlgorithm):
+        except PARSE_ERRORS:
             return False
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
             return False
@@ -72,7 +71,7 @@ class CollateralCrl:
             if not isinstance(key, ec.EllipticCurvePublicKey):
                 return False
             return self.crl.is_signature_valid(key)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
+        except PARSE_ERRORS:
             return False
 
 
@@ -437,13 +436,13 @@ def load_files(
             elif data[:1] == b"\x30":
                 try:
                     crls.append(_crl(source, x509.load_der_x509_crl(data)))
-                except ValueError:
+                except PARSE_ERRORS:
                     cert = x509.load_der_x509_certificate(data)
                     check_readable(cert)
                     certs.append(cert)
             else:
                 raise ValueError("not JSON, PEM or DER")
-        except ValueError as e:
+        except PARSE_ERRORS as e:
             raise _bad(
                 source,
                 f"not a TCB info / enclave identity JSON, PEM certificates or a CRL ({e})",

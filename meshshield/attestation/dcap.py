@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.attestation.pck import (
+    PARSE_ERRORS,
     PckChain,
     cert_label,
     check_readable,
@@ -318,7 +318,7 @@ def _parse_pem_chain(pem: bytes) -> tuple[x509.Certificate, ...]:
         certs = x509.load_pem_x509_certificates(text)
         for cert in certs:
             check_readable(cert)
-    except ValueError as e:
+    except PARSE_ERRORS as e:
         raise _malformed(f"PCK certificate chain is not valid PEM certificates: {e}") from None
     return tuple(certs)
 
@@ -342,7 +342,7 @@ def verify_quote_signatures(
 
     try:
         pck_key = chain.leaf.public_key()
-    except (ValueError, UnsupportedAlgorithm):
+    except PARSE_ERRORS:
         pck_key = None
     if not isinstance(pck_key, ec.EllipticCurvePublicKey) or not isinstance(
         pck_key.curve, ec.SECP256R1

@@ -50,8 +50,13 @@ SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
 _TAG_INTEGER, _TAG_OCTETS, _TAG_OID, _TAG_ENUM, _TAG_SEQ = 0x02, 0x04, 0x06, 0x0A, 0x30
 
 
+# What `cryptography` raises for malformed certificates and CRLs, at load or when a
+# lazily parsed field is first read.
+PARSE_ERRORS = (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm)
+
+
 def check_readable(cert: x509.Certificate) -> None:
-    """Parse now the fields `cryptography` reads lazily; ValueError if one is malformed."""
+    """Parse now the fields `cryptography` reads lazily; one of PARSE_ERRORS if malformed."""
     _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
     _ = cert.serial_number, len(cert.extensions)
 
@@ -106,7 +111,7 @@ def check_validity(cert: x509.Certificate, at: datetime, role: str) -> None:
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+    except (*PARSE_ERRORS, InvalidSignature):
         return False
     return True
 
@@ -123,7 +128,7 @@ def find_anchor(
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, *PARSE_ERRORS):
         return False
     return bc.ca
 
@@ -281,7 +286,7 @@ def pck_tcb(cert: x509.Certificate) -> PckTcb:
         ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(SGX_EXTENSIONS_OID))
     except x509.ExtensionNotFound:
         raise _bad(f"the certificate has no extension {SGX_EXTENSIONS_OID}") from None
-    except ValueError as e:
+    except PARSE_ERRORS as e:
         raise _bad(f"cannot read the certificate's extensions: {e}") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):

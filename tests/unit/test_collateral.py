@@ -454,3 +454,15 @@ def test_level_matching_on_real_tdx15_tcb_info(
     assert skip and module_status == module
     level = _platform_level(info, tcb, td.tee_tcb_svn, skip)
     assert (level.status if level else None) == platform
+
+
+def test_a_crl_whose_issuer_name_cryptography_rejects_late(tmp_path: Path) -> None:
+    # Found by the property tests: a name attribute re-tagged as BIT STRING makes
+    # `cryptography` raise TypeError when the issuer is first read.
+    der = bytearray(synth.crl(synth.CA_CN, "ca", [1]))
+    at = der.index(b"\x0c\x19" + synth.CA_CN.encode())
+    der[at] = 0x03
+    (tmp_path / "crl.der").write_bytes(bytes(der))
+    with pytest.raises(EvidenceError) as info:
+        load_collateral(tmp_path)
+    assert info.value.reason is Reason.EVIDENCE_MALFORMED and "crl.der" in info.value.message

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import dcap_synth as synth
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from vectors import vector
 
 from meshshield.attestation import dcap
@@ -341,3 +342,17 @@ def test_unknown_version_key_type_and_vendor_are_malformed() -> None:
         quote[offset] = value
         err = refused(bytes(quote), Reason.EVIDENCE_MALFORMED)
         assert needle in err.message
+
+
+def test_certificates_cryptography_rejects_late_are_malformed() -> None:
+    # Found by the property tests: X.509 version 2 raises InvalidVersion, not ValueError.
+    der = bytearray(synth.pck_leaf().public_bytes(Encoding.DER))
+    at = der.index(bytes.fromhex("a003020102"))  # [0] { INTEGER 2 } = v3
+    der[at + 4] = 0x01
+    leaf_pem = (
+        b"-----BEGIN CERTIFICATE-----\n"
+        + base64.encodebytes(bytes(der))
+        + b"-----END CERTIFICATE-----\n"
+    )
+    chain = leaf_pem + synth.pem(synth.CA, synth.ROOT)
+    synth_refused(synth.QuoteSpec(chain=chain), Reason.EVIDENCE_MALFORMED, "not valid PEM")
