@@ -58,6 +58,8 @@ def _client(args: argparse.Namespace, admin: bool = True) -> Any:
     from meshshield.adminauth import load_admin_key
     from meshshield.casclient import CasClient
 
+    if not args.cas_bundle:
+        raise UsageError("this command needs --cas-bundle PEM (the CAS's bundle.pem)")
     key = None
     if admin:
         if not args.admin_key:
@@ -392,6 +394,34 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+    import urllib.error
+
+    from meshshield import status
+
+    if bool(args.sidecar) == bool(args.cas):
+        raise UsageError("give either --sidecar URL or --cas URL (with --cas-bundle, --admin-key)")
+    rounds = 0
+    while True:
+        try:
+            if args.sidecar:
+                doc, text = status.render_sidecar(args.sidecar.rstrip("/"))
+            else:
+                doc = _client(args).request("GET", "/v1/edges", sign=True).json()
+                text = status.table(status.EDGE_HEADERS, status.edge_rows(doc))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            _err(f"cannot read {args.sidecar or args.cas}: {status.fetch_error(e)}")
+            return 1
+        if args.watch:
+            print("\x1b[2J\x1b[H", end="")
+        print(json.dumps(doc, indent=2, sort_keys=True) if args.json else text, flush=True)
+        rounds += 1
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -518,6 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handshake-timeout", metavar="DURATION")
     p.add_argument("--drain-timeout", metavar="DURATION")
     p.set_defaults(func=cmd_sidecar)
+
+    p = sub.add_parser("status", help="a sidecar's live connections, or the mesh's edges")
+    p.add_argument("--sidecar", metavar="URL", help="the sidecar's admin URL")
+    p.add_argument("--cas", metavar="URL")
+    p.add_argument("--cas-bundle")
+    p.add_argument("--admin-key")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="see meshshield work on loopback (sim attestation)")
     p.set_defaults(func=cmd_demo)

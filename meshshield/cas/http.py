@@ -13,6 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from meshshield.adminauth import ReplayGuard, verify_request
 from meshshield.cas.authority import Authority
+from meshshield.cas.edges import fold_edges
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import serial_hex
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
@@ -31,6 +33,7 @@ log = logging.getLogger("meshshield.cas")
 MAX_BODY = 1024 * 1024
 MAX_REPORT_CONNECTIONS = 10_000
 HEARTBEAT_SECONDS = 15.0
+REPORT_MAX_AGE = 120.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -382,27 +385,6 @@ async def reports(request: web.Request) -> web.Response:
     return web.json_response({"accepted": len(conns)}, status=202)
 
 
-def _edge(reporter: str, c: dict[str, Any]) -> dict[str, Any] | None:
-    direction = c.get("direction")
-    peer = c.get("peer_spiffe_id")
-    if direction not in ("inbound", "outbound") or not isinstance(peer, str):
-        return None
-    src, dst = (peer, reporter) if direction == "inbound" else (reporter, peer)
-    reason = c.get("reason")
-    def _num(v: object) -> int:
-        return v if isinstance(v, int) and not isinstance(v, bool) else 0
-    return {
-        "src": src,
-        "dst": dst,
-        "reporter": reporter,
-        "platform": c.get("platform") if isinstance(c.get("platform"), str) else None,
-        "simulated": bool(c.get("simulated")),
-        "attested": True if reason is None else str(reason),
-        "since": c.get("opened_at") if isinstance(c.get("opened_at"), str) else None,
-        "bytes": _num(c.get("bytes_in")) + _num(c.get("bytes_out")),
-    }
-
-
 async def edges(request: web.Request) -> web.Response:
     who = await _admin(request)
     authority = request.app[AUTHORITY]
@@ -411,20 +393,19 @@ async def edges(request: web.Request) -> web.Response:
         raise MeshError(
             Reason.FORBIDDEN, "this admin key may read no session, so it sees no edges"
         )
-    out = []
+    fresh_after = authority.clock.now() - timedelta(seconds=REPORT_MAX_AGE)
+    reports = []
     for rep in authority.store.reports():
         try:
             sid = parse_spiffe_id(rep.reporter)
         except ValueError:
             continue
+        if rep.at < fresh_after:
+            continue  # a sidecar that stopped reporting no longer vouches for its edges
         if visible is not None and (not sid.path_segments or sid.path_segments[0] not in visible):
             continue
-        for c in json.loads(rep.body_json).get("connections", []):
-            e = _edge(rep.reporter, c)
-            if e is not None:
-                e["reported_at"] = rep.at.isoformat()
-                out.append(e)
-    return web.json_response({"edges": out})
+        reports.append((rep.reporter, json.loads(rep.body_json).get("connections", [])))
+    return web.json_response({"edges": fold_edges(reports)})
 
 
 async def rotate_ca(request: web.Request) -> web.Response:

@@ -1,0 +1,64 @@
+"""The mesh's edges, folded from the sidecars' connection reports (pure).
+
+Both ends of a connection report it (the server side as inbound, the client side as
+outbound), so each edge is taken from one side only: the server's report when there is
+one, else the client's. Connections between the same pair with the same outcome fold
+into one edge: bytes add up, `since` is the oldest, `connections` counts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def _num(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _text(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def edge_of(reporter: str, c: Mapping[str, Any]) -> dict[str, Any] | None:
+    direction = c.get("direction")
+    peer = c.get("peer_spiffe_id")
+    if direction not in ("inbound", "outbound") or not isinstance(peer, str):
+        return None
+    src, dst = (peer, reporter) if direction == "inbound" else (reporter, peer)
+    reason = c.get("reason")
+    return {
+        "src": src,
+        "dst": dst,
+        "side": "server" if direction == "inbound" else "client",
+        "platform": _text(c.get("platform")),
+        "simulated": bool(c.get("simulated")),
+        "attested": True if reason is None else str(reason),
+        "since": _text(c.get("opened_at")) or _text(c.get("at")),
+        "bytes": _num(c.get("bytes_in")) + _num(c.get("bytes_out")),
+    }
+
+
+def fold_edges(reports: Iterable[tuple[str, Iterable[Mapping[str, Any]]]]) -> list[dict[str, Any]]:
+    """Edges from (reporter SPIFFE ID, its connection summaries) pairs."""
+    groups: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for reporter, conns in reports:
+        for c in conns:
+            e = edge_of(reporter, c)
+            if e is None:
+                continue
+            key = (e["src"], e["dst"], str(e["attested"]), e["side"])
+            g = groups.get(key)
+            if g is None:
+                groups[key] = {**e, "connections": 1}
+                continue
+            g["bytes"] += e["bytes"]
+            g["connections"] += 1
+            if e["since"] and (g["since"] is None or e["since"] < g["since"]):
+                g["since"] = e["since"]
+    out = []
+    for (src, dst, attested, side), g in sorted(groups.items()):
+        if side == "client" and (src, dst, attested, "server") in groups:
+            continue  # the server side reported the same connections
+        out.append({k: v for k, v in g.items() if k != "side"})
+    return out
