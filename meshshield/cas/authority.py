@@ -102,6 +102,7 @@ class Authority:
         self._revoked_serials: set[str] = set()
         self._revoked_measurements: set[str] = set()
         self._epoch = -1
+        self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
         self.listeners: list[Callable[[int], None]] = []
         self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
 
@@ -124,6 +125,7 @@ class Authority:
                 continue
             sessions[rec.name] = LoadedSession(rec, pol)
         self._sessions = sessions
+        self._snapshots = {}
         revs = self.store.revocations()
         self._revoked_serials = {r.value for r in revs if r.kind == "serial"}
         self._revoked_measurements = {r.value for r in revs if r.kind == "measurement"}
@@ -182,12 +184,14 @@ class Authority:
         return pol
 
     def _check_dns_unclaimed(self, pol: Policy) -> None:
-        """A DNS SAN belongs to one session: another session's service could otherwise
-        get a certificate that clients verifying by host name accept for this one."""
+        """A qualified DNS SAN belongs to one session: another session's service could
+        otherwise get a certificate that clients verifying by host name accept for this
+        one. Single-label names ("backend") are namespace-relative in Kubernetes and are
+        legitimately reused by sessions in different namespaces, so they are exempt."""
         owners = {
             name: f"{s.policy.name}/{svc.name}"
             for s in self._sessions.values() if s.policy.name != pol.name
-            for svc in s.policy.services for name in svc.dns
+            for svc in s.policy.services for name in svc.dns if "." in name
         }
         clashes = [
             f"services[{i}].dns: {name!r} already belongs to {owners[name]}"
@@ -304,6 +308,14 @@ class Authority:
         }
 
     def trust_snapshot(self, session: str) -> dict[str, Any]:
+        """The full `trust` snapshot for a session (policy part cached per epoch)."""
+        cached = self._snapshots.get(session)
+        if cached is None or cached[0] != self._epoch:
+            cached = (self._epoch, self._policy_snapshot(session))
+            self._snapshots[session] = cached
+        return {**cached[1], "bundle": self.ca.bundle_pem(self.clock.now())}
+
+    def _policy_snapshot(self, session: str) -> dict[str, Any]:
         s = self._sessions.get(session)
         services: dict[str, Any] = {}
         tolerate: list[str] = []
@@ -329,7 +341,6 @@ class Authority:
             "ignore_advisories": ignore,
             "revoked_serials": sorted(self._revoked_serials),
             "revoked_measurements": sorted(self._revoked_measurements),
-            "bundle": self.ca.bundle_pem(self.clock.now()),
         }
 
     def is_revoked_serial(self, serial: str) -> bool:

@@ -28,6 +28,7 @@ class CaState:
         self._trust_domain = trust_domain
         self._set: CaSet | None = None
         self._created: dict[str, datetime] = {}
+        self._bundle_cache: tuple[CaSet | None, datetime, datetime, str] | None = None
 
     @property
     def set(self) -> CaSet:
@@ -100,7 +101,16 @@ class CaState:
         return self.set.active.fingerprint != before
 
     def bundle_pem(self, now: datetime) -> str:
-        return self.set.bundle_pem(now)
+        """The bundle at `now`, cached until the CA set or a time boundary changes it."""
+        cached = self._bundle_cache
+        if cached is not None and cached[0] is self._set and cached[1] <= now < cached[2]:
+            return cached[3]
+        pem = self.set.bundle_pem(now)
+        edges = [t for r in self.set.records for t in (r.activate_at, r.retire_after)
+                 if t is not None and t > now]
+        until = min(edges) if edges else datetime.max.replace(tzinfo=now.tzinfo)
+        self._bundle_cache = (self._set, now, until, pem)
+        return pem
 
     def fingerprint(self) -> str:
         return self.set.active.fingerprint

@@ -7,6 +7,7 @@ the old one until the last leaf it signed has expired") is pure logic over a lis
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
@@ -46,9 +47,10 @@ class CaRecord:
     activate_at: datetime | None = None
     retire_after: datetime | None = None
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """SHA-256 of the certificate DER, lowercase hex."""
+        """SHA-256 of the certificate DER, lowercase hex (computed once: it is on the
+        issuance path)."""
         return hashlib.sha256(self.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
