@@ -1,0 +1,216 @@
+"""The data path: real clients through the frontend's outbound listener, mutual TLS between
+the sidecars, real backends behind the backend's inbound listener.
+
+One CAS (certificates capped at 10 s, so the sidecars renew every ~5 s throughout) and
+one pair of sidecars serve the whole module, one route per backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import CasProcess, env_without_proxies
+from meshpeers import (
+    LOOPBACK,
+    HttpFileServer,
+    LoopThread,
+    Mesh,
+    TcpBackend,
+    UploadServer,
+    apply,
+    connect,
+    echo,
+    echo_after_eof,
+    free_ports,
+    no_traceback,
+    recv_all,
+    roundtrip,
+    sha256_file,
+    start_mesh,
+    status,
+    wait_until,
+)
+
+MiB = 1024 * 1024
+REDIS = shutil.which("redis-server") and shutil.which("redis-benchmark")
+REDIS_MISSING = ("redis-server/redis-benchmark not installed "
+                 "(apt-get install redis-server; .ci/run should install it)")
+
+
+@dataclass
+class DataPath:
+    cas: CasProcess
+    mesh: Mesh
+    files: Path
+    redis: subprocess.Popen[bytes] | None
+
+
+def _start_redis(root: Path, port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "",
+         "--appendonly", "no", "--dir", str(root), "--protected-mode", "no"],
+        stdout=(root / "redis.log").open("wb"), stderr=subprocess.STDOUT,
+    )
+
+    def pong() -> bool:
+        assert proc.poll() is None, (root / "redis.log").read_text()
+        try:
+            with connect(port, timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until(pong, 20, "redis-server to answer PING")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPath]:
+    root = tmp_path_factory.mktemp("datapath")
+    files = root / "www"
+    files.mkdir()
+    with (files / "1mib.bin").open("wb") as f:
+        f.write(os.urandom(MiB))
+    with (files / "100mib.bin").open("wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(MiB))
+    cas = CasProcess.start(root / "mesh", "--max-cert-ttl", "10s")
+    closers: list[object] = [cas]
+    lt = LoopThread()
+    try:
+        apply(cas, cas.sim_policy("shop"))
+        http_port, redis_port = free_ports(2)
+        http = HttpFileServer(files, http_port)
+        upload = UploadServer()
+        eof_echo = TcpBackend(lt, echo_after_eof)
+        echo_srv = TcpBackend(lt, echo)
+        redis = _start_redis(root, redis_port) if REDIS else None
+        closers += [http, upload, eof_echo, echo_srv]
+        mesh = start_mesh(cas, "shop", {
+            "http": http.port, "upload": upload.port, "eof": eof_echo.port,
+            "echo": echo_srv.port, "redis": redis_port,
+        })
+        yield DataPath(cas, mesh, files, redis)
+        mesh.stop()
+        no_traceback(mesh.backend, mesh.frontend)
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
+    finally:
+        for c in reversed(closers):
+            c.stop() if isinstance(c, CasProcess) else c.close()  # type: ignore[attr-defined]
+        lt.close()
+
+
+def _bytes_to_app(mesh: Mesh) -> float:
+    """Bytes the backend's sidecar carried from its app back to mesh peers."""
+    text = mesh.backend.get("/metrics").body.decode()
+    m = re.search(r'^meshshield_sidecar_bytes_total\{direction="inbound",way="out"\} (\S+)$',
+                  text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _curl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-sS", "--fail", "--noproxy", "*", "--max-time",
+                           str(int(timeout)), *args],
+                          capture_output=True, timeout=timeout + 10, env=env_without_proxies())
+
+
+@pytest.mark.parametrize("name", ["1mib.bin", "100mib.bin"])
+def test_curl_get_through_the_mesh_is_byte_exact(dp: DataPath, tmp_path: Path,
+                                                 name: str) -> None:
+    out = tmp_path / name
+    carried = _bytes_to_app(dp.mesh)
+    started = time.monotonic()
+    r = _curl("-o", str(out), f"http://{LOOPBACK}:{dp.mesh.outbound['http']}/{name}")
+    elapsed = time.monotonic() - started
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.stat().st_size == (dp.files / name).stat().st_size
+    assert sha256_file(out) == sha256_file(dp.files / name)
+    size = out.stat().st_size
+    # It went through the backend's sidecar, not around it.
+    assert _bytes_to_app(dp.mesh) - carried >= size
+    print(f"GET {name}: {size / MiB:.0f} MiB in {elapsed:.2f} s "
+          f"({size / MiB / elapsed:.0f} MiB/s through two sidecars)")
+
+
+def test_curl_post_upload_through_the_mesh_is_byte_exact(dp: DataPath, tmp_path: Path) -> None:
+    body = tmp_path / "upload.bin"
+    body.write_bytes(os.urandom(16 * MiB + 17))
+    r = _curl("-H", "Expect:", "-H", "Content-Type: application/octet-stream",
+              "--data-binary", f"@{body}", f"http://{LOOPBACK}:{dp.mesh.outbound['upload']}/up")
+    assert r.returncode == 0, r.stderr.decode()
+    got = json.loads(r.stdout)
+    assert got == {"length": body.stat().st_size, "sha256": sha256_file(body)}
+
+
+def test_half_close_passes_through(dp: DataPath) -> None:
+    """The client shuts down its sending side; the backend answers only after that EOF,
+    and the answer still comes back whole over the open return direction."""
+    request = os.urandom(3 * MiB) + b"GET / HTTP/1.0\r\n\r\n"
+    with connect(dp.mesh.outbound["eof"], timeout=30) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s)
+    header, _, echoed = answer.partition(b"\n")
+    assert header == f"{len(request)} {hashlib.sha256(request).hexdigest()}".encode()
+    assert echoed == request
+
+
+@pytest.mark.skipif(not REDIS, reason=REDIS_MISSING)
+def test_redis_benchmark_through_the_mesh(dp: DataPath) -> None:
+    r = subprocess.run(
+        ["redis-benchmark", "-h", LOOPBACK, "-p", str(dp.mesh.outbound["redis"]),
+         "-n", "20000", "-c", "20", "-t", "get,set", "-q"],
+        capture_output=True, text=True, timeout=120,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "error" not in out.lower(), out
+    # -q prints progress lines separated by \r, then "SET: N requests per second, ...".
+    results = {m.group(1): float(m.group(2))
+               for m in re.finditer(r"(SET|GET): ([0-9.]+) requests per second", out)}
+    assert set(results) == {"SET", "GET"}, out
+    print(f"redis-benchmark through the mesh: {results}")
+
+
+def test_long_lived_connection_survives_three_renewals(dp: DataPath) -> None:
+    """Certificates live 10 s here: while one TCP connection through the mesh stays open
+    and busy, both sidecars renew three times; then it and a new connection both work."""
+    fe, be = dp.mesh.frontend, dp.mesh.backend
+    seen = {"frontend": [status(fe)["identity"]["serial"]],
+            "backend": [status(be)["identity"]["serial"]]}
+    deadline = time.monotonic() + 60
+    exchanged = 0
+    with connect(dp.mesh.outbound["echo"], timeout=10) as s:
+        while min(len(v) for v in seen.values()) < 4:
+            assert time.monotonic() < deadline, f"fewer than 3 renewals in 60 s: {seen}"
+            msg = f"ping {exchanged}\n".encode()
+            assert roundtrip(s, msg) == msg
+            exchanged += 1
+            for name, sc in (("frontend", fe), ("backend", be)):
+                serial = status(sc)["identity"]["serial"]
+                if serial != seen[name][-1]:
+                    seen[name].append(serial)
+            time.sleep(1.0)  # the pace of the conversation, not a wait for a server
+        assert all(len(set(v)) == len(v) for v in seen.values()), seen
+        # The old connection, negotiated with certificates that have since expired.
+        assert roundtrip(s, b"still here\n") == b"still here\n"
+        with connect(dp.mesh.outbound["echo"], timeout=10) as s2:
+            assert roundtrip(s2, b"new one\n") == b"new one\n"
+        conns = be.get("/connections").json()["connections"]
+        assert any(c["peer_service"] == "shop/frontend" for c in conns), conns
+    assert exchanged >= 3
+    print(f"renewals seen: {seen}; {exchanged} exchanges on one connection")
