@@ -1,0 +1,209 @@
+"""Following the CAS: revocations close live connections within 1 s and refuse new ones;
+the mesh keeps working while the CAS is down and the sidecars reconnect when it is back.
+
+The CAS listens on a fixed loopback port (a later `--listen` overrides the harness's
+port 0), so a relaunch on the same data comes back where the sidecars look for it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from harness import CasProcess
+from meshpeers import (
+    LOOPBACK,
+    LoopThread,
+    Mesh,
+    TcpBackend,
+    apply,
+    closed_by_peer,
+    connect,
+    echo,
+    free_ports,
+    make_workload,
+    mesh_policy,
+    no_traceback,
+    refusals,
+    roundtrip,
+    start_mesh,
+    status,
+    wait_refusal,
+    wait_until,
+)
+
+
+@dataclass
+class Env:
+    cas: CasProcess
+    echo_port: int
+    frontend_m: str
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("casfollow")
+    (port,) = free_ports(1)
+    cas = CasProcess.start(root / "mesh", "--listen", f"{LOOPBACK}:{port}")
+    assert cas.url.endswith(f":{port}"), cas.url
+    lt = LoopThread()
+    app = TcpBackend(lt, echo)
+    try:
+        # shop's frontend runs its own build, so revoking its measurement leaves the
+        # backend (and the other sessions, which run the backend's build) alone.
+        fm = cas.measurement(make_workload(cas, "frontend-app"))
+        apply(cas, mesh_policy("shop", backend_m=cas.measurement(), frontend_m=fm))
+        apply(cas, cas.sim_policy("kiosk"))
+        apply(cas, cas.sim_policy("cafe"))
+        yield Env(cas, app.port, fm)
+    finally:
+        app.close()
+        lt.close()
+        cas.stop()
+
+
+@pytest.fixture
+def mesh_of(env: Env) -> Iterator[dict[str, Mesh]]:
+    started: dict[str, Mesh] = {}
+    yield started
+    for m in started.values():
+        m.stop()
+    for m in started.values():
+        no_traceback(m.backend, m.frontend)
+
+
+class EofWatch:
+    """Blocks in recv() on a thread and notes the moment the connection ends."""
+
+    def __init__(self, s: socket.socket) -> None:
+        self.at: float | None = None
+        self.how = ""
+        s.settimeout(15)
+
+        def run() -> None:
+            try:
+                data = s.recv(65536)
+                self.how = "EOF" if not data else f"unexpected data {data[:40]!r}"
+            except ConnectionResetError:
+                self.how = "RST"
+            except TimeoutError:
+                self.how = "timeout"
+                return
+            self.at = time.monotonic()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+
+def _live(sc_mesh: Mesh) -> list[dict[str, object]]:
+    return list(sc_mesh.backend.get("/connections").json()["connections"])
+
+
+def _refused_through(port: int) -> None:
+    with connect(port, timeout=10) as s:
+        s.sendall(b"hello?\n")
+        wait_until(lambda: closed_by_peer(s), 10, "the refused connection to be closed")
+
+
+def test_revoking_the_frontend_measurement_closes_its_connection_within_1s(
+        env: Env, mesh_of: dict[str, Mesh]) -> None:
+    fw = env.cas.root / "frontend-app"
+    m = mesh_of["shop"] = start_mesh(env.cas, "shop", {"echo": env.echo_port},
+                                     frontend_workload=fw)
+    port = m.outbound["echo"]
+    s = connect(port)
+    with s:
+        assert roundtrip(s, b"before\n") == b"before\n"
+        wait_until(lambda: _live(m), 5, "the connection in the backend's /connections")
+        watch = EofWatch(s)
+        n = len(refusals(m.backend))
+        sent = time.monotonic()
+        r = env.cas.request("POST", "/v1/sessions/shop/revocations",
+                            json.dumps({"measurement": env.frontend_m}).encode(), admin=True)
+        answered = time.monotonic()
+        assert r.status == 201, r.body
+        watch.thread.join(timeout=10)
+        assert watch.at is not None, f"the connection was not closed ({watch.how})"
+    latency = watch.at - answered
+    print(f"revocation: connection closed ({watch.how}) {latency * 1000:.0f} ms after the "
+          f"revocation response, {(watch.at - sent) * 1000:.0f} ms after the request")
+    assert latency < 1.0
+    r1 = wait_refusal(m.backend, "revoked", after=n)
+    assert env.frontend_m in r1["message"], r1
+    # The next connection is refused by the backend, with the same reason.
+    n = len(refusals(m.backend))
+    _refused_through(port)
+    wait_refusal(m.backend, "revoked", after=n,
+                 peer_spiffe_id="spiffe://meshshield.local/shop/frontend")
+    assert _live(m) == []
+
+
+def test_revoking_a_serial_with_the_cli_closes_and_refuses(
+        env: Env, mesh_of: dict[str, Mesh]) -> None:
+    m = mesh_of["cafe"] = start_mesh(env.cas, "cafe", {"echo": env.echo_port})
+    serial = status(m.frontend)["identity"]["serial"]
+    with connect(m.outbound["echo"]) as s:
+        assert roundtrip(s, b"before\n") == b"before\n"
+        n = len(refusals(m.backend))
+        r = env.cas.cli("revoke", "cafe", "--serial", serial)
+        assert r.returncode == 0, r.stderr
+        assert serial in r.stdout, r.stdout
+        s.settimeout(5)
+        wait_until(lambda: closed_by_peer(s), 5, "the revoked connection to be closed")
+    wait_refusal(m.backend, "revoked", after=n)
+    n = len(refusals(m.backend))
+    _refused_through(m.outbound["echo"])
+    r1 = wait_refusal(m.backend, "revoked", after=n)
+    assert serial in r1["message"], r1
+
+
+def test_cas_down_the_mesh_keeps_serving_then_events_resume(
+        env: Env, mesh_of: dict[str, Mesh]) -> None:
+    m = mesh_of["kiosk"] = start_mesh(env.cas, "kiosk", {"echo": env.echo_port})
+    port = m.outbound["echo"]
+    sidecars = (m.frontend, m.backend)
+    wait_until(lambda: all(status(sc)["cas"]["reachable"] for sc in sidecars), 10,
+               "both sidecars following CAS events")
+    before = {sc.name: status(sc)["cas"]["reconnects"] for sc in sidecars}
+    with connect(port) as old:
+        assert roundtrip(old, b"one\n") == b"one\n"
+
+        killed = time.monotonic()
+        assert env.cas.stop(signal.SIGKILL) == -signal.SIGKILL
+        wait_until(lambda: not any(status(sc)["cas"]["reachable"] for sc in sidecars), 5,
+                   "/status to show the CAS unreachable")
+        noticed = time.monotonic() - killed
+        for sc in sidecars:
+            st = status(sc)
+            assert st["cas"]["last_error"], st["cas"]
+            assert sc.get("/ready").status == 200  # still serving with its certificate
+        assert roundtrip(old, b"two\n") == b"two\n"
+        with connect(port) as new:
+            assert roundtrip(new, b"new while the CAS is down\n") == \
+                b"new while the CAS is down\n"
+
+        env.cas.launch()  # same --data, same port
+        relaunched = time.monotonic()
+        wait_until(lambda: all(status(sc)["cas"]["reachable"] for sc in sidecars), 45,
+                   "both sidecars to reconnect to the CAS events", interval=0.1)
+        back = time.monotonic() - relaunched
+        for sc in sidecars:
+            assert status(sc)["cas"]["reconnects"] > before[sc.name]
+        assert roundtrip(old, b"three\n") == b"three\n"
+        with connect(port) as new:
+            assert roundtrip(new, b"after\n") == b"after\n"
+    print(f"CAS killed: unreachable in /status after {noticed * 1000:.0f} ms; "
+          f"events followed again {back:.1f} s after the relaunch")
+    # Following again means acting again: a revocation now reaches the backend.
+    with connect(port) as s:
+        assert roundtrip(s, b"x\n") == b"x\n"
+        r = env.cas.cli("revoke", "kiosk", "--serial", status(m.frontend)["identity"]["serial"])
+        assert r.returncode == 0, r.stderr
+        s.settimeout(5)
+        wait_until(lambda: closed_by_peer(s), 5, "the revoked connection to be closed")
