@@ -422,6 +422,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    from meshshield.dev.devfile import DevFileInvalid, parse_dev_file
+    from meshshield.dev.devup import run_dev_up
+
+    path = Path(args.file)
+    try:
+        dev = parse_dev_file(path)
+    except DevFileInvalid as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 1
+    state = Path(args.state) if args.state else path.parent / ".meshshield-dev"
+    return run_dev_up(dev, state)
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -558,6 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_status)
+
+    dev = sub.add_parser("dev", help="run your own services in a local mesh")
+    dsub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("up", help="CAS + a sidecar per service from mesh.dev.yaml")
+    p.add_argument("-f", "--file", required=True, metavar="mesh.dev.yaml")
+    p.add_argument("--state", metavar="DIR", help="keys, logs, CAS data "
+                   "(default: .meshshield-dev beside the file)")
+    p.set_defaults(func=cmd_dev_up)
 
     p = sub.add_parser("demo", help="see meshshield work on loopback (sim attestation)")
     p.set_defaults(func=cmd_demo)
