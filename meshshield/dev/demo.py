@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
 print(f"orders-api listening 127.0.0.1:{server.server_address[1]}", flush=True)
 server.serve_forever()
 '''
@@ -117,6 +118,12 @@ security:
 """
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback admin API
         return json.loads(r.read())
@@ -158,20 +165,24 @@ def run_demo() -> int:
         n.detail("orders-api may be called by web only; both must run their measured code")
 
         n.say("Starting orders-api and both sidecars; each sidecar attests before it listens")
-        app = Child("orders-api", [sys.executable, str(api / "app.py")],
+        # Everything starts at once: the ports that link them are chosen up front.
+        app_port, mesh_port = _free_port(), _free_port()
+        app_at, mesh_in = f"127.0.0.1:{app_port}", f"127.0.0.1:{mesh_port}"
+        app = Child("orders-api", [sys.executable, str(api / "app.py"), str(app_port)],
                     root / "logs" / "orders-api.log")
         children.append(app)
-        app_at = app.wait_for(lambda x: "listening" in x, START_TIMEOUT, "listen").split()[-1]
         api_sc = start_sidecar(root, cas_url=url, session="demo", service="orders-api",
                                workload=[str(api)], sim_key=sim_key,
-                               inbound=[f"127.0.0.1:0={app_at}"], wait=False)
+                               inbound=[f"{mesh_in}={app_at}"], wait=False, announce=False)
         children.append(api_sc)
-        api_sc.wait_for(lambda x: x == "ready", START_TIMEOUT, "become ready")
-        mesh_in = announced(api_sc, "inbound 127.0.0.1:0")
         web_sc = start_sidecar(root, cas_url=url, session="demo", service="web",
                                workload=[str(web)], sim_key=sim_key,
-                               outbound=[f"127.0.0.1:0=orders-api@{mesh_in}"])
+                               outbound=[f"127.0.0.1:0=orders-api@{mesh_in}"], wait=False,
+                               announce=False)
         children.append(web_sc)
+        app.wait_for(lambda x: "listening" in x, START_TIMEOUT, "listen")
+        for sc in (api_sc, web_sc):
+            sc.wait_for(lambda x: x == "ready", START_TIMEOUT, "become ready")
         web_out = announced(web_sc, "outbound 127.0.0.1:0")
         for sc in (api_sc, web_sc):
             st = _get_json(announced(sc, "admin") + "/status")
