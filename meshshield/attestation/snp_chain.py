@@ -130,7 +130,9 @@ def load_certificates(blob: bytes) -> list[x509.Certificate]:
         raise _malformed(f"expected bytes, got {type(blob).__name__}")
     if len(blob) > MAX_CERTS_BYTES:
         raise _malformed(f"{len(blob)} bytes of certificates; at most {MAX_CERTS_BYTES} accepted")
-    data = bytes(blob).strip(b"\x00 \t\r\n")
+    # Only leading padding is stripped before a DER certificate: its last bytes may be
+    # zero (1 in 256 signatures end in 0x00), and its length header says where it ends.
+    data = bytes(blob).lstrip(b"\x00 \t\r\n")
     certs: list[x509.Certificate] = []
     try:
         with _serial_zero_allowed():
@@ -142,6 +144,7 @@ def load_certificates(blob: bytes) -> list[x509.Certificate]:
                 data = data[end:].strip(b"\x00 \t\r\n")
                 if data and not data.startswith(_PEM_BEGIN):
                     raise _malformed("bytes after the DER certificate are not PEM certificates")
+            data = data.rstrip(b"\x00 \t\r\n")
             if data:
                 certs.extend(x509.load_pem_x509_certificates(data))
     except CERT_DECODE_ERRORS as e:
