@@ -327,7 +327,10 @@ def refusals(sc: SidecarProcess) -> list[dict[str, Any]]:
 
 def wait_refusal(sc: SidecarProcess, reason: str, *, after: int = 0, timeout: float = 10.0,
                  **match: str) -> dict[str, Any]:
-    """The first refusal (past the first `after`) with `reason` and the `match` fields."""
+    """The first refusal (past the first `after`) with `reason` and the `match` fields.
+
+    The sidecar keeps only its latest 256 refusals: after a flood, match on `peer`
+    (the client's address) rather than on a position."""
 
     def find() -> dict[str, Any] | None:
         for r in refusals(sc)[after:]:

@@ -7,6 +7,7 @@ port 0), so a relaunch on the same data comes back where the sidecars look for i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import socket
@@ -61,6 +62,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         apply(cas, mesh_policy("shop", backend_m=cas.measurement(), frontend_m=fm))
         apply(cas, cas.sim_policy("kiosk"))
         apply(cas, cas.sim_policy("cafe"))
+        apply(cas, cas.sim_policy("deli"))
         yield Env(cas, app.port, fm)
     finally:
         app.close()
@@ -161,6 +163,33 @@ def test_revoking_a_serial_with_the_cli_closes_and_refuses(
     _refused_through(m.outbound["echo"])
     r1 = wait_refusal(m.backend, "revoked", after=n)
     assert serial in r1["message"], r1
+
+
+def test_a_policy_update_that_drops_the_frontend_closes_and_refuses(
+        env: Env, mesh_of: dict[str, Mesh]) -> None:
+    m = mesh_of["deli"] = start_mesh(env.cas, "deli", {"echo": env.echo_port})
+    old = env.cas.sim_policy("deli")
+    new = old.replace("predecessor: null",
+                      f"predecessor: \"{hashlib.sha256(old.encode()).hexdigest()}\"")
+    new = new.replace("allow_from: [frontend]", "allow_from: []")
+    with connect(m.outbound["echo"]) as s:
+        assert roundtrip(s, b"before\n") == b"before\n"
+        watch = EofWatch(s)
+        r = env.cas.request("PUT", "/v1/sessions/deli", new.encode(), admin=True,
+                            headers={"Content-Type": "application/yaml"})
+        applied = time.monotonic()
+        assert r.status == 200, r.body
+        watch.thread.join(timeout=10)
+        assert watch.at is not None, f"the connection was not closed ({watch.how})"
+    latency = watch.at - applied
+    print(f"policy update: connection closed ({watch.how}) {latency * 1000:.0f} ms after "
+          "the update response")
+    assert latency < 1.0
+    wait_refusal(m.backend, "peer_not_allowed",
+                 peer_spiffe_id="spiffe://meshshield.local/deli/frontend")
+    n = len(refusals(m.backend))
+    _refused_through(m.outbound["echo"])
+    wait_refusal(m.backend, "peer_not_allowed", after=n)
 
 
 def test_cas_down_the_mesh_keeps_serving_then_events_resume(

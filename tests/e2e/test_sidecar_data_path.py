@@ -7,6 +7,7 @@ one pair of sidecars serve the whole module, one route per backend.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ class DataPath:
     mesh: Mesh
     files: Path
     redis: subprocess.Popen[bytes] | None
+    server_first: list[tuple[int, str]]
 
 
 def _start_redis(root: Path, port: int) -> subprocess.Popen[bytes]:
@@ -96,13 +98,23 @@ def dp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPath]:
         upload = UploadServer()
         eof_echo = TcpBackend(lt, echo_after_eof)
         echo_srv = TcpBackend(lt, echo)
+        received: list[tuple[int, str]] = []
+
+        async def server_first(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"banner\n")
+            await w.drain()
+            w.write_eof()
+            data = await r.read()
+            received.append((len(data), hashlib.sha256(data).hexdigest()))
+
+        first = TcpBackend(lt, server_first)
         redis = _start_redis(root, redis_port) if REDIS else None
-        closers += [http, upload, eof_echo, echo_srv]
+        closers += [http, upload, eof_echo, echo_srv, first]
         mesh = start_mesh(cas, "shop", {
             "http": http.port, "upload": upload.port, "eof": eof_echo.port,
-            "echo": echo_srv.port, "redis": redis_port,
+            "echo": echo_srv.port, "redis": redis_port, "server_first": first.port,
         })
-        yield DataPath(cas, mesh, files, redis)
+        yield DataPath(cas, mesh, files, redis, received)
         mesh.stop()
         no_traceback(mesh.backend, mesh.frontend)
         if redis is not None:
@@ -167,6 +179,19 @@ def test_half_close_passes_through(dp: DataPath) -> None:
     header, _, echoed = answer.partition(b"\n")
     assert header == f"{len(request)} {hashlib.sha256(request).hexdigest()}".encode()
     assert echoed == request
+
+
+def test_half_close_from_the_server_side_passes_through(dp: DataPath) -> None:
+    """The backend speaks first and shuts down its sending side; the client sees the
+    banner and EOF, and can still send everything the backend then reads."""
+    dp.server_first.clear()
+    payload = os.urandom(2 * MiB)
+    with connect(dp.mesh.outbound["server_first"], timeout=30) as s:
+        assert recv_all(s) == b"banner\n"
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        wait_until(lambda: dp.server_first, 20, "the backend to read the client's EOF")
+    assert dp.server_first == [(len(payload), hashlib.sha256(payload).hexdigest())]
 
 
 @pytest.mark.skipif(not REDIS, reason=REDIS_MISSING)
