@@ -38,6 +38,7 @@ from meshshield.cas.store import (
 from meshshield.clock import Clock, SystemClock, rfc3339
 from meshshield.errors import MeshError, PolicyError, Reason
 from meshshield.pki.ca import issue_leaf, serial_hex
+from meshshield.pki.claims_ext import certificate_claims
 from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
 from meshshield.pki.spiffe import spiffe_id
@@ -470,21 +471,10 @@ class Authority:
         evidence_hash = hashlib.sha256(
             json.dumps(evidence, sort_keys=True, separators=(",", ":")).encode()
         ).hexdigest()
-        cert_claims: dict[str, Any] = {
-            "platform": claims.platform.value,
-            "measurement": claims.measurement,
-            "signer": claims.signer,
-            "product_id": claims.product_id,
-            "svn": claims.svn,
-            "debug": claims.debug,
-            "tcb_status": claims.tcb_status.value,
-            "session": session,
-            "service": service,
-            "policy_hash": s.record.policy_hash,
-            "evidence_sha256": evidence_hash,
-            "attested_at": rfc3339(now),
-            "simulated": claims.simulated,
-        }
+        cert_claims = certificate_claims(
+            claims, session=session, service=service, policy_hash=s.record.policy_hash,
+            evidence_sha256=evidence_hash, attested_at=now,
+        )
         signer = self.ca.signing(now)
         cert = issue_leaf(
             signer,
