@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from meshshield.sidecar.identity import BACKOFF_MAX, BACKOFF_MIN, Identity
+from meshshield.sidecar.identity import BACKOFF_MAX, BACKOFF_MIN, Identity, stopped_within
 from meshshield.sidecar.peercheck import TrustView
 from meshshield.sidecar.registry import ConnectionRegistry
 
@@ -63,11 +63,8 @@ class CasLink:
                 self.connected = False
                 self.last_error = str(e) or type(e).__name__
                 self.reconnects += 1
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff)
+                if await stopped_within(stop, backoff):
                     return
-                except TimeoutError:
-                    pass
                 backoff = min(BACKOFF_MAX, backoff * 2)
 
     async def _read(self, r: aiohttp.ClientResponse) -> None:
@@ -103,11 +100,8 @@ class CasLink:
     async def report(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         cfg = self.identity.config
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), cfg.report_interval)
+            if await stopped_within(stop, cfg.report_interval):
                 return
-            except TimeoutError:
-                pass
             if not self.identity.ready:
                 continue
             body: dict[str, Any] = {"connections": [

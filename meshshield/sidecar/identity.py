@@ -40,6 +40,15 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 
 
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True if `stop` was set meanwhile (the caller should return)."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 def mesh_server_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -176,12 +185,8 @@ class Identity:
         backoff = BACKOFF_MIN
         while not stop.is_set():
             wait = 0.0 if self.held is None else max(0.0, (self.renew_at or 0) - time.time())
-            if wait:
-                try:
-                    await asyncio.wait_for(stop.wait(), wait)
-                    return
-                except TimeoutError:
-                    pass
+            if wait and await stopped_within(stop, wait):
+                return
             try:
                 await self.attest(session)
                 self.renewals += 1
@@ -191,9 +196,6 @@ class Identity:
                 self.last_error = str(e)
                 log.warning("%s/%s: attestation failed (%s); retrying in %.1f s",
                             self.config.session, self.config.service, e, backoff)
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff)
+                if await stopped_within(stop, backoff):
                     return
-                except TimeoutError:
-                    pass
                 backoff = min(BACKOFF_MAX, backoff * 2)
