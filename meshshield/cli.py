@@ -314,15 +314,21 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     from meshshield.attestation.claims import Platform
     from meshshield.attestation.collateral import load_collateral
     from meshshield.attestation.sgx import verify_sgx_quote
-    from meshshield.attestation.snp import verify_snp_report
+    from meshshield.attestation.snp import verify_snp_evidence, verify_snp_report
     from meshshield.attestation.tdx import verify_tdx_quote
     from meshshield.attestation.verify import VerifierConfig, verify_evidence
     from meshshield.clock import parse_rfc3339
+    from meshshield.errors import EvidenceError, Reason
 
     try:
         at = parse_rfc3339(args.at) if args.at else datetime.now(UTC)
     except ValueError as e:
         raise UsageError(f"--at: {e}") from None
+    platform = Platform(args.platform)
+    if args.certs and platform is not Platform.SEV_SNP:
+        raise UsageError(f"--certs is for sev-snp; {platform.value} quotes carry their PCK chain")
+    if args.collateral and not Path(args.collateral).is_dir():
+        raise UsageError(f"--collateral {args.collateral}: not a folder")
     try:
         data = Path(args.file).read_bytes()
         certs = Path(args.certs).read_bytes() if args.certs else None
@@ -330,17 +336,18 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
         _err(f"cannot read {e.filename}: {e.strerror}")
         return 1
     collateral = load_collateral(Path(args.collateral)) if args.collateral else None
-    platform = Platform(args.platform)
-    evidence: object = None
-    if data[:1] == b"{":
+    # Raw reports and quotes start with their version (2-5); only JSON starts with "{".
+    if data.lstrip()[:1] == b"{":
         try:
             evidence = json.loads(data)
         except (ValueError, RecursionError):
-            evidence = None
-    if isinstance(evidence, dict):
-        if certs is not None and platform is Platform.SEV_SNP:
-            evidence = {**evidence, "certs": certs.decode("latin-1")}
-        claims = verify_evidence(platform, evidence, VerifierConfig(collateral=collateral), at)
+            raise EvidenceError(
+                Reason.EVIDENCE_MALFORMED, f"{args.file} starts with '{{' but is not valid JSON"
+            ) from None
+        if platform is Platform.SEV_SNP:
+            claims = verify_snp_evidence(evidence, at=at, extra_certs=certs)
+        else:
+            claims = verify_evidence(platform, evidence, VerifierConfig(collateral=collateral), at)
     elif platform is Platform.SEV_SNP:
         if certs is None:
             raise UsageError("--platform sev-snp with a raw report needs --certs (VCEK or VLEK)")
