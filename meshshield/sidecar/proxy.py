@@ -244,8 +244,9 @@ class Proxy:
             tls.abort()
             return
         cert = _peer_cert(tls)
+        checked = self.identity.view or view
         try:
-            info = check_peer(cert, self.identity.view or view,
+            info = check_peer(cert, checked,
                               local_service=self.config.service, direction="inbound")
         except MeshError as e:
             self._refuse("inbound", local, peer, e, _spiffe(cert))
@@ -258,6 +259,17 @@ class Proxy:
                         self.config.service, route.forward, e)
             tls.abort()
             return
+        # A trust event applied while we were connecting to the app did not see this
+        # connection (it is not registered yet): check again against the view it brought.
+        if self.identity.view is not None and self.identity.view is not checked:
+            try:
+                info = check_peer(cert, self.identity.view,
+                                  local_service=self.config.service, direction="inbound")
+            except MeshError as e:
+                self._refuse("inbound", local, peer, e, _spiffe(cert))
+                tls.abort()
+                app.abort()
+                return
         assert cert is not None
         conn = Connection(self.registry.next_id(), "inbound", local, peer, info, cert,
                           tls.version(), tls.cipher(), time.time())
