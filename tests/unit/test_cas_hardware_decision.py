@@ -31,8 +31,8 @@ from vectors import vector, vectors_dir
 from meshshield.attestation.claims import Claims, TcbStatus
 from meshshield.attestation.collateral import load_collateral
 from meshshield.attestation.sgx import verify_sgx_quote
-from meshshield.attestation.snp_chain import load_certificates
 from meshshield.attestation.snp import verify_snp_report
+from meshshield.attestation.snp_chain import load_certificates
 from meshshield.attestation.tdx import verify_tdx_quote
 from meshshield.attestclient import make_csr
 from meshshield.cas.authority import Authority, CasConfig
