@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from harness import CasProcess
@@ -63,6 +64,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         apply(cas, cas.sim_policy("kiosk"))
         apply(cas, cas.sim_policy("cafe"))
         apply(cas, cas.sim_policy("deli"))
+        apply(cas, cas.sim_policy("gate"))
         yield Env(cas, app.port, fm)
     finally:
         app.close()
@@ -236,3 +238,48 @@ def test_cas_down_the_mesh_keeps_serving_then_events_resume(
         assert r.returncode == 0, r.stderr
         s.settimeout(5)
         wait_until(lambda: closed_by_peer(s), 5, "the revoked connection to be closed")
+
+
+def _syn_sent_to(port: int) -> bool:
+    """A socket of this host is in SYN_SENT towards loopback `port` (/proc/net/tcp)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(r.split()[2].endswith(f":{port:04X}") and r.split()[3] == "02" for r in rows)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_a_revocation_while_connecting_to_the_app_still_refuses(
+        env: Env, mesh_of: dict[str, Mesh]) -> None:
+    """The peer passed the check, then the sidecar waits to connect to a slow app; the
+    revocation arrives in between. The connection must be refused, not forwarded."""
+    app = socket.socket()
+    app.bind((LOOPBACK, 0))
+    app.listen(0)  # room for one pending connection, and the blocker takes it
+    app_port = int(app.getsockname()[1])
+    blocker = socket.create_connection((LOOPBACK, app_port))
+    slow_connect = env.cas.root / "slow-connect.yaml"
+    slow_connect.write_text("connect_timeout: 30s\n")
+    with app, blocker:
+        m = mesh_of["gate"] = start_mesh(env.cas, "gate", {"slow": app_port},
+                                         backend_extra=("--config", str(slow_connect)))
+        serial = status(m.frontend)["identity"]["serial"]
+        epoch = status(m.backend)["epoch"]
+        with connect(m.outbound["slow"]) as client:
+            client.sendall(b"GET /secret HTTP/1.0\r\n\r\n")
+            wait_until(lambda: _syn_sent_to(app_port), 10,
+                       "the backend sidecar to be connecting to the app (SYN_SENT)")
+            r = env.cas.request("POST", "/v1/sessions/gate/revocations",
+                                json.dumps({"serial": serial}).encode(), admin=True)
+            assert r.status == 201, r.body
+            wait_until(lambda: status(m.backend)["epoch"] > epoch, 5,
+                       "the backend to apply the revocation")
+            app.accept()[0].close()  # make room: the sidecar's SYN retry gets in
+            app.settimeout(20)
+            conn, _ = app.accept()
+            with conn:
+                conn.settimeout(10)
+                assert closed_by_peer(conn), "the revoked peer's bytes reached the app"
+            wait_refusal(m.backend, "revoked",
+                         peer_spiffe_id="spiffe://meshshield.local/gate/frontend")
+            client.settimeout(10)
+            assert closed_by_peer(client)
+        assert _live(m) == []

@@ -235,7 +235,13 @@ def test_long_lived_connection_survives_three_renewals(dp: DataPath) -> None:
         assert roundtrip(s, b"still here\n") == b"still here\n"
         with connect(dp.mesh.outbound["echo"], timeout=10) as s2:
             assert roundtrip(s2, b"new one\n") == b"new one\n"
-        conns = be.get("/connections").json()["connections"]
-        assert any(c["peer_service"] == "shop/frontend" for c in conns), conns
+            conns = be.get("/connections").json()["connections"]
+            assert len(conns) == 2, conns
+            old_conn, new_conn = sorted(conns, key=lambda c: c["id"])
+            # The old connection carries on with the certificate it negotiated; the new
+            # handshake presented a renewed one.
+            assert old_conn["cert_serial"] == seen["frontend"][0], (old_conn, seen)
+            current = status(fe)["identity"]["serial"]
+            assert new_conn["cert_serial"] in (seen["frontend"][-1], current), (new_conn, seen)
     assert exchanged >= 3
     print(f"renewals seen: {seen}; {exchanged} exchanges on one connection")

@@ -9,6 +9,7 @@ when the peer is allowed.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -208,3 +209,19 @@ def test_outbound_route_to_the_wrong_service_is_refused(env: Refusals) -> None:
         s.sendall(PAYLOAD)
         s.shutdown(1)
         wait_until(lambda: env.backend_app.data == PAYLOAD, 10, "payload via the right route")
+
+
+def test_refusals_are_counted_by_reason_in_metrics(env: Refusals) -> None:
+    for flags, reason in (([], "certificate_missing"),
+                          (_foreign_cert(env), "tls_handshake_failed"),
+                          (_mesh_cert(env, "rogue"), "peer_not_allowed")):
+        n = len(refusals(env.backend))
+        _s_client(env.backend_in, flags)
+        wait_refusal(env.backend, reason, after=n)
+    with connect(env.misrouted, timeout=10) as s:
+        wait_until(lambda: closed_by_peer(s), 10, "the misrouted connection to be closed")
+    text = env.backend.get("/metrics").body.decode()
+    for reason in ("certificate_missing", "tls_handshake_failed", "peer_not_allowed"):
+        assert re.search(rf'^meshshield_sidecar_refusals_total\{{direction="inbound",'
+                         rf'reason="{reason}"\}} [1-9]', text, re.M), (reason, text)
+    assert 'reason="peer_not_allowed"' in env.frontend.get("/metrics").body.decode()
