@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vectors import vector
 
 from meshshield.attestation.claims import Platform
@@ -610,3 +612,46 @@ def test_der_certificate_whose_last_byte_is_zero_loads_with_and_without_padding(
     for blob in (der, der + bytes(9), der + b"\n" + cert.public_bytes(Encoding.PEM) + bytes(3)):
         certs = load_certificates(blob)
         assert certs[0] == cert and len(certs) == (2 if b"BEGIN" in blob else 1)
+
+
+# --- what the agent or the kernel hands back is parsed without surprises --------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=20), inner,
+                                                                 max_size=8),
+    max_leaves=12,
+)
+SNP_KEYS = st.sampled_from(["attestation_report", "cert_chain", "quote", "version", "policy",
+                            "signature", "reported_tcb", "report_data", "measurement"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(answer=JSON | st.dictionaries(SNP_KEYS, JSON, max_size=6),
+       platform=st.sampled_from([Platform.SEV_SNP, Platform.TDX, Platform.SGX]))
+def test_any_agent_answer_is_evidence_or_an_evidence_source_error(answer: object,
+                                                                   platform: Platform) -> None:
+    try:
+        aa_to_evidence(platform, answer, bytes(64), where="fuzz")
+    except EvidenceSourceError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(obj=st.dictionaries(st.sampled_from(["version", "policy", "report_data", "measurement",
+                                            "reported_tcb", "signature", "current",
+                                            "cpuid_fam_id", "chip_id", "key_info"]), JSON))
+def test_any_sev_json_rebuilds_or_is_a_value_error(obj: dict[str, Any]) -> None:
+    try:
+        assert len(snp_report_from_sev_json(obj)) == 1184
+    except ValueError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=st.binary(max_size=400))
+def test_any_certificate_table_parses_or_is_a_value_error(table: bytes) -> None:
+    try:
+        parse_cert_table(table)
+    except ValueError:
+        pass
