@@ -7,6 +7,7 @@ The file-descriptor limit is raised before any sidecar starts (they inherit it),
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -124,6 +125,8 @@ def test_slowloris_handshakes_do_not_block_others(env: Env) -> None:
         worst = 0.0
         for i in range(10):  # one byte of a ClientHello per client every 300 ms
             tick = time.monotonic()
+            if tick - opened > HANDSHAKE_TIMEOUT - 1:
+                break  # a slow machine: stay inside the handshake timeout
             for s in slow:
                 s.sendall(hello[i:i + 1])
             worst = max(worst, _served(env, f"slowloris {i}"))
@@ -197,15 +200,16 @@ def test_2000_idle_mesh_connections(env: Env) -> None:
 @pytest.mark.parametrize("garbage", [
     b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n",
     b"\x16\x03\x01\xff\xff" + b"\x00" * 64,  # a TLS record header announcing 64 KiB
-    b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",  # a truncated ClientHello, then EOF below
+    b"\x16\x03\x01\x00\x40\x01\x00\x00\x3c\x03\x03",  # 11 of 69 bytes, then EOF (below)
     os.urandom(4096),
 ], ids=["http", "huge-record", "truncated-hello", "random"])
 def test_garbage_instead_of_tls_is_closed_without_traceback(env: Env, garbage: bytes) -> None:
     with connect(env.mesh.inbound["echo"]) as s:
         me = _name(s)
         s.sendall(garbage)
-        if garbage.startswith(b"\x16\x03\x01\x00\x05"):
-            s.shutdown(socket.SHUT_WR)
+        if garbage.startswith(b"\x16\x03\x01\x00\x40"):
+            with contextlib.suppress(OSError):  # unless the sidecar already reset it
+                s.shutdown(socket.SHUT_WR)
         s.settimeout(HANDSHAKE_TIMEOUT + 5)
         assert closed_by_peer(s), "the sidecar answered garbage with data"
     wait_refusal(env.mesh.backend, "tls_handshake_failed", peer=me)
@@ -271,7 +275,7 @@ def test_sigterm_drains_open_connections_then_exits(env: Env) -> None:
             s.settimeout(5)
             assert closed_by_peer(s), "the connection outlived the drain"
         assert rc == 0, m.backend.log()
-        assert drain - 0.5 < exited < drain + 2.0, exited
+        assert drain - 0.5 < exited < drain + 3.0, exited
         assert "stopped" in m.backend.lines
         # With nothing open, SIGTERM exits at once.
         t1 = time.monotonic()
