@@ -16,7 +16,11 @@ How runtime_data becomes report_data (read in guest-components' api-server-rest
 - With ``encoding=base64`` (guest-components PR #1487, merged 2026-05-22), the value is
   decoded as URL-safe base64 without padding into raw bytes.
 - The AA does **not hash** runtime data for SEV-SNP, TDX or SGX: the attester refuses
-  more than 64 bytes and zero-pads shorter input into REPORT_DATA.
+  more than 64 bytes and zero-pads shorter input into REPORT_DATA. One exception: a
+  recent SNP attester, in a guest running under an SVSM with the vTPM service, gets a
+  VMPL0 report from the SVSM, which binds SHA-512(runtime_data || vTPM manifest) and
+  adds ``svsm_manifest`` to the evidence. That REPORT_DATA can never equal SPEC §4's
+  value, so such evidence is refused here (the CAS would say report_data_mismatch).
 
 So meshshield sends its 64-byte binding, SHA-512("meshshield/v1" || nonce || SPKI), as
 unpadded URL-safe base64 with ``encoding=base64``, and the TEE's REPORT_DATA is exactly
@@ -302,6 +306,14 @@ def _tcb(value: object, name: str, turin: bool) -> bytes:
 
 
 def _snp_evidence(answer: Mapping[str, Any], report_data: bytes, where: str) -> dict[str, Any]:
+    if answer.get("svsm_manifest") is not None:
+        raise EvidenceSourceError(
+            f"{where} obtained the sev-snp report through the SVSM vTPM service "
+            "(svsm_manifest present): the SVSM puts SHA-512(runtime_data || vTPM manifest) "
+            "into REPORT_DATA, not the 64 bytes meshshield binds, so the CAS would refuse it "
+            "with report_data_mismatch. Use MESHSHIELD_EVIDENCE_SOURCE=configfs-tsm in the "
+            "guest (as root), or a guest without the SVSM vTPM service"
+        )
     raw = answer["attestation_report"]
     try:
         if isinstance(raw, Mapping):

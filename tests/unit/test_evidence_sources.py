@@ -494,6 +494,15 @@ def test_coco_snp_without_cert_chain_says_the_host_must_supply_it() -> None:
         aa_to_evidence(Platform.SEV_SNP, answer, snp_report_data(report), where="the fake AA")
 
 
+def test_coco_snp_report_from_the_svsm_vtpm_service_is_refused() -> None:
+    """Recent SNP attesters under an SVSM bind SHA-512(runtime_data || manifest)."""
+    report = vector(SNP_REPORT)
+    answer = aa_snp_answer(report, [("VCEK", vector(SNP_VCEK))])
+    answer["svsm_manifest"] = base64.b64encode(b"tpmt_public").decode()
+    with pytest.raises(EvidenceSourceError, match=r"SVSM vTPM.*SHA-512\(runtime_data"):
+        aa_to_evidence(Platform.SEV_SNP, answer, snp_report_data(report), where="the fake AA")
+
+
 def test_coco_answers_of_the_wrong_kind() -> None:
     quote_answer = {"quote": base64.b64encode(vector(TDX_QUOTE)).decode()}
     rd = tdx_report_data(vector(TDX_QUOTE))
