@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,36 @@ def test_a_revocation_while_connecting_to_the_app_still_refuses(
             client.settimeout(10)
             assert closed_by_peer(client)
         assert _live(m) == []
+
+
+def test_without_the_cas_new_connections_work_until_the_certificates_expire(
+        tmp_path: Path) -> None:
+    """Staleness is bounded by the certificate's lifetime: renewal needs the CAS."""
+    cas = CasProcess.start(tmp_path / "short", "--max-cert-ttl", "10s")
+    lt = LoopThread()
+    app = TcpBackend(lt, echo)
+    m: Mesh | None = None
+    try:
+        apply(cas, cas.sim_policy("shop"))
+        m = start_mesh(cas, "shop", {"echo": app.port})
+        port = m.outbound["echo"]
+        assert cas.stop(signal.SIGKILL) == -signal.SIGKILL
+        killed = time.time()
+        with connect(port) as s:
+            assert roundtrip(s, b"CAS gone, certificate valid\n") == \
+                b"CAS gone, certificate valid\n"
+        expiry = max(datetime.fromisoformat(status(sc)["identity"]["not_after"]).timestamp()
+                     for sc in (m.frontend, m.backend))
+        assert expiry - killed < 11
+        wait_until(lambda: time.time() > expiry + 0.5, 15, "the certificates to expire")
+        n = len(refusals(m.frontend))
+        _refused_through(port)
+        r = wait_refusal(m.frontend, "tls_handshake_failed", after=n)
+        assert "expired" in r["message"], r
+        no_traceback(m.backend, m.frontend)
+    finally:
+        if m is not None:
+            m.stop()
+        app.close()
+        lt.close()
+        cas.stop()
