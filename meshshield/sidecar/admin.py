@@ -31,7 +31,11 @@ class SidecarState:
 
     @property
     def ready(self) -> bool:
-        return self.identity.ready and self.listening and not self.draining
+        """Holding an unexpired certificate, listening, not draining. (An expired one,
+        kept while the CAS is unreachable, can no longer complete a handshake.)"""
+        held = self.identity.held
+        return (self.identity.ready and held is not None and self.listening
+                and not self.draining and held.not_after.timestamp() > time.time())
 
     def status(self) -> dict[str, Any]:
         cfg = self.identity.config
@@ -79,8 +83,10 @@ async def ready(request: web.Request) -> web.Response:
     st = request.app[STATE]
     if st.ready:
         return web.json_response({"ready": True})
-    why = ("draining" if st.draining else "no certificate yet" if not st.identity.ready
-           else "listeners not up")
+    held = st.identity.held
+    why = ("draining" if st.draining else "no certificate yet" if held is None
+           else "certificate expired; the CAS is needed to renew it"
+           if held.not_after.timestamp() <= time.time() else "listeners not up")
     return web.json_response({"ready": False, "reason": why}, status=503)
 
 

@@ -58,6 +58,10 @@ def _handshake_reason(e: BaseException) -> MeshError:
     ):
         return MeshError(Reason.CERTIFICATE_MISSING,
                          "peer presented no client certificate; only mesh sidecars may connect")
+    if "certificate has expired" in text:
+        return MeshError(Reason.TLS_HANDSHAKE_FAILED,
+                         "peer certificate has expired; the peer must attest again with the "
+                         f"CAS to renew it ({text})")
     if "certificate verify failed" in text or "unknown ca" in text.lower():
         return MeshError(Reason.TLS_HANDSHAKE_FAILED,
                          f"peer certificate does not chain to the mesh trust bundle ({text})")
@@ -240,7 +244,11 @@ class Proxy:
             async with asyncio.timeout(self.config.handshake_timeout):
                 await tls.handshake()
         except (OSError, ssl.SSLError, TimeoutError) as e:
-            self._refuse("inbound", local, peer, _handshake_reason(e))
+            if tls.bytes_received == 0 and not isinstance(e, TimeoutError):
+                # A TCP probe or port scan: count it, but keep the refusal list for peers.
+                self.metrics.refused.labels("inbound", "tls_handshake_failed").inc()
+            else:
+                self._refuse("inbound", local, peer, _handshake_reason(e))
             tls.abort()
             return
         cert = _peer_cert(tls)

@@ -70,6 +70,7 @@ class TlsStream(PlainStream):
             self._in, self._out, server_side=server_side, server_hostname=server_hostname
         )
         self._read_eof = False
+        self.bytes_received = 0
 
     async def _flush(self) -> None:
         if self._out.pending:
@@ -80,6 +81,7 @@ class TlsStream(PlainStream):
         if not data:
             self._in.write_eof()
             return False
+        self.bytes_received += len(data)
         self._in.write(data)
         return True
 

@@ -310,6 +310,9 @@ def test_without_the_cas_new_connections_work_until_the_certificates_expire(
         _refused_through(port)
         r = wait_refusal(m.frontend, "tls_handshake_failed", after=n)
         assert "expired" in r["message"], r
+        # an expired certificate is not "held": kubelet stops sending traffic
+        ready = m.frontend.get("/ready")
+        assert ready.status == 503 and b"expired" in ready.body, ready
         no_traceback(m.backend, m.frontend)
     finally:
         if m is not None:
