@@ -190,6 +190,18 @@ def cmd_measure(args: argparse.Namespace) -> int:
 # -- CAS ---------------------------------------------------------------------------------
 
 
+def _install_uvloop() -> None:
+    """uvloop when installed, unless MESHSHIELD_EVENT_LOOP=asyncio asks for the default."""
+    if os.environ.get("MESHSHIELD_EVENT_LOOP") == "asyncio":
+        return
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
 def _listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -249,12 +261,7 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     if sim_keys:
         print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
               "guarantee; use it for development only", file=sys.stderr, flush=True)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    _install_uvloop()
     try:
         asyncio.run(serve(config, host, port))
     except OSError as e:
@@ -388,12 +395,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             raise ConfigError(f"--cas-bundle {config.cas_bundle}: no such file")
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    _install_uvloop()
     try:
         return asyncio.run(run_sidecar(config))
     except OSError as e:

@@ -54,6 +54,9 @@ def mesh_server_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
+    # No session tickets: every connection is a full handshake with a fresh peer check
+    # (resumption would skip presenting the certificate), so tickets are pure cost.
+    ctx.num_tickets = 0
     return ctx
 
 

@@ -15,17 +15,20 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meshshield.errors import MeshError, Reason
 from meshshield.sidecar.config import Endpoint, InboundRoute, OutboundRoute, SidecarConfig
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.peercheck import check_peer
 from meshshield.sidecar.registry import Connection, ConnectionRegistry
-from meshshield.sidecar.streams import CHUNK, PlainStream, TlsStream
+from meshshield.sidecar.relay import Relay
+from meshshield.sidecar.streams import PlainStream, TlsStream
 
 log = logging.getLogger("meshshield.sidecar")
 
@@ -41,14 +44,33 @@ class SidecarMetrics:
                                registry=self.registry)
         self.active = Gauge("meshshield_sidecar_active_connections", "Live connections",
                             ["direction"], registry=self.registry)
-        self.bytes = Counter("meshshield_sidecar_bytes_total", "Bytes carried",
-                             ["direction", "way"], registry=self.registry)
+        # Bytes are counted per connection on the relay's hot path as plain integers and
+        # summed here at scrape time (a Counter's lock per chunk costs throughput).
+        self.bytes_closed: dict[tuple[str, str], int] = {}
+        self.live: Callable[[], Iterable[Connection]] = lambda: ()
+        self.registry.register(_BytesCollector(self))
         self.cas_reachable = Gauge("meshshield_sidecar_cas_reachable",
                                    "1 when the CAS event stream is connected",
                                    registry=self.registry)
         self.cert_expiry = Gauge("meshshield_sidecar_certificate_expiry_seconds",
                                  "Unix time the held certificate expires",
                                  registry=self.registry)
+
+
+class _BytesCollector(Collector):
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        totals = dict(self.metrics.bytes_closed)
+        for c in self.metrics.live():
+            for way, n in (("in", c.bytes_in), ("out", c.bytes_out)):
+                totals[(c.direction, way)] = totals.get((c.direction, way), 0) + n
+        fam = CounterMetricFamily("meshshield_sidecar_bytes", "Bytes carried",
+                                  labels=["direction", "way"])
+        for (direction, way), n in sorted(totals.items()):
+            fam.add_metric([direction, way], n)
+        yield fam
 
 
 def _handshake_reason(e: BaseException) -> MeshError:
@@ -71,42 +93,6 @@ def _handshake_reason(e: BaseException) -> MeshError:
                      f"TLS handshake failed: {text or type(e).__name__}")
 
 
-async def pump_both(a: PlainStream, b: PlainStream, conn: Connection | None,
-                    metrics: SidecarMetrics, direction: str) -> None:
-    """Copy a→b and b→a until both sides have sent EOF; half-close passes through."""
-
-    async def copy(src: PlainStream, dst: PlainStream, way: str) -> None:
-        counter = metrics.bytes.labels(direction, way)
-        while True:
-            data = await src.read(CHUNK)
-            if not data:
-                await dst.write_eof()
-                return
-            n = len(data)
-            if conn is not None:
-                if way == "in":
-                    conn.bytes_in += n
-                else:
-                    conn.bytes_out += n
-            counter.inc(n)
-            await dst.write(data)
-
-    t1 = asyncio.ensure_future(copy(a, b, "in"))
-    t2 = asyncio.ensure_future(copy(b, a, "out"))
-    try:
-        done, pending = await asyncio.wait({t1, t2}, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            t.result()
-        if pending:
-            await asyncio.gather(*pending)
-    finally:
-        for t in (t1, t2):
-            t.cancel()
-        for t in (t1, t2):
-            with contextlib.suppress(BaseException):
-                await t
-
-
 class Proxy:
     def __init__(self, config: SidecarConfig, identity: Identity, registry: ConnectionRegistry,
                  metrics: SidecarMetrics) -> None:
@@ -119,6 +105,7 @@ class Proxy:
         self.handlers: set[asyncio.Task[None]] = set()
         self.active = 0
         self.bound: dict[str, str] = {}
+        metrics.live = lambda: list(registry.live.values())
 
     # -- listening -------------------------------------------------------------------
     def _listen(self, ep: Endpoint) -> socket.socket:
@@ -214,15 +201,27 @@ class Proxy:
                 last = e if isinstance(e, OSError) else OSError(f"connect to {ep} timed out")
         raise last or OSError(f"cannot resolve {ep}")
 
-    async def _serve(self, conn: Connection, a: PlainStream, b: PlainStream) -> None:
+    async def _serve(self, conn: Connection, a: TlsStream, b: PlainStream) -> None:
         conn.task = asyncio.current_task()
         self.registry.add(conn)
         self.metrics.accepted.labels(conn.direction).inc()
         gauge = self.metrics.active.labels(conn.direction)
         gauge.inc()
+        relay = Relay(a, b)
+        conn.relay = relay
         try:
-            await pump_both(a, b, conn, self.metrics, conn.direction)
+            await relay.start()
+            await relay.done
+        except BaseException:
+            relay.abort()  # cancelled (a revoked peer, shutdown) or failed to start
+            raise
         finally:
+            relay.shutdown()
+            for way, n in (("in", relay.bytes_in), ("out", relay.bytes_out)):
+                key = (conn.direction, way)
+                self.metrics.bytes_closed[key] = self.metrics.bytes_closed.get(key, 0) + n
+            conn.relay = None
+            conn.bytes_in, conn.bytes_out = relay.bytes_in, relay.bytes_out
             gauge.dec()
             self.registry.remove(conn)
             if conn.closed_reason:

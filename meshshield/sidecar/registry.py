@@ -34,6 +34,7 @@ class Connection:
     bytes_in: int = 0  # from the mesh peer towards the app (inbound) / from the peer (outbound)
     bytes_out: int = 0
     task: asyncio.Task[Any] | None = field(default=None, repr=False)
+    relay: Any = field(default=None, repr=False)  # the live Relay, for its byte counts
     closed_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -54,8 +55,8 @@ class Connection:
             "cert_not_after": self.info.not_after,
             "tls_version": self.tls_version,
             "cipher": self.cipher,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
+            "bytes_in": self.relay.bytes_in if self.relay is not None else self.bytes_in,
+            "bytes_out": self.relay.bytes_out if self.relay is not None else self.bytes_out,
             "opened_at": rfc3339_from(self.opened_at),
         }
 

@@ -1,0 +1,238 @@
+"""The byte relay between two connected sockets, as asyncio protocols.
+
+Once a connection has passed the peer check, its two sockets (the TLS one, still
+driven through its `SSLObject` and memory BIOs, and the plaintext one) are handed to
+transports, and bytes flow from `data_received` straight into the other transport's
+`write`: no task switch per chunk, and each TLS receive decrypts every record it holds
+in one go.
+
+Backpressure: when one side's write buffer passes its high-water mark, the other side
+stops reading (`pause_reading`) until it drains, so a slow reader never makes the
+sidecar buffer without bound (at most the high-water mark plus one read per direction).
+Half-close: an EOF from one side (TCP FIN, or TLS close_notify) becomes an EOF towards
+the other (close_notify then TCP shutdown on the TLS side) while the way back stays
+open; the relay ends when both directions have ended or either side fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from typing import Any, cast
+
+from meshshield.sidecar.streams import CHUNK, PlainStream, TlsStream
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class _End(asyncio.Protocol):
+    def __init__(self, relay: Relay, tls: TlsStream | None) -> None:
+        self.relay = relay
+        self.tls = tls
+        self.transport: asyncio.Transport | None = None
+        self.peer: _End
+        self.eof_in = False  # this side sent us EOF
+        self.eof_out = False  # we sent this side EOF
+        # What the other side sent before this side's transport existed (the two
+        # transports start one after the other; the first may already be reading).
+        self.pending: list[bytes] = []
+        self.pending_eof = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        if self.tls is not None:
+            self.flush_tls()
+        for data in self.pending:
+            self.transport.write(data)
+        self.pending.clear()
+        if self.pending_eof:
+            self.send_eof()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is None:
+            self.relay.forward(self, data)
+            return
+        self.tls._in.write(data)  # noqa: SLF001 - the relay drives the stream's BIOs
+        self.drain_tls()
+
+    def eof_received(self) -> bool:
+        if self.tls is None:
+            self.got_eof()
+        else:
+            self.tls._in.write_eof()  # noqa: SLF001
+            self.drain_tls()
+        return True  # keep the transport open: the way back may still carry data
+
+    def pause_writing(self) -> None:
+        if self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer.transport is not None and not self.peer.eof_in:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.lost(self, exc)
+
+    # -- relay side ----------------------------------------------------------------------
+    def drain_tls(self) -> None:
+        """Decrypt every complete record the BIO holds and pass the bytes on."""
+        assert self.tls is not None
+        obj = self.tls.obj
+        parts: list[bytes] = []
+        eof = False
+        while True:
+            try:
+                data = obj.read(CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                eof = True
+                break
+            except ssl.SSLError as e:
+                self.relay.fail(self, e)
+                return
+            if not data:
+                eof = True
+                break
+            parts.append(data)
+        self.flush_tls()  # e.g. the answer to a key update
+        if parts:
+            self.relay.forward(self, b"".join(parts))
+        if eof:
+            self.got_eof()
+
+    def flush_tls(self) -> None:
+        assert self.tls is not None
+        out = self.tls._out  # noqa: SLF001
+        if out.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out.read())
+
+    def got_eof(self) -> None:
+        if self.eof_in:
+            return
+        self.eof_in = True
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+        self.peer.send_eof()
+        self.relay.check_done()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and self.transport.is_closing():
+            return
+        if self.tls is None:
+            if self.transport is None:
+                self.pending.append(data)
+            else:
+                self.transport.write(data)
+            return
+        view = memoryview(data)
+        while view:
+            n = self.tls.obj.write(view)
+            view = view[n:]
+        self.flush_tls()
+
+    def send_eof(self) -> None:
+        if self.transport is None:
+            self.pending_eof = True
+            return
+        if self.eof_out or self.transport.is_closing():
+            return
+        self.eof_out = True
+        if self.tls is not None:
+            with contextlib.suppress(ssl.SSLError):
+                self.tls.obj.unwrap()  # close_notify; TLS 1.3 lets the peer keep sending
+            self.flush_tls()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+
+class Relay:
+    """Carries bytes both ways between two ends; `done` resolves when it has ended."""
+
+    def __init__(self, mesh: TlsStream, app: PlainStream) -> None:
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.bytes_in = 0  # from the mesh peer towards the app
+        self.bytes_out = 0
+        self._mesh, self._app = mesh, app
+        self.a = _End(self, mesh)
+        self.b = _End(self, None)
+        self.a.peer, self.b.peer = self.b, self.a
+        self.failed = False
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: self.a, _detach(self._mesh.sock))
+        await loop.connect_accepted_socket(lambda: self.b, _detach(self._app.sock))
+        # Bytes that arrived with the handshake, and session tickets queued by it.
+        self.a.flush_tls()
+        self.a.drain_tls()
+
+    def forward(self, src: _End, data: bytes) -> None:
+        if src is self.a:
+            self.bytes_in += len(data)
+        else:
+            self.bytes_out += len(data)
+        src.peer.send(data)
+
+    def check_done(self) -> None:
+        if self.a.eof_in and self.b.eof_in:
+            self.close()
+
+    def lost(self, end: _End, exc: Exception | None) -> None:
+        other = end.peer
+        if exc is not None or not end.eof_in:
+            self.failed = True
+        if other.transport is not None and not other.transport.is_closing():
+            if not self.failed:
+                other.send_eof()
+                other.transport.close()  # flush what is buffered, then close
+            else:
+                other.transport.abort()
+        self._finish()
+
+    def shutdown(self) -> None:
+        """After `done` (or on cancellation): no transport of this relay stays open, even
+        one that was still being created when the other side went away."""
+        if self.failed:
+            self.abort()
+        else:
+            self.close()
+
+    def fail(self, end: _End, exc: Exception) -> None:
+        del exc
+        self.abort()
+
+    def close(self) -> None:
+        for end in (self.a, self.b):
+            if end.transport is not None and not end.transport.is_closing():
+                end.transport.close()
+        self._finish()
+
+    def abort(self) -> None:
+        """Cut both sides now (a revoked peer): a TCP reset, nothing more forwarded."""
+        for end in (self.a, self.b):
+            if end.transport is not None:
+                sock: Any = end.transport.get_extra_info("socket")
+                with contextlib.suppress(OSError, AttributeError, TypeError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                end.transport.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _detach(sock: socket.socket) -> socket.socket:
+    """A socket object the transport may own; the stream's object is left closed-safe."""
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
