@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -186,7 +188,9 @@ class Proxy:
 
     async def _connect(self, ep: Endpoint) -> socket.socket:
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+        infos = _literal_address(ep)
+        if infos is None:  # a name: resolve (getaddrinfo runs in a thread, so only then)
+            infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
         last: OSError | None = None
         for family, stype, proto, _c, addr in infos:
             s = socket.socket(family, stype, proto)
@@ -322,6 +326,15 @@ class Proxy:
         conn = Connection(self.registry.next_id(), "outbound", local, str(route.target), info,
                           cert, tls.version(), tls.cipher(), time.time(), expected=expected)
         await self._serve(conn, tls, app)
+
+
+def _literal_address(ep: Endpoint) -> list[tuple[Any, Any, int, str, Any]] | None:
+    try:
+        ip = ipaddress.ip_address(ep.host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ep.host, ep.port))]
 
 
 def _name(s: socket.socket) -> str:
