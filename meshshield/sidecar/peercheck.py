@@ -18,6 +18,7 @@ forwarded:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from meshshield.attestation.claims import Claims, Platform, TcbStatus
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import serial_hex
 from meshshield.pki.claims_ext import claims_from_certificate
-from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
+from meshshield.pki.spiffe import SpiffeId, parse_spiffe_id, spiffe_id_of
 from meshshield.policy import IgnoreAdvisories, PeerRef, Tolerance, check_tolerances
 
 
@@ -117,6 +118,26 @@ def _claims_object(c: Mapping[str, Any]) -> Claims:
     )
 
 
+_Facts = tuple[str | None, SpiffeId | None, dict[str, Any], str, str]
+
+
+@functools.lru_cache(maxsize=4096)
+def _facts(cert: x509.Certificate) -> _Facts | MeshError:
+    """What a certificate says, parsed once per certificate (a peer presents the same one
+    on every connection until it renews). Certificates hash and compare by their DER."""
+    try:
+        uri = spiffe_id_of(cert)
+        sid = parse_spiffe_id(uri) if uri else None
+    except ValueError as e:
+        return MeshError(Reason.PEER_NOT_ALLOWED, f"peer SPIFFE ID is malformed: {e}")
+    try:
+        claims = claims_from_certificate(cert)
+    except MeshError as e:
+        return e
+    return (uri, sid, claims, serial_hex(cert),
+            cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
 def check_peer(
     cert: x509.Certificate | None,
     view: TrustView,
@@ -132,11 +153,10 @@ def check_peer(
             "peer presented no certificate; mesh peers must present their attested "
             "certificate (is the client a meshshield sidecar?)",
         )
-    try:
-        uri = spiffe_id_of(cert)
-        sid = parse_spiffe_id(uri) if uri else None
-    except ValueError as e:
-        raise MeshError(Reason.PEER_NOT_ALLOWED, f"peer SPIFFE ID is malformed: {e}") from None
+    facts = _facts(cert)
+    if isinstance(facts, MeshError):
+        raise MeshError(facts.reason, facts.message)
+    uri, sid, claims, serial, not_after = facts
     if sid is None or sid.trust_domain != view.trust_domain or len(sid.path_segments) != 2:
         raise MeshError(
             Reason.PEER_NOT_ALLOWED,
@@ -145,14 +165,12 @@ def check_peer(
         )
     peer_session, peer_service = sid.path_segments
     who = f"peer {peer_session}/{peer_service}"
-    claims = claims_from_certificate(cert)
     if claims.get("session") != peer_session or claims.get("service") != peer_service:
         raise MeshError(
             Reason.PEER_NOT_ALLOWED,
             f"{who}: claims name {claims.get('session')}/{claims.get('service')}, "
             "which does not match the certificate's SPIFFE ID",
         )
-    serial = serial_hex(cert)
     if serial in view.revoked_serials:
         raise MeshError(
             Reason.REVOKED,
@@ -191,6 +209,6 @@ def check_peer(
         session=peer_session,
         service=peer_service,
         serial=serial,
-        not_after=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        not_after=not_after,
         claims=claims,
     )
