@@ -342,9 +342,14 @@ def _name(s: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A peer presents the same certificate on every connection until it renews: one shared
+# object per certificate keeps idle connections small and the peer check's cache warm.
+_load_certificate = functools.lru_cache(maxsize=4096)(x509.load_der_x509_certificate)
+
+
 def _peer_cert(tls: TlsStream) -> x509.Certificate | None:
     der = tls.peer_certificate_der()
-    return x509.load_der_x509_certificate(der) if der else None
+    return _load_certificate(der) if der else None
 
 
 def _spiffe(cert: x509.Certificate | None) -> str | None:
