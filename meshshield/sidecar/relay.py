@@ -20,10 +20,9 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import struct
-from typing import Any, cast
+from typing import cast
 
-from meshshield.sidecar.streams import PlainStream, TlsStream
+from meshshield.sidecar.streams import PlainStream, TlsStream, reset_on_close
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -61,14 +60,14 @@ class _End(asyncio.Protocol):
         if self.tls is None:
             self.relay.forward(self, data)
             return
-        self.tls._in.write(data)  # noqa: SLF001 - the relay drives the stream's BIOs
+        self.tls.incoming.write(data)
         self.drain_tls()
 
     def eof_received(self) -> bool:
         if self.tls is None:
             self.got_eof()
         else:
-            self.tls._in.write_eof()  # noqa: SLF001
+            self.tls.incoming.write_eof()
             self.drain_tls()
         return True  # keep the transport open: the way back may still carry data
 
@@ -121,7 +120,7 @@ class _End(asyncio.Protocol):
 
     def flush_tls(self) -> None:
         assert self.tls is not None
-        out = self.tls._out  # noqa: SLF001
+        out = self.tls.outgoing
         if out.pending and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out.read())
 
@@ -232,9 +231,7 @@ class Relay:
         """Cut both sides now (a revoked peer): a TCP reset, nothing more forwarded."""
         for end in (self.a, self.b):
             if end.transport is not None:
-                sock: Any = end.transport.get_extra_info("socket")
-                with contextlib.suppress(OSError, AttributeError, TypeError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(end.transport.get_extra_info("socket"))
                 end.transport.abort()
         self._finish()
 
