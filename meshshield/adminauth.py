@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.errors import MeshError, Reason
+from meshshield.pki.keys import spki_der, spki_fingerprint
 
 SCHEME = "MeshShield-Sig"
 DOMAIN = "meshshield-admin/v1"
@@ -42,13 +43,6 @@ MAX_SKEW = 300.0
 MAX_HEADER = 4096
 ADMIN_KEY_FILE = "admin.key"
 ADMIN_PUB_FILE = "admin.pub.pem"
-
-
-def fingerprint_of(public_key: ec.EllipticCurvePublicKey) -> str:
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
 
 
 def _signed_bytes(method: str, path_qs: str, ts: str, nonce: str, body: bytes) -> bytes:
@@ -74,7 +68,7 @@ def write_admin_key(out_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, str]:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     (out_dir / ADMIN_PUB_FILE).write_bytes(pub)
-    return key, fingerprint_of(key.public_key())
+    return key, spki_fingerprint(key.public_key())
 
 
 def load_admin_key(key_dir: Path) -> ec.EllipticCurvePrivateKey:
@@ -104,9 +98,7 @@ def sign_request(
     ts = str(int(time.time() if now is None else now))
     nonce = base64.b64encode(secrets.token_bytes(16)).decode()
     sig = key.sign(_signed_bytes(method, path_qs, ts, nonce, body), ec.ECDSA(hashes.SHA256()))
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = spki_der(key.public_key())
     return (
         f"{SCHEME} key={base64.b64encode(spki).decode()}, ts={ts}, nonce={nonce}, "
         f"sig={base64.b64encode(sig).decode()}"
@@ -199,7 +191,7 @@ def verify_request(
             "request signature does not verify for this method, path and body; "
             "the request was altered or signed for another request"
         ) from None
-    fp = fingerprint_of(pub)
+    fp = spki_fingerprint(pub)
     if not guard.check_and_remember(fp, fields["nonce"], now):
         raise _unauth("this signed request was already used (replay); sign each request anew")
     return AdminIdentity(fp)

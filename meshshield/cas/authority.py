@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.attestation.claims import NONCE_SIZE, Claims, Platform, expected_report_data
@@ -37,7 +36,7 @@ from meshshield.cas.store import (
 )
 from meshshield.clock import Clock, SystemClock, rfc3339
 from meshshield.errors import MeshError, PolicyError, Reason
-from meshshield.pki.ca import issue_leaf, serial_hex
+from meshshield.pki.ca import cert_pem, issue_leaf, serial_hex
 from meshshield.pki.claims_ext import certificate_claims
 from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
@@ -486,7 +485,7 @@ class Authority:
             claims=cert_claims,
         )
         serial = serial_hex(cert)
-        leaf_pem = cert_to_pem(cert)
+        leaf_pem = cert_pem(cert)
         self.store.record_certificate(
             IssuedCertificate(
                 serial=serial,
@@ -507,7 +506,7 @@ class Authority:
             rfc3339(cert.not_valid_after_utc),
         )
         return {
-            "certificate": leaf_pem + cert_to_pem(signer.cert),
+            "certificate": leaf_pem + cert_pem(signer.cert),
             "bundle": self.ca.bundle_pem(now),
             "spiffe_id": sid,
             "serial": serial,
@@ -547,8 +546,3 @@ class Authority:
             n for n, s in self._sessions.items() if who in s.policy.readers(s.record.creator)
         }
 
-
-def cert_to_pem(cert: x509.Certificate) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    return cert.public_bytes(serialization.Encoding.PEM).decode()

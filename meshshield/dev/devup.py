@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from meshshield.adminauth import ADMIN_KEY_FILE, fingerprint_of, load_admin_key, write_admin_key
+from meshshield.adminauth import ADMIN_KEY_FILE, load_admin_key, write_admin_key
 from meshshield.attestation.measure import MeasureError, measure_paths
 from meshshield.attestation.sim import (
     PRIVATE_KEY_FILE,
@@ -27,6 +27,7 @@ from meshshield.attestation.sim import (
 from meshshield.casclient import CasClient
 from meshshield.dev.devfile import DevFile, DevService
 from meshshield.dev.procs import Child, ChildFailed, announced, start_cas, start_sidecar
+from meshshield.pki.keys import spki_fingerprint
 from meshshield.status import table
 
 START_TIMEOUT = 30.0
@@ -95,7 +96,7 @@ class DevUp:
         admin = self.state / "admin"
         if not (admin / ADMIN_KEY_FILE).exists():
             write_admin_key(admin)
-        fp = fingerprint_of(load_admin_key(admin).public_key())
+        fp = spki_fingerprint(load_admin_key(admin).public_key())
         sim = self.state / "sim"
         if not (sim / PRIVATE_KEY_FILE).exists():
             write_sim_platform_key(generate_sim_platform_key(), sim)

@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 from meshshield.adminauth import (
     MAX_SKEW,
     ReplayGuard,
-    fingerprint_of,
     load_admin_key,
     sign_request,
     verify_request,
     write_admin_key,
 )
 from meshshield.errors import MeshError, Reason
+from meshshield.pki.keys import spki_fingerprint
 
 NOW = 1_800_000_000.0
 
@@ -37,7 +37,7 @@ def _verify(header: str | None, method: str = "POST", path: str = "/v1/sessions"
 
 def test_round_trip_names_the_signer(key: ec.EllipticCurvePrivateKey) -> None:
     h = sign_request(key, "POST", "/v1/sessions", b"x", now=NOW)
-    assert _verify(h) == fingerprint_of(key.public_key())
+    assert _verify(h) == spki_fingerprint(key.public_key())
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_non_p256_key_is_refused() -> None:
 def test_keygen_writes_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:
     key, fp = write_admin_key(tmp_path / "a")
     assert (tmp_path / "a" / "admin.key").stat().st_mode & 0o777 == 0o600
-    assert fingerprint_of(load_admin_key(tmp_path / "a").public_key()) == fp
+    assert spki_fingerprint(load_admin_key(tmp_path / "a").public_key()) == fp
     with pytest.raises(FileExistsError):
         write_admin_key(tmp_path / "a")
     (tmp_path / "junk").write_text("nope")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from meshshield.adminauth import fingerprint_of
 from meshshield.attestation.measure import measure_paths
 from meshshield.attestation.sim import generate_sim_platform_key
 from meshshield.attestclient import AttestRequest, build_attest_body
@@ -16,7 +15,7 @@ from meshshield.cas.authority import Authority, CasConfig
 from meshshield.cas.sqlite_store import SqliteStore
 from meshshield.clock import FixedClock
 from meshshield.errors import MeshError, Reason
-from meshshield.pki.keys import generate_p256
+from meshshield.pki.keys import generate_p256, spki_fingerprint
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 ADMIN = "a" * 64
@@ -152,7 +151,7 @@ def test_only_cas_admins_rotate(world: tuple[Authority, FixedClock, Path]) -> No
 
 def test_access_policy_names_readers(world: tuple[Authority, FixedClock, Path]) -> None:
     a, _clock, _root = world
-    other = fingerprint_of(generate_p256().public_key())
+    other = spki_fingerprint(generate_p256().public_key())
     with pytest.raises(MeshError) as e:
         a.read_session(other, "shop")
     assert e.value.reason is Reason.FORBIDDEN
