@@ -58,5 +58,12 @@ class JsonErrorAppRunner(web.AppRunner):
         return server
 
 
+def bound_port(site: web.TCPSite, requested: int) -> int:
+    """The port a site listens on (the kernel's choice for port 0). aiohttp exposes no
+    public accessor for it."""
+    sockets = getattr(site._server, "sockets", None)  # noqa: SLF001
+    return int(sockets[0].getsockname()[1]) if sockets else requested
+
+
 def runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     return JsonErrorAppRunner(app, access_log=None, handle_signals=False, **kwargs)

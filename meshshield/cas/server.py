@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from meshshield.cas.authority import Authority, CasConfig
 from meshshield.cas.http import create_app
 from meshshield.cas.sqlite_store import SqliteStore
+from meshshield.httpserver import bound_port
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert
 from meshshield.pki.keys import generate_p256
@@ -130,11 +131,7 @@ async def serve(config: CasConfig, host: str, port: int) -> None:
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=server.ssl, backlog=1024)
     await site.start()
-    bound = port
-    # aiohttp has no public accessor for the bound port (needed for --listen HOST:0).
-    sockets = getattr(site._server, "sockets", None)  # noqa: SLF001
-    if sockets:
-        bound = sockets[0].getsockname()[1]
+    bound = bound_port(site, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"listening https://{shown}:{bound}", flush=True)
     print(f"bundle {config.data_dir / 'bundle.pem'}", flush=True)

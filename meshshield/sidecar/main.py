@@ -10,6 +10,7 @@ import signal
 import aiohttp
 from aiohttp import web
 
+from meshshield.httpserver import bound_port
 from meshshield.sidecar.admin import SidecarState, create_admin_app
 from meshshield.sidecar.caslink import CasLink
 from meshshield.sidecar.config import Endpoint, SidecarConfig
@@ -25,8 +26,7 @@ async def _site(app: web.Application, ep: Endpoint) -> tuple[web.AppRunner, str]
     await runner.setup()
     site = web.TCPSite(runner, ep.host, ep.port)
     await site.start()
-    sockets = getattr(site._server, "sockets", None)  # noqa: SLF001 - bound port for :0
-    port = sockets[0].getsockname()[1] if sockets else ep.port
+    port = bound_port(site, ep.port)
     return runner, str(Endpoint(ep.host, port))
 
 
