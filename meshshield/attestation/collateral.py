@@ -250,6 +250,24 @@ def _module_status(
     return False, None, ()
 
 
+def verify_quote(
+    quote: dcap.Quote,
+    *,
+    at: datetime,
+    roots: Sequence[x509.Certificate],
+    qe_mrsigner: bytes,
+    collateral: Collateral | None,
+    tdx: tuple[bytes, bytes, bytes] | None,
+) -> TcbVerdict:
+    """Signatures and PCK chain of a parsed SGX or TDX quote, then its TCB status from
+    `collateral` (unknown without it). `tdx` as for `evaluate_tcb`."""
+    chain = dcap.verify_quote_signatures(quote, at=at, roots=roots, qe_mrsigner=qe_mrsigner)
+    if collateral is None:
+        return TcbVerdict.unknown()
+    return evaluate_tcb(collateral, chain=chain, qe_report=quote.sig.qe_report, tdx=tdx,
+                        at=at, roots=roots)
+
+
 def evaluate_tcb(
     collateral: Collateral,
     *,

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from meshshield.attestation import dcap, pck
 from meshshield.attestation.claims import Claims, Platform
-from meshshield.attestation.collateral import Collateral, TcbVerdict, evaluate_tcb
+from meshshield.attestation.collateral import Collateral, verify_quote
 from meshshield.errors import EvidenceError, Reason
 
 
@@ -53,12 +53,8 @@ def verify_sgx_quote(
     at = pck.require_aware(at)
     trusted = pck.trusted_intel_roots(roots)
     q, report = parse_sgx_quote(quote)
-    chain = dcap.verify_quote_signatures(q, at=at, roots=trusted, qe_mrsigner=dcap.SGX_QE3_MRSIGNER)
-    verdict = TcbVerdict.unknown()
-    if collateral is not None:
-        verdict = evaluate_tcb(
-            collateral, chain=chain, qe_report=q.sig.qe_report, tdx=None, at=at, roots=trusted
-        )
+    verdict = verify_quote(q, at=at, roots=trusted, qe_mrsigner=dcap.SGX_QE3_MRSIGNER,
+                           collateral=collateral, tdx=None)
     extra: dict[str, object] = {
         "mrenclave": report.mr_enclave.hex(),
         "mrsigner": report.mr_signer.hex(),

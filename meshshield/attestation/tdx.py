@@ -25,7 +25,7 @@ from cryptography import x509
 
 from meshshield.attestation import dcap, pck
 from meshshield.attestation.claims import Claims, Platform
-from meshshield.attestation.collateral import Collateral, TcbVerdict, evaluate_tcb
+from meshshield.attestation.collateral import Collateral, TcbVerdict, verify_quote
 from meshshield.errors import EvidenceError, Reason
 
 
@@ -104,17 +104,9 @@ def verify_tdx_quote(
     at = pck.require_aware(at)
     trusted = pck.trusted_intel_roots(roots)
     q, td = parse_tdx_quote(quote)
-    chain = dcap.verify_quote_signatures(q, at=at, roots=trusted, qe_mrsigner=dcap.TDX_QE_MRSIGNER)
-    verdict = TcbVerdict.unknown()
-    if collateral is not None:
-        verdict = evaluate_tcb(
-            collateral,
-            chain=chain,
-            qe_report=q.sig.qe_report,
-            tdx=(td.tee_tcb_svn, td.mr_signer_seam, td.seam_attributes),
-            at=at,
-            roots=trusted,
-        )
+    verdict = verify_quote(q, at=at, roots=trusted, qe_mrsigner=dcap.TDX_QE_MRSIGNER,
+                           collateral=collateral,
+                           tdx=(td.tee_tcb_svn, td.mr_signer_seam, td.seam_attributes))
     return _claims(q, td, verdict)
 
 
