@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshshield.attestation.dcap import EnclaveReport
 from meshshield.attestation.pck import PARSE_ERRORS, check_readable, verify_p256
 from meshshield.errors import EvidenceError, Reason
+from meshshield.strictjson import no_duplicate_keys
 
 _MAX_FILE = 4 << 20
 _MAX_FILES = 512
@@ -159,15 +160,6 @@ class QeIdentity:
 # --- JSON with exact signed bytes ------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def _skip(text: str, i: int) -> int:
     while i < len(text) and text[i] in _WS:
         i += 1
@@ -176,7 +168,7 @@ def _skip(text: str, i: int) -> int:
 
 def _top_level(text: str, source: str) -> dict[str, tuple[Any, int, int]]:
     """Members of the top-level JSON object: key -> (value, start, end) in `text`."""
-    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+    decoder = json.JSONDecoder(object_pairs_hook=no_duplicate_keys)
     members: dict[str, tuple[Any, int, int]] = {}
     try:
         i = _skip(text, 0)

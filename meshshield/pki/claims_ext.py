@@ -23,6 +23,7 @@ from cryptography import x509
 from meshshield.attestation.claims import Claims, Platform, TcbStatus
 from meshshield.clock import rfc3339
 from meshshield.errors import MeshError, Reason
+from meshshield.strictjson import no_duplicate_keys
 
 CLAIMS_OID = x509.ObjectIdentifier("2.25.64512675946787070938330132843556121317")
 
@@ -170,15 +171,6 @@ def _refuse(message: str) -> MeshError:
     )
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def _no_constants(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
@@ -193,7 +185,7 @@ def decode_claims(value: bytes) -> dict[str, Any]:
         raise _refuse(f"value is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
         obj = json.loads(
-            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants
+            text, object_pairs_hook=no_duplicate_keys, parse_constant=_no_constants
         )
     except (ValueError, RecursionError) as e:
         raise _refuse(f"value is not valid JSON ({e})") from None
