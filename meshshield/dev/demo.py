@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from meshshield.dev.procs import (
     Child,
     ChildFailed,
     announced,
+    free_port,
     start_cas,
     start_sidecar,
 )
@@ -118,12 +118,6 @@ security:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback admin API
         return json.loads(r.read())
@@ -166,7 +160,7 @@ def run_demo() -> int:
 
         n.say("Starting orders-api and both sidecars; each sidecar attests before it listens")
         # Everything starts at once: the ports that link them are chosen up front.
-        app_port, mesh_port = _free_port(), _free_port()
+        app_port, mesh_port = free_port(), free_port()
         app_at, mesh_in = f"127.0.0.1:{app_port}", f"127.0.0.1:{mesh_port}"
         app = Child("orders-api", [sys.executable, str(api / "app.py"), str(app_port)],
                     root / "logs" / "orders-api.log")

@@ -26,7 +26,14 @@ from meshshield.attestation.sim import (
 )
 from meshshield.casclient import CasClient
 from meshshield.dev.devfile import DevFile, DevService
-from meshshield.dev.procs import Child, ChildFailed, announced, start_cas, start_sidecar
+from meshshield.dev.procs import (
+    Child,
+    ChildFailed,
+    announced,
+    free_port,
+    start_cas,
+    start_sidecar,
+)
 from meshshield.pki.keys import spki_fingerprint
 from meshshield.status import table
 
@@ -36,12 +43,6 @@ EARLY_EXIT_WINDOW = 1.0
 
 class DevUpFailed(Exception):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _check_free(port: int, what: str) -> None:
@@ -108,7 +109,7 @@ class DevUp:
             p: dict[str, int] = {}
             if s.port is not None:
                 p["app"] = s.port
-                p["mesh"] = s.mesh_port or _free_port()
+                p["mesh"] = s.mesh_port or free_port()
                 if s.mesh_port:
                     _check_free(s.mesh_port, f"{s.name}.mesh_port")
                 if s.command is not None:
@@ -116,7 +117,7 @@ class DevUp:
             for target, port in s.calls.items():
                 if port is not None:
                     _check_free(port, f"{s.name}.calls.{target}")
-                p["call:" + target] = port or _free_port()
+                p["call:" + target] = port or free_port()
             plan[s.name] = p
         return plan
 

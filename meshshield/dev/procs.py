@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -91,6 +92,13 @@ class Child:
         self._reader.join(2)
         self._log_file.close()
         return rc
+
+
+def free_port() -> int:
+    """A loopback port free right now (children are then told to bind it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_cas(state: Path, *, admin_fp: str, sim_pub: Path, listen: str = "127.0.0.1:0",
