@@ -27,6 +27,7 @@ from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import serial_hex
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
 from meshshield.policy import PolicyInvalid
+from meshshield.runtime import register_runtime_gauges
 
 log = logging.getLogger("meshshield.cas")
 
@@ -66,6 +67,7 @@ class CasMetrics:
         self.subscribers = Gauge(
             "meshshield_cas_event_subscribers", "Open /v1/events streams", registry=self.registry
         )
+        register_runtime_gauges(self.registry, "meshshield_cas")
 
 
 class EventHub:

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from meshshield.clock import rfc3339
+from meshshield.runtime import runtime_counts
 from meshshield.sidecar.caslink import CasLink
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.proxy import Proxy, SidecarMetrics
@@ -73,6 +74,7 @@ class SidecarState:
             ],
             "connections": len(self.registry.live),
             "uptime_seconds": round(time.time() - self.started, 1),
+            "runtime": runtime_counts(),
         }
 
 

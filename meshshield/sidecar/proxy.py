@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshshield.errors import MeshError, Reason
+from meshshield.runtime import register_runtime_gauges
 from meshshield.sidecar.config import Endpoint, InboundRoute, OutboundRoute, SidecarConfig
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.peercheck import check_peer
@@ -57,6 +58,7 @@ class SidecarMetrics:
         self.cert_expiry = Gauge("meshshield_sidecar_certificate_expiry_seconds",
                                  "Unix time the held certificate expires",
                                  registry=self.registry)
+        register_runtime_gauges(self.registry, "meshshield_sidecar")
 
 
 class _BytesCollector(Collector):
