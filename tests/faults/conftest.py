@@ -12,8 +12,8 @@ conftest puts both folders on sys.path, so a scenario imports them by name:
 and it offers four fixtures:
 
 - ``fault_cas``: a CAS on a fixed loopback port (a relaunch on the same data comes
-  back at the same URL, where the sidecars look for it), with ``tolerate:
-  [simulation]`` policies applied by the scenario; stopped at teardown.
+  back at the same URL, where the sidecars look for it); stopped at teardown. More
+  `cas serve` flags with a marker: ``@pytest.mark.cas_args("--max-cert-ttl", "20s")``.
 - ``echo_port``: an echo TCP backend (every byte back, EOF passed on).
 - ``meshes``: ``meshes(cas, session, {"echo": port}, **start_mesh_kwargs) -> Mesh``
   starts a backend and a frontend sidecar; all are stopped at teardown, and a
@@ -81,6 +81,11 @@ from meshpeers import (  # noqa: E402
 LEAK_DEADLINE = 20.0  # seconds for counts to come back to their baseline
 FD_TOLERANCE = 4
 TASK_TOLERANCE = 3
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cas_args(*flags): extra `meshshield cas serve` flags for fault_cas")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -242,9 +247,11 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[LeakCheck]:
 
 
 @pytest.fixture
-def fault_cas(tmp_path: Path) -> Iterator[CasProcess]:
+def fault_cas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CasProcess]:
+    marker = request.node.get_closest_marker("cas_args")
+    extra = tuple(str(a) for a in marker.args) if marker else ()
     (port,) = free_ports(1)
-    cas = CasProcess.start(tmp_path / "mesh", "--listen", f"{LOOPBACK}:{port}")
+    cas = CasProcess.start(tmp_path / "mesh", "--listen", f"{LOOPBACK}:{port}", *extra)
     try:
         yield cas
     finally:
