@@ -214,9 +214,9 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
 
     from meshshield.attestation.sim import SimKeyError, load_sim_public_key
     from meshshield.cas.authority import CasConfig
-    from meshshield.cas.server import default_kek_path, serve
+    from meshshield.cas.server import default_kek_path, serve, state_files
     from meshshield.clock import parse_duration
-    from meshshield.pki.seal import load_or_create_kek
+    from meshshield.pki.seal import SealedKeyError, load_kek, load_or_create_kek
 
     if args.database and not args.database.startswith("sqlite"):
         _err(f"--database {args.database.split(':')[0]}: only the built-in SQLite store is "
@@ -242,8 +242,17 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     kek_path = Path(
         args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE") or default_kek_path(data)
     )
+    # The KEK is created on a first start only: with state present, a new one could
+    # never open the sealed CA key, so a missing one is restored, never replaced.
+    found = state_files(data) if data.is_dir() else []
     try:
-        kek = load_or_create_kek(kek_path)
+        kek = load_kek(kek_path) if found else load_or_create_kek(kek_path)
+    except FileNotFoundError:
+        _err(f"key-encryption secret {kek_path} is missing, but {data} holds CAS state "
+             f"({', '.join(found)}) sealed under it; restore the KEK file from its backup "
+             "or secret store (or point --kek-file / MESHSHIELD_CAS_KEK_FILE at it) and "
+             "start again. A new KEK cannot open the existing CA key, so none is created")
+        return 1
     except (OSError, ValueError, MeshError) as e:
         _err(f"key-encryption secret {kek_path}: {e}")
         return 1
@@ -266,6 +275,11 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(config, host, port))
     except OSError as e:
         _err(f"cannot serve on {args.listen}: {e.strerror or e}")
+        return 1
+    except SealedKeyError as e:
+        _err(f"{e.message}. Key-encryption secret used: {kek_path}; restore the KEK file "
+             f"this data folder was created with (from its backup or secret store), or "
+             "restore the data folder that matches this KEK")
         return 1
     except MeshError as e:
         _err(e.message)

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -107,8 +107,9 @@ class Authority:
         self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
 
     # -- state cache ------------------------------------------------------------
-    def start(self) -> None:
-        self.ca.ensure(self.clock.now())
+    def start(self, found: Sequence[str] = (), where: str = "the store") -> None:
+        """Load (or, in empty state only, create) the CA; `found`: state outside the store."""
+        self.ca.ensure(self.clock.now(), found, where)
         self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> bool:

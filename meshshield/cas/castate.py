@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -10,6 +11,7 @@ from cryptography import x509
 
 from meshshield.cas.store import CaStoredRecord, Store
 from meshshield.clock import rfc3339
+from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import CaRecord, CaSet, cert_pem, generate_ca
 from meshshield.pki.seal import seal_private_key, unseal_private_key
 
@@ -36,11 +38,29 @@ class CaState:
             raise RuntimeError("CA not loaded")
         return self._set
 
-    def ensure(self, now: datetime) -> bool:
-        """Create the first CA if the store has none. True if one was created."""
+    def ensure(self, now: datetime, found: Sequence[str] = (), where: str = "the store") -> bool:
+        """Create the first CA, but only in empty state. True if one was created.
+
+        `found` names state seen outside the store (e.g. a bundle.pem). A store or a data
+        folder that holds anything but no CA lost its CA: making a new one would silently
+        replace the mesh's trust, so the CAS refuses to start instead."""
         if self._store.load_cas():
             self.reload(now)
             return False
+        found = [*found, *(
+            f"{n} {kind}{'' if n == 1 else 's'}"
+            for kind, n in self._store.record_counts().items() if n
+        )]
+        if found:
+            raise MeshError(
+                Reason.INTERNAL,
+                f"the CAS state in {where} has no CA: found {', '.join(found)}, but no CA "
+                "record in the database (was cas.db deleted, truncated or emptied?). "
+                "Refusing to create a new CA, which would silently replace the mesh's trust "
+                "and lose its sessions, history and revocations. Stop the CAS and restore "
+                "cas.db from a backup of the data folder; to start a new mesh on purpose, "
+                "move the data folder aside and start with an empty one",
+            )
         cert, key = generate_ca(self._trust_domain, now)
         self._save([CaRecord(cert, key, "active")], now, "cas")
         return True

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from meshshield.cas.authority import Authority, CasConfig
 from meshshield.cas.http import create_app
 from meshshield.cas.sqlite_store import SqliteStore
+from meshshield.cas.store import StoreUnavailable
+from meshshield.errors import MeshError, Reason
 from meshshield.httpserver import bound_port
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert
@@ -37,9 +39,17 @@ class CasServer:
     def __init__(self, config: CasConfig) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.config = config
-        self.store = SqliteStore(config.data_dir / "cas.db")
-        self.authority = Authority(config, self.store)
-        self.authority.start()
+        try:
+            self.store = SqliteStore(config.data_dir / "cas.db")
+        except StoreUnavailable as e:
+            raise MeshError(Reason.INTERNAL, str(e)) from None
+        try:
+            self.authority = Authority(config, self.store)
+            found = ["bundle.pem"] if (config.data_dir / "bundle.pem").exists() else []
+            self.authority.start(found, str(config.data_dir))
+        except BaseException:
+            self.store.close()
+            raise
         self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
         # Client certificates are optional at the TLS layer: admins sign requests and
@@ -148,6 +158,16 @@ async def serve(config: CasConfig, host: str, port: int) -> None:
         await runner.cleanup()
         server.close()
         print("cas stopped", file=sys.stderr, flush=True)
+
+
+def state_files(data_dir: Path) -> list[str]:
+    """The CAS state files present in a data folder (empty for a first start)."""
+    found = []
+    for name in ("cas.db", "cas.db-wal", "bundle.pem"):
+        p = data_dir / name
+        if p.is_file() and p.stat().st_size > 0:
+            found.append(name)
+    return found
 
 
 def default_kek_path(data_dir: Path) -> Path:

@@ -25,6 +25,7 @@ from meshshield.cas.store import (
     Report,
     Revocation,
     SessionRecord,
+    StoreUnavailable,
 )
 
 SCHEMA_VERSION = 1
@@ -43,6 +44,10 @@ CREATE TABLE IF NOT EXISTS policy_history (
 CREATE INDEX IF NOT EXISTS policy_history_session ON policy_history(session, id);
 CREATE TABLE IF NOT EXISTS nonces (nonce BLOB PRIMARY KEY, expires_at REAL NOT NULL)
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS admin_request_nonces (
+    fingerprint TEXT NOT NULL, nonce TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (fingerprint, nonce)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS admin_request_nonces_expiry ON admin_request_nonces(expires_at);
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, session TEXT NOT NULL, service TEXT NOT NULL,
     spiffe_id TEXT NOT NULL, issuer TEXT NOT NULL, not_before REAL NOT NULL,
@@ -82,7 +87,25 @@ class SqliteStore:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a transaction's
         # reads and writes are serialised against other writers (another CAS process
         # on the same file waits on the busy timeout instead of failing half-way).
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open the CAS database {path}: {e}") from None
+        try:
+            self._open(synchronous)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise StoreUnavailable(
+                f"{path} cannot be read as the CAS database ({e}): expected the SQLite "
+                "file a CAS wrote, found a corrupt or foreign file; stop the CAS and restore "
+                f"cas.db from a backup of {path.parent}, or move that folder aside to start "
+                "a new mesh"
+            ) from None
+        except StoreUnavailable:
+            self._db.close()
+            raise
+
+    def _open(self, synchronous: str) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -92,11 +115,23 @@ class SqliteStore:
             if row is None:
                 c.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 c.execute("INSERT INTO meta VALUES ('epoch', '0')")
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{path}: database schema version {row[0]}, this CAS understands "
-                    f"{SCHEMA_VERSION}; use a matching meshshield release"
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StoreUnavailable(
+                    f"{self.path}: database schema version {str(row[0])[:20]!r}, this CAS "
+                    f"understands {SCHEMA_VERSION}; use a matching meshshield release"
                 )
+
+    _COUNTED = {
+        "CA": "ca", "session": "sessions", "policy version": "policy_history",
+        "certificate": "certificates", "revocation": "revocations", "audit record": "audit",
+        "report": "reports",
+    }
+
+    def record_counts(self) -> dict[str, int]:
+        return {
+            kind: int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608 - fixed names
+            for kind, table in self._COUNTED.items()
+        }
 
     def close(self) -> None:
         self._db.close()
@@ -277,6 +312,27 @@ class SqliteStore:
     def purge_nonces(self, now: datetime) -> int:
         with self._tx() as c:
             return c.execute("DELETE FROM nonces WHERE expires_at <= ?", (_ts(now),)).rowcount
+
+    # -- admin request nonces ---------------------------------------------------------
+    def remember_request_nonce(
+        self, fingerprint: str, nonce: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        with self._tx() as c:
+            c.execute(
+                "DELETE FROM admin_request_nonces WHERE fingerprint=? AND nonce=?"
+                " AND expires_at <= ?",
+                (fingerprint, nonce, _ts(now)),
+            )
+            return c.execute(
+                "INSERT INTO admin_request_nonces VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                (fingerprint, nonce, _ts(expires_at)),
+            ).rowcount == 1
+
+    def purge_request_nonces(self, now: datetime) -> int:
+        with self._tx() as c:
+            return c.execute(
+                "DELETE FROM admin_request_nonces WHERE expires_at <= ?", (_ts(now),)
+            ).rowcount
 
     # -- certificates -------------------------------------------------------------
     def record_certificate(self, cert: IssuedCertificate) -> None:

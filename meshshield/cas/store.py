@@ -30,6 +30,11 @@ class NotFound(StoreError):
     pass
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be opened or read (a corrupt file, a newer schema): the message
+    says what was found and what to do."""
+
+
 class PredecessorMismatch(StoreError):
     def __init__(self, current: str) -> None:
         super().__init__(f"current policy hash is {current}")
@@ -113,6 +118,12 @@ class AuditRecord:
 class Store(Protocol):
     def close(self) -> None: ...
 
+    def record_counts(self) -> dict[str, int]:
+        """How many records of each durable kind the store holds (CAs, sessions, policy
+        history, certificates, revocations, audit); a fresh store has none. The CAS
+        refuses to create a CA in a store that holds any."""
+        ...
+
     # -- epoch ------------------------------------------------------------
     def epoch(self) -> int: ...
 
@@ -154,6 +165,18 @@ class Store(Protocol):
         ...
 
     def purge_nonces(self, now: datetime) -> int: ...
+
+    # -- admin request nonces (replay guard) ---------------------------------------
+    def remember_request_nonce(
+        self, fingerprint: str, nonce: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        """Record that key `fingerprint` used request nonce `nonce`, kept until
+        `expires_at` (when its signed timestamp leaves the skew window). False if that
+        pair is already recorded and unexpired: a replay. The check and the insert are
+        one transaction, so two replicas cannot both accept one request."""
+        ...
+
+    def purge_request_nonces(self, now: datetime) -> int: ...
 
     # -- certificates -------------------------------------------------------
     def record_certificate(self, cert: IssuedCertificate) -> None: ...

@@ -138,6 +138,11 @@ def _read_secret(path: Path) -> bytes:
     return secret
 
 
+def load_kek(path: str | os.PathLike[str]) -> bytes:
+    """The KEK derived from an existing secret file; FileNotFoundError if there is none."""
+    return derive_kek(_read_secret(Path(path)))
+
+
 def load_or_create_kek(path: str | os.PathLike[str]) -> bytes:
     """The KEK derived from the secret file at `path`, creating the file if absent.
 
