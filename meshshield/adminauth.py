@@ -13,7 +13,10 @@ The signature covers, joined by newlines: the literal `meshshield-admin/v1`, the
 method, the path with its query string, `ts`, `nonce`, and the SHA-256 hex of the body.
 The CAS accepts a timestamp within `MAX_SKEW` seconds of its clock and each
 (key, nonce) once within that window, so a captured request cannot be replayed, moved
-to another path or given another body. Signed requests were chosen over TLS client
+to another path or given another body. The seen (key, nonce) pairs are kept in the
+CAS store until the request's timestamp leaves the window, so a restart does not
+forget them, and only for keys that may act on the CAS (`Authority.admit_request`),
+so a self-made key cannot fill the guard. Signed requests were chosen over TLS client
 certificates because admin keys are not issued by the mesh CA (a fresh CAS has no one
 to issue them to), and the TLS client-certificate slot stays free for mesh identities.
 """
@@ -26,7 +29,6 @@ import hashlib
 import os
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,43 +108,32 @@ def sign_request(
 
 
 @dataclass(frozen=True)
-class AdminIdentity:
+class SignedRequest:
+    """A request whose signature verified: who signed it, with which nonce, and when."""
+
     fingerprint: str
+    nonce: str
+    ts: int
 
-
-class ReplayGuard:
-    """Remembers (fingerprint, nonce) pairs for the skew window; bounded in size."""
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self._capacity = capacity
-
-    def check_and_remember(self, fp: str, nonce: str, now: float) -> bool:
-        while self._seen:
-            (k, t) = next(iter(self._seen.items()))
-            if t < now - 2 * MAX_SKEW or len(self._seen) >= self._capacity:
-                self._seen.popitem(last=False)
-            else:
-                break
-        if (fp, nonce) in self._seen:
-            return False
-        self._seen[(fp, nonce)] = now
-        return True
+    @property
+    def expires_at(self) -> float:
+        """When the signed timestamp leaves the skew window: replays end there."""
+        return self.ts + MAX_SKEW
 
 
 def _unauth(msg: str) -> MeshError:
     return MeshError(Reason.UNAUTHENTICATED, msg)
 
 
-def verify_request(
+def verify_signature(
     header: str | None,
     method: str,
     path_qs: str,
     body: bytes,
     now: float,
-    guard: ReplayGuard,
-) -> AdminIdentity:
-    """Check an Authorization header; returns who signed it or raises MeshError(401)."""
+) -> SignedRequest:
+    """Check an Authorization header's form, timestamp and signature (no state); returns
+    who signed it or raises MeshError(401). The caller checks the nonce was not seen."""
     if not header:
         raise _unauth(
             "this endpoint needs an admin: expected a signed request "
@@ -181,6 +172,12 @@ def verify_request(
         raise _unauth("Authorization header: key is not a DER public key") from None
     if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp256r1":
         raise _unauth("admin keys are P-256; make one with `meshshield admin keygen`")
+    try:  # bounded, because the CAS stores it for the skew window
+        nonce_len = len(base64.b64decode(fields["nonce"], validate=True))
+    except (binascii.Error, ValueError):
+        nonce_len = -1
+    if not 16 <= nonce_len <= 32:
+        raise _unauth("Authorization header: nonce must be base64 of 16 to 32 random bytes")
     try:
         pub.verify(
             sig, _signed_bytes(method, path_qs, fields["ts"], fields["nonce"], body),
@@ -191,7 +188,12 @@ def verify_request(
             "request signature does not verify for this method, path and body; "
             "the request was altered or signed for another request"
         ) from None
-    fp = spki_fingerprint(pub)
-    if not guard.check_and_remember(fp, fields["nonce"], now):
-        raise _unauth("this signed request was already used (replay); sign each request anew")
-    return AdminIdentity(fp)
+    return SignedRequest(spki_fingerprint(pub), fields["nonce"], ts)
+
+
+def replay_refused(signed: SignedRequest) -> MeshError:
+    return _unauth(
+        f"request already seen: key {signed.fingerprint[:16]}… used nonce "
+        f"{signed.nonce[:12]}… before (a replayed or re-sent request); each signed request "
+        "is accepted once, so sign each request anew"
+    )

@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshshield.adminauth import SignedRequest, replay_refused
 from meshshield.attestation.claims import NONCE_SIZE, Claims, Platform, expected_report_data
 from meshshield.attestation.collateral import load_collateral
 from meshshield.attestation.verify import VerifierConfig, platform_of, verify_evidence
@@ -103,6 +104,7 @@ class Authority:
         self._revoked_measurements: set[str] = set()
         self._epoch = -1
         self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._actors: tuple[dict[str, LoadedSession], frozenset[str]] | None = None
         self.listeners: list[Callable[[int], None]] = []
         self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
 
@@ -166,6 +168,37 @@ class Authority:
                 f"access_policy.{what} names {len(allowed)} other key(s); ask one of them "
                 "to add yours",
             )
+
+    def may_act(self, who: str) -> bool:
+        """Whether key `who` may do anything here: a CAS admin, or named (or the creator)
+        in some session's access_policy."""
+        sessions = self._sessions
+        if self._actors is None or self._actors[0] is not sessions:
+            keys = frozenset(
+                fp for s in sessions.values()
+                for fp in s.policy.readers(s.record.creator) | s.policy.updaters(s.record.creator)
+            )
+            self._actors = (sessions, keys)
+        return self.is_admin(who) or who in self._actors[1]
+
+    def admit_request(self, signed: SignedRequest) -> str:
+        """The second half of admin authentication, after the signature verified: a key
+        that may do nothing is refused before its nonce is stored, so it cannot fill the
+        replay guard; a nonce already seen (durably, across restarts) is a replay. Does
+        store I/O: call it off the event loop where that matters."""
+        who = signed.fingerprint
+        if not self.may_act(who):
+            raise MeshError(
+                Reason.FORBIDDEN,
+                f"admin key {who[:16]}… may not act on this CAS: it is not among the CAS's "
+                "--admin-fingerprint keys and no session's access_policy names it; ask an "
+                "admin to add it",
+            )
+        now = self.clock.now()
+        expires = datetime.fromtimestamp(signed.expires_at, now.tzinfo)
+        if not self.store.remember_request_nonce(who, signed.nonce, expires, now):
+            raise replay_refused(signed)
+        return who
 
     def is_admin(self, who: str) -> bool:
         return who in self.config.admin_fingerprints
@@ -532,6 +565,7 @@ class Authority:
         now = self.clock.now()
         # Keep expired nonces a minute longer so a late client hears "expired", not "unknown".
         self.store.purge_nonces(now - timedelta(seconds=60))
+        self.store.purge_request_nonces(now)
         if self.ca.tick(now):
             self._changed(self.store.epoch())
         elif self.refresh():

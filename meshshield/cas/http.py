@@ -20,7 +20,7 @@ from aiohttp import web
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from meshshield.adminauth import ReplayGuard, verify_request
+from meshshield.adminauth import verify_signature
 from meshshield.cas.authority import Authority
 from meshshield.cas.edges import fold_edges
 from meshshield.errors import MeshError, Reason
@@ -39,7 +39,6 @@ REPORT_MAX_AGE = 120.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTHORITY = web.AppKey("authority", Authority)
-GUARD = web.AppKey("guard", ReplayGuard)
 
 
 class CasMetrics:
@@ -185,15 +184,14 @@ async def _read_json(request: web.Request) -> Any:
 
 async def _admin(request: web.Request, body: bytes = b"") -> str:
     authority = request.app[AUTHORITY]
-    ident = verify_request(
+    signed = verify_signature(
         request.headers.get("Authorization"),
         request.method,
         request.path_qs,
         body,
         authority.clock.now().timestamp(),
-        request.app[GUARD],
     )
-    return ident.fingerprint
+    return authority.admit_request(signed)
 
 
 def _peer_certificate(request: web.Request) -> x509.Certificate:
@@ -444,7 +442,6 @@ def create_app(authority: Authority) -> web.Application:
     app[METRICS] = m
     hub = EventHub()
     app[HUB] = hub
-    app[GUARD] = ReplayGuard()
     authority.listeners.append(hub.notify)
     app.on_shutdown.append(hub.close)
     r = app.router

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,9 @@ from hypothesis import strategies as st
 
 from meshshield.adminauth import (
     MAX_SKEW,
-    ReplayGuard,
     load_admin_key,
     sign_request,
-    verify_request,
+    verify_signature,
     write_admin_key,
 )
 from meshshield.errors import MeshError, Reason
@@ -31,8 +29,8 @@ def key() -> ec.EllipticCurvePrivateKey:
 
 
 def _verify(header: str | None, method: str = "POST", path: str = "/v1/sessions",
-            body: bytes = b"x", now: float = NOW, guard: ReplayGuard | None = None) -> str:
-    return verify_request(header, method, path, body, now, guard or ReplayGuard()).fingerprint
+            body: bytes = b"x", now: float = NOW) -> str:
+    return verify_signature(header, method, path, body, now).fingerprint
 
 
 def test_round_trip_names_the_signer(key: ec.EllipticCurvePrivateKey) -> None:
@@ -55,12 +53,24 @@ def test_signature_binds_method_path_and_body(
     assert "does not verify" in e.value.message
 
 
-def test_replay_is_refused(key: ec.EllipticCurvePrivateKey) -> None:
-    guard = ReplayGuard()
+def test_signed_request_names_its_nonce_and_window(key: ec.EllipticCurvePrivateKey) -> None:
+    """The replay guard itself is the CAS store's (tests/unit/test_request_nonces.py);
+    the signature check hands it the nonce and when the request stops being valid."""
     h = sign_request(key, "GET", "/v1/edges", b"", now=NOW)
-    _verify(h, "GET", "/v1/edges", b"", guard=guard)
-    with pytest.raises(MeshError, match="already used"):
-        _verify(h, "GET", "/v1/edges", b"", guard=guard)
+    a = verify_signature(h, "GET", "/v1/edges", b"", NOW)
+    b = verify_signature(h, "GET", "/v1/edges", b"", NOW + 1)
+    assert a == b and a.expires_at == int(NOW) + MAX_SKEW
+    assert len(base64.b64decode(a.nonce)) == 16
+
+
+@pytest.mark.parametrize("nonce", ["", "AAAA", "!!!!", "A" * 64])
+def test_nonce_must_be_16_to_32_bytes(key: ec.EllipticCurvePrivateKey, nonce: str) -> None:
+    good = sign_request(key, "GET", "/v1/edges", b"", now=NOW)
+    fields = dict(p.strip().split("=", 1) for p in good.split(" ", 1)[1].split(","))
+    h = (f"MeshShield-Sig key={fields['key']}, ts={fields['ts']}, nonce={nonce}, "
+         f"sig={fields['sig']}")
+    with pytest.raises(MeshError, match="nonce must be base64 of 16 to 32"):
+        verify_signature(h, "GET", "/v1/edges", b"", NOW)
 
 
 @pytest.mark.parametrize("skew", [MAX_SKEW + 5, -(MAX_SKEW + 5)])
@@ -106,13 +116,6 @@ def test_keygen_writes_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:
     (tmp_path / "junk").write_text("nope")
     with pytest.raises(ValueError, match="not an unencrypted PEM"):
         load_admin_key(tmp_path / "junk")
-
-
-def test_replay_guard_is_bounded() -> None:
-    g = ReplayGuard(capacity=10)
-    for i in range(50):
-        assert g.check_and_remember("fp", str(i), time.time())
-    assert len(g._seen) <= 10
 
 
 @settings(max_examples=200, deadline=None)
