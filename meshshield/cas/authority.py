@@ -27,6 +27,7 @@ from meshshield.attestation.claims import NONCE_SIZE, Claims, Platform, expected
 from meshshield.attestation.collateral import load_collateral
 from meshshield.attestation.verify import VerifierConfig, platform_of, verify_evidence
 from meshshield.cas.castate import CaState
+from meshshield.cas.edges import own_connections
 from meshshield.cas.store import (
     AlreadyExists,
     IssuedCertificate,
@@ -43,6 +44,7 @@ from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
 from meshshield.pki.spiffe import spiffe_id
 from meshshield.policy import Policy, PolicyInvalid, decide_issuance, parse_policy, policy_hash
+from meshshield.policy.decide import allows_inbound
 
 log = logging.getLogger("meshshield.cas")
 
@@ -156,18 +158,25 @@ class Authority:
             )
         return s
 
-    def _authorise(self, who: str, s: LoadedSession, update: bool) -> None:
-        allowed = (
+    def _authorised(self, who: str, name: str, update: bool) -> LoadedSession:
+        """The session `who` may read (or update). A key that may not gets the same
+        answer whether the session exists or not; only a CAS admin, who may create any
+        session, hears that one is missing."""
+        s = self._sessions.get(name)
+        if s is None and self.is_admin(who):
+            return self._session(name)  # raises session_unknown
+        allowed = frozenset() if s is None else (
             s.policy.updaters(s.record.creator) if update else s.policy.readers(s.record.creator)
         )
-        if who not in allowed:
+        if s is None or who not in allowed:
             what = "update" if update else "read"
             raise MeshError(
                 Reason.FORBIDDEN,
-                f"admin key {who[:16]}… may not {what} session {s.record.name!r}: its "
-                f"access_policy.{what} names {len(allowed)} other key(s); ask one of them "
-                "to add yours",
+                f"admin key {who[:16]}… may not {what} session {name!r}: no access_policy."
+                f"{what} of a session by that name names it; ask the session's owners to add "
+                "the key, or check the session name",
             )
+        return s
 
     def may_act(self, who: str) -> bool:
         """Whether key `who` may do anything here: a CAS admin, or named (or the creator)
@@ -260,13 +269,11 @@ class Authority:
         return self._session(pol.name).record
 
     def read_session(self, who: str, name: str) -> SessionRecord:
-        s = self._session(name)
-        self._authorise(who, s, update=False)
+        s = self._authorised(who, name, update=False)
         return s.record
 
     def update_session(self, who: str, name: str, body: bytes) -> SessionRecord:
-        s = self._session(name)
-        self._authorise(who, s, update=True)
+        self._authorised(who, name, update=True)
         pol = self._parse(body, "policy")
         if pol.name != name:
             raise PolicyError(
@@ -294,8 +301,7 @@ class Authority:
         return MeshError(Reason.SESSION_UNKNOWN, f"session {name!r} was deleted meanwhile")
 
     def delete_session(self, who: str, name: str) -> None:
-        s = self._session(name)
-        self._authorise(who, s, update=True)
+        self._authorised(who, name, update=True)
         try:
             epoch = self.store.delete_session(name, who, self.clock.now())
         except NotFound:
@@ -303,8 +309,7 @@ class Authority:
         self._changed(epoch)
 
     def revoke(self, who: str, name: str, body: object) -> dict[str, Any]:
-        s = self._session(name)
-        self._authorise(who, s, update=True)
+        self._authorised(who, name, update=True)
         if not isinstance(body, dict) or len(body) != 1 or not (
             set(body) <= {"serial", "measurement"}
         ):
@@ -435,21 +440,21 @@ class Authority:
             raise _bad('"evidence" is missing: expected the platform\'s evidence JSON object')
         if len(json.dumps(evidence)) > MAX_EVIDENCE_JSON:
             raise MeshError(Reason.BODY_TOO_LARGE, "evidence is larger than 512 KiB")
-        s = self._session(session)
-        svc = s.policy.service(service)
-        if svc is None:
-            names = ", ".join(x.name for x in s.policy.services)
-            raise MeshError(
-                Reason.SERVICE_UNKNOWN,
-                f"session {session!r} has no service {service!r} (it has: {names}); "
-                "check --service or add the service to the policy",
-            )
+        # Nonce and evidence first: a caller without valid evidence learns nothing about
+        # which sessions and services exist.
         nonce = self._consume_nonce(nonce_text)
         key = public_key_from_csr(csr_pem)
         platform = self._platform(body.get("platform"), evidence)
         now = self.clock.now()
         claims = verify_evidence(platform, evidence, self.verifier, now)
         self._check_binding(claims, nonce, key)
+        s = self._session(session)
+        if s.policy.service(service) is None:
+            raise MeshError(
+                Reason.SERVICE_UNKNOWN,
+                f"session {session!r} has no service {service!r}; check --service, or add "
+                "the service to the policy and apply it",
+            )
         svc = decide_issuance(s.policy, service, claims, self._revoked_measurements)
         return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now)
 
@@ -581,3 +586,26 @@ class Authority:
             n for n, s in self._sessions.items() if who in s.policy.readers(s.record.creator)
         }
 
+    def own_connections(
+        self, session: str, service: str, conns: list[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any]]:
+        """The entries of session/service's report it can vouch for (cas.edges). Does
+        store I/O (one certificate lookup per distinct serial)."""
+        issued: dict[str, str | None] = {}
+
+        def issued_to(serial: str) -> str | None:
+            if serial not in issued:
+                cert = self.store.get_certificate(serial)
+                revoked = cert is None or serial in self._revoked_serials
+                issued[serial] = None if revoked or cert is None else cert.spiffe_id
+            return issued[serial]
+
+        def admits(server: tuple[str, str], client: tuple[str, str]) -> bool:
+            s = self._sessions.get(server[0])
+            svc = None if s is None else s.policy.service(server[1])
+            return svc is not None and allows_inbound(svc, server[0], *client)
+
+        return own_connections(
+            (session, service), conns, trust_domain=self.config.trust_domain,
+            issued_to=issued_to, admits=admits,
+        )

@@ -4,12 +4,22 @@ Both ends of a connection report it (the server side as inbound, the client side
 outbound), so each edge is taken from one side only: the server's report when there is
 one, else the client's. Connections between the same pair with the same outcome fold
 into one edge: bytes add up, `since` is the oldest, `connections` counts them.
+
+A report speaks only for its reporter's own connections (`own_connections`): an entry
+that claims an attested connection must name a peer certificate the CAS issued to that
+peer, and a connection the current policy allows between the reporter and that peer;
+the reporter's side of every edge is the identity of its TLS client certificate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from meshshield.pki.spiffe import parse_spiffe_id
+
+Workload = tuple[str, str]  # (session, service)
+MAX_SERIAL = 128
 
 
 def _num(v: object) -> int:
@@ -37,6 +47,52 @@ def edge_of(reporter: str, c: Mapping[str, Any]) -> dict[str, Any] | None:
         "since": _text(c.get("opened_at")) or _text(c.get("at")),
         "bytes": _num(c.get("bytes_in")) + _num(c.get("bytes_out")),
     }
+
+
+def _workload(uri: str, trust_domain: str) -> Workload | None:
+    try:
+        sid = parse_spiffe_id(uri)
+    except ValueError:
+        return None
+    if sid.trust_domain != trust_domain or len(sid.path_segments) != 2:
+        return None
+    return sid.path_segments[0], sid.path_segments[1]
+
+
+def own_connections(
+    reporter: Workload,
+    conns: Iterable[Mapping[str, Any]],
+    *,
+    trust_domain: str,
+    issued_to: Callable[[str], str | None],
+    admits: Callable[[Workload, Workload], bool],
+) -> list[Mapping[str, Any]]:
+    """The entries of a report that its reporter can vouch for.
+
+    `issued_to(serial)` is the SPIFFE ID of the unrevoked certificate the CAS issued with
+    that serial (None if none); `admits(server, client)` whether the current policy lets
+    client connect to server. A refusal (an entry with a `reason`) is the reporter's own
+    observation and is kept as long as it names a peer other than the reporter."""
+    kept = []
+    for c in conns:
+        direction, peer = c.get("direction"), c.get("peer_spiffe_id")
+        if direction not in ("inbound", "outbound") or not isinstance(peer, str):
+            continue
+        peer_wl = _workload(peer, trust_domain)
+        if peer_wl == reporter:
+            continue
+        if c.get("reason") is not None:
+            kept.append(c)
+            continue
+        serial = c.get("cert_serial")
+        if peer_wl is None or not isinstance(serial, str) or len(serial) > MAX_SERIAL:
+            continue
+        if issued_to(serial.lower()) != peer:
+            continue
+        server, client = (reporter, peer_wl) if direction == "inbound" else (peer_wl, reporter)
+        if admits(server, client):
+            kept.append(c)
+    return kept
 
 
 def fold_edges(reports: Iterable[tuple[str, Iterable[Mapping[str, Any]]]]) -> list[dict[str, Any]]:

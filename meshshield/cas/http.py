@@ -53,9 +53,11 @@ class CasMetrics:
             "Attestations by result (issued or the refusal reason code)",
             ["result"], registry=self.registry,
         )
+        # No session label: /metrics is open to any scraper, and session names are
+        # the tenants' business (per-session counts are in the audit log).
         self.issued = Counter(
             "meshshield_cas_certificates_issued_total", "Certificates issued",
-            ["session", "platform", "simulated"], registry=self.registry,
+            ["platform", "simulated"], registry=self.registry,
         )
         self.attest_seconds = Histogram(
             "meshshield_cas_attest_seconds", "Time to verify evidence and issue",
@@ -323,7 +325,7 @@ async def attest(request: web.Request) -> web.Response:
         raise
     metrics.attestations.labels("issued").inc()
     claims = result["claims"]
-    metrics.issued.labels(claims["session"], claims["platform"], str(claims["simulated"])).inc()
+    metrics.issued.labels(claims["platform"], str(claims["simulated"])).inc()
     metrics.attest_seconds.observe(time.perf_counter() - started)
     return web.json_response(result)
 
@@ -379,10 +381,13 @@ async def reports(request: web.Request) -> web.Response:
         )
     authority = request.app[AUTHORITY]
     reporter = spiffe_id_of(cert) or f"{session}/{service}"
+    own = authority.own_connections(session, service, conns)
     authority.store.put_report(
-        reporter, json.dumps({"connections": conns}), authority.clock.now()
+        reporter, json.dumps({"connections": own}), authority.clock.now()
     )
-    return web.json_response({"accepted": len(conns)}, status=202)
+    return web.json_response(
+        {"accepted": len(own), "dropped": len(conns) - len(own)}, status=202
+    )
 
 
 async def edges(request: web.Request) -> web.Response:

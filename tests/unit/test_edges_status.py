@@ -38,3 +38,25 @@ def test_tables_render() -> None:
     crow = connection_rows({"connections": [conn("inbound", FE, measurement="ab" * 32,
                                                  simulated=True)]}, now=1.9e9)
     assert crow[0][3] == "abababababab…" and crow[0][4] == "yes"
+
+
+def test_a_report_keeps_only_connections_its_reporter_can_vouch_for() -> None:
+    from meshshield.cas.edges import own_connections
+
+    issued = {"a1": FE, "b1": BE, "r1": "spiffe://m/shop/rogue"}
+    allowed = {(("shop", "api"), ("shop", "web"))}  # web may connect to api
+    conns = [
+        conn("inbound", FE, cert_serial="a1"),                      # kept: allowed, issued
+        conn("inbound", FE, cert_serial="zz"),                      # never issued
+        conn("inbound", FE, cert_serial="b1"),                      # issued to someone else
+        conn("inbound", "spiffe://m/shop/rogue", cert_serial="r1"),  # policy does not allow
+        conn("outbound", FE, cert_serial="a1"),                     # api -> web not allowed
+        conn("inbound", BE, cert_serial="b1"),                      # itself
+        conn("inbound", "spiffe://other/shop/web", cert_serial="a1"),  # other trust domain
+        conn("inbound", "spiffe://m/shop/rogue", reason="peer_not_allowed"),  # kept: refusal
+        conn("inbound", BE, reason="peer_not_allowed"),             # a refusal of itself
+        {"direction": "sideways", "peer_spiffe_id": FE},
+    ]
+    kept = own_connections(("shop", "api"), conns, trust_domain="m",
+                           issued_to=issued.get, admits=lambda s, c: (s, c) in allowed)
+    assert kept == [conns[0], conns[7]]
