@@ -7,7 +7,6 @@ connections. Real CAS processes and real mesh certificates.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from harness import CasProcess, HttpResult
+from meshpeers import LoopThread, TcpBackend, connect, echo, roundtrip, start_mesh, wait_until
 
 from meshshield.adminauth import write_admin_key
 from meshshield.attestation.sim import generate_sim_platform_key, write_sim_platform_key
@@ -161,12 +161,6 @@ def test_report_cannot_fabricate_other_sidecars_edges(cas: CasProcess) -> None:
 
 def test_real_sidecars_reports_still_make_their_edge(cas: CasProcess) -> None:
     """The filter keeps what real sidecars report: a live frontend -> backend connection."""
-    e2e = str(Path(__file__).resolve().parent.parent / "e2e")
-    if e2e not in sys.path:  # tests/faults/conftest.py does this too, where present
-        sys.path.insert(0, e2e)
-    from meshpeers import LoopThread, TcpBackend, echo, roundtrip, start_mesh, wait_until
-    from meshpeers import connect as tcp_connect
-
     fast = cas.root / "fast-reports.yaml"
     fast.write_text("report_interval: 1s\n")
     lt = LoopThread()
@@ -174,7 +168,7 @@ def test_real_sidecars_reports_still_make_their_edge(cas: CasProcess) -> None:
     mesh = start_mesh(cas, "shop", {"echo": app.port}, backend_extra=("--config", str(fast)),
                       frontend_extra=("--config", str(fast)))
     try:
-        with tcp_connect(mesh.outbound["echo"]) as s:
+        with connect(mesh.outbound["echo"]) as s:
             assert roundtrip(s, b"ping") == b"ping"
 
             def edge() -> list[Any] | None:
