@@ -106,7 +106,7 @@ class Authority:
         self._revoked_measurements: set[str] = set()
         self._epoch = -1
         self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
-        self._actors: tuple[dict[str, LoadedSession], frozenset[str]] | None = None
+        self._actors: tuple[int, int, frozenset[str]] | None = None
         self.listeners: list[Callable[[int], None]] = []
         self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
 
@@ -181,14 +181,15 @@ class Authority:
     def may_act(self, who: str) -> bool:
         """Whether key `who` may do anything here: a CAS admin, or named (or the creator)
         in some session's access_policy."""
+        # Cached per epoch (every session change bumps it) and per sessions mapping.
         sessions = self._sessions
-        if self._actors is None or self._actors[0] is not sessions:
+        if self._actors is None or self._actors[:2] != (self._epoch, id(sessions)):
             keys = frozenset(
                 fp for s in sessions.values()
                 for fp in s.policy.readers(s.record.creator) | s.policy.updaters(s.record.creator)
             )
-            self._actors = (sessions, keys)
-        return self.is_admin(who) or who in self._actors[1]
+            self._actors = (self._epoch, id(sessions), keys)
+        return self.is_admin(who) or who in self._actors[2]
 
     def admit_request(self, signed: SignedRequest) -> str:
         """The second half of admin authentication, after the signature verified: a key
