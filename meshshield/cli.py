@@ -245,6 +245,15 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     # The KEK is created on a first start only: with state present, a new one could
     # never open the sealed CA key, so a missing one is restored, never replaced.
     found = state_files(data) if data.is_dir() else []
+    explicit_kek = bool(args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE"))
+    if not found and not explicit_kek and kek_path.exists():
+        # A KEK the CAS made itself beside its data folder outlives only a lost data
+        # folder: initialising now would silently start a new mesh. A KEK provisioned
+        # by the operator (--kek-file, a Kubernetes secret) is expected before a first start.
+        _err(f"{data} holds no CAS state, but the key-encryption secret {kek_path} this "
+             "CAS created beside it exists: the data folder was lost or moved. Restore it "
+             f"from its backup, or, to start a new mesh on purpose, remove {kek_path}")
+        return 1
     try:
         kek = load_kek(kek_path) if found else load_or_create_kek(kek_path)
     except FileNotFoundError:

@@ -8,6 +8,8 @@ traceback, and without writing a new CA, bundle or key-encryption secret.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -128,3 +130,30 @@ def test_empty_data_folder_with_a_provisioned_kek_initialises(tmp_path: Path) ->
         assert time.monotonic() - started < START_TIMEOUT
     finally:
         cas.stop()
+
+
+def test_lost_data_folder_beside_the_kek_the_cas_made_is_refused(tmp_path: Path) -> None:
+    """Without --kek-file the CAS makes its KEK beside the data folder; if the folder is
+    then lost, a start must not quietly make a new mesh under the surviving KEK."""
+    data = tmp_path / "data"
+    args = [*MESHSHIELD, "cas", "serve", "--data", str(data), "--listen", "127.0.0.1:0"]
+    env = {k: v for k, v in os.environ.items() if k != "MESHSHIELD_CAS_KEK_FILE"}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=env)
+    assert first.stdout is not None
+    for line in first.stdout:  # bounded by the process: it serves or exits
+        if line.startswith("listening "):
+            break
+    first.terminate()
+    first.wait(timeout=START_TIMEOUT)
+    first.stdout.close()
+    kek = tmp_path / ".data.kek"
+    assert kek.is_file() and (data / "bundle.pem").is_file()
+    before = kek.read_bytes()
+    shutil.rmtree(data)
+    second = subprocess.run(args, capture_output=True, text=True, env=env,
+                            timeout=START_TIMEOUT)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr
+    assert str(kek) in second.stderr and "restore" in second.stderr.lower(), second.stderr
+    assert not (data / "bundle.pem").exists() and kek.read_bytes() == before
