@@ -59,9 +59,10 @@ def generate_ca(
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed ECDSA P-256 root for `trust_domain`.
 
-    Name constraints (critical) permit only URI names whose host is the trust domain,
-    so this root cannot vouch for a SPIFFE ID of another trust domain; DNS and IP
-    names are not constrained (policies name arbitrary DNS SANs).
+    It carries no name constraints: a critical URI constraint is refused outright by
+    verifiers that do not implement URI constraints (pyca/cryptography's, among
+    others; SPIFFE X509-SVID §4.2 warns of the same), and the trust domain of a peer's
+    SPIFFE ID is enforced by the peer check instead (SPEC §5).
     """
     validate_trust_domain(trust_domain)
     if validity_days < 1:
@@ -103,13 +104,6 @@ def generate_ca(
                 [x509.UniformResourceIdentifier(trust_domain_id(trust_domain))]
             ),
             critical=False,
-        )
-        .add_extension(
-            x509.NameConstraints(
-                permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
-                excluded_subtrees=None,
-            ),
-            critical=True,
         )
         .sign(key, hashes.SHA256())
     )
