@@ -41,6 +41,7 @@ from meshshield.pki.claims_ext import certificate_claims
 from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
 from meshshield.pki.spiffe import spiffe_id
+from meshshield.pki.spiffe_bundle import spiffe_bundle_document
 from meshshield.policy import Policy, PolicyInvalid, decide_issuance, parse_policy, policy_hash
 
 log = logging.getLogger("meshshield.cas")
@@ -306,6 +307,10 @@ class Authority:
             "epoch": self._epoch,
             "cas": self.ca.describe(now),
         }
+
+    def spiffe_bundle(self) -> dict[str, Any]:
+        """The same CAs as a SPIFFE bundle document; the epoch is its sequence."""
+        return spiffe_bundle_document(self.ca.set.bundle(self.clock.now()), sequence=self._epoch)
 
     def trust_snapshot(self, session: str) -> dict[str, Any]:
         """The full `trust` snapshot for a session (policy part cached per epoch)."""
