@@ -251,3 +251,29 @@ def test_mutated_values_never_escape_as_other_errors(data: st.DataObject) -> Non
         assert e.reason is Reason.PEER_NOT_ALLOWED
     else:  # a change the grammar cannot see (a hex digit of the claims): still checked
         assert set(got.claims) == set(CLAIMS_WITH_EVIDENCE)
+
+
+def test_sidecar_peer_check_refuses_an_old_format_peer() -> None:
+    from meshshield.pki.ca import CaRecord, _build, generate_ca
+    from meshshield.policy import PeerRef, Tolerance
+    from meshshield.sidecar.peercheck import TrustView, check_peer
+
+    now = datetime.now(UTC)
+    ca_cert, ca_key = generate_ca("mesh.test", now)
+    claims = valid_claims(platform="sim", simulated=True, service="web")
+    old = _build(  # what a CAS issued before the CMW extension
+        CaRecord(ca_cert, ca_key, "active"), generate_p256().public_key(),
+        common_name="web", sans=[x509.UniformResourceIdentifier("spiffe://mesh.test/shop/web")],
+        ekus=[x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH],
+        not_before=now - timedelta(minutes=1), not_after=now + timedelta(hours=1),
+        extra=[x509.UnrecognizedExtension(LEGACY_CLAIMS_OID, encode_claims(claims))],
+    )
+    view = TrustView(
+        trust_domain="mesh.test", session="shop", epoch=1, exists=True,
+        allow_from={"api": (PeerRef.from_text("web"),)},
+        tolerate=frozenset({Tolerance.SIMULATION}), ignore_advisories=(),
+        revoked_serials=frozenset(), revoked_measurements=frozenset(),
+    )
+    with pytest.raises(MeshError, match="retired claims extension") as info:
+        check_peer(old, view, local_service="api", direction="inbound", expected=None)
+    assert info.value.reason is Reason.PEER_NOT_ALLOWED
