@@ -37,7 +37,7 @@ from meshshield.cas.store import (
 from meshshield.clock import Clock, SystemClock, rfc3339
 from meshshield.errors import MeshError, PolicyError, Reason
 from meshshield.pki.ca import cert_pem, issue_leaf, serial_hex
-from meshshield.pki.claims_ext import certificate_claims
+from meshshield.pki.claims_ext import MAX_EMBEDDED_EVIDENCE_BYTES, certificate_claims
 from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
 from meshshield.pki.spiffe import spiffe_id
@@ -422,7 +422,8 @@ class Authority:
         claims = verify_evidence(platform, evidence, self.verifier, now)
         self._check_binding(claims, nonce, key)
         svc = decide_issuance(s.policy, service, claims, self._revoked_measurements)
-        return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now)
+        return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now,
+                           embed_evidence=svc.embed_evidence)
 
     def _platform(self, declared: object, evidence: object) -> Platform:
         found = platform_of(evidence)
@@ -465,6 +466,8 @@ class Authority:
         evidence: object,
         key: ec.EllipticCurvePublicKey,
         now: datetime,
+        *,
+        embed_evidence: bool = False,
     ) -> dict[str, Any]:
         ttl = float(ttl_seconds)
         if self.config.max_cert_ttl is not None:
@@ -472,9 +475,16 @@ class Authority:
         not_after = now + timedelta(seconds=ttl)
         session = s.record.name
         sid = spiffe_id(self.config.trust_domain, session, service)
-        evidence_hash = hashlib.sha256(
-            json.dumps(evidence, sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest()
+        evidence_json = json.dumps(evidence, sort_keys=True, separators=(",", ":")).encode()
+        evidence_hash = hashlib.sha256(evidence_json).hexdigest()
+        if embed_evidence and len(evidence_json) > MAX_EMBEDDED_EVIDENCE_BYTES:
+            raise MeshError(
+                Reason.BODY_TOO_LARGE,
+                f"service {service} has embed_evidence: true, but its evidence is "
+                f"{len(evidence_json)} bytes and at most {MAX_EMBEDDED_EVIDENCE_BYTES} fit "
+                "in a certificate; send the evidence without extra fields, or turn "
+                "embed_evidence off",
+            )
         cert_claims = certificate_claims(
             claims, session=session, service=service, policy_hash=s.record.policy_hash,
             evidence_sha256=evidence_hash, attested_at=now,
@@ -488,6 +498,7 @@ class Authority:
             not_before=now - timedelta(seconds=60),
             not_after=not_after,
             claims=cert_claims,
+            evidence=evidence_json if embed_evidence else None,
         )
         serial = serial_hex(cert)
         leaf_pem = cert_pem(cert)

@@ -331,11 +331,13 @@ def issue_leaf(
     not_before: datetime,
     not_after: datetime,
     claims: Mapping[str, Any] | None,
+    evidence: bytes | None = None,
 ) -> x509.Certificate:
     """A mesh leaf: URI SAN = `spiffe_id`, DNS SANs, serverAuth + clientAuth, claims.
 
     Subject is CN=<last path segment> (the service). not_after is clamped to the CA's
-    own expiry. When `claims` is given its session/service must match the SPIFFE ID.
+    own expiry. When `claims` is given its session/service must match the SPIFFE ID;
+    `evidence` (canonical evidence JSON) rides beside the claims when given.
     """
     parsed = parse_spiffe_id(spiffe_id)
     if not parsed.path_segments:
@@ -349,7 +351,7 @@ def issue_leaf(
                 f"claims name session/service {named[0]}/{named[1]} but the SPIFFE ID is "
                 f"{spiffe_id}"
             )
-        extra.append(claims_extension(claims))
+        extra.append(claims_extension(claims, evidence))
     return _build(
         ca,
         public_key,

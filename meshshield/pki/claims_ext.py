@@ -79,6 +79,9 @@ MAX_CLAIMS_BYTES = 16 * 1024
 # The whole extension value: claims plus, with embed_evidence, a TDX quote with its PCK
 # chain (~10 KiB) or an SNP report with its VCEK, base64url-inflated.
 MAX_EXTENSION_BYTES = 96 * 1024
+# The largest evidence the CAS embeds: base64url-inflated, plus the claims, it stays
+# under MAX_EXTENSION_BYTES, so every certificate the CAS issues is one peers accept.
+MAX_EMBEDDED_EVIDENCE_BYTES = 64 * 1024
 
 _HEX = re.compile(r"(?:[0-9a-f]{2}){1,128}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -172,6 +175,9 @@ def claims_extension(
     record = CmwRecord(CLAIMS_MEDIA_TYPE, encode_claims(claims), IND_ATTESTATION_RESULTS)
     if evidence is None:
         return cmw_extension(record)
+    if len(evidence) > MAX_EMBEDDED_EVIDENCE_BYTES:
+        raise ValueError(f"evidence of {len(evidence)} bytes is too large to embed; at most "
+                         f"{MAX_EMBEDDED_EVIDENCE_BYTES}")
     return cmw_extension(
         {"claims": record, "evidence": CmwRecord(EVIDENCE_MEDIA_TYPE, evidence, IND_EVIDENCE)}
     )

@@ -7,6 +7,8 @@ for both purposes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +23,10 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from harness import CasProcess, run_cli
 from spiffe import TrustDomain, X509Bundle, X509Svid
 
-from meshshield.pki import CMW_OID, claims_from_certificate
+from meshshield.attestation.claims import Platform
+from meshshield.attestation.sim import load_sim_public_key
+from meshshield.attestation.verify import VerifierConfig, verify_evidence
+from meshshield.pki import CMW_OID, attestation_from_certificate, claims_from_certificate
 
 SPIFFE_ID = "spiffe://meshshield.local/shop/backend"
 SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
@@ -217,3 +222,57 @@ def test_spiffe_library_parses_the_bundle(attested: Attested) -> None:
     bundle = X509Bundle.load(td, str(attested.bundle), serialization.Encoding.PEM)
     leaf = attested.chain()[0]
     assert any(ca.subject == leaf.issuer for ca in bundle.x509_authorities)
+
+
+# -- embed_evidence: the evidence beside the claims, re-verifiable by a third party -----
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CasProcess, Path]]:
+    root = tmp_path_factory.mktemp("embed")
+    cas = CasProcess.start(root / "cas")
+    try:
+        policy = cas.sim_policy("ra").replace(
+            "    cert_ttl: 30m\n", "    cert_ttl: 30m\n    embed_evidence: true\n")
+        r = cas.apply_policy(policy)
+        assert r.returncode == 0, r.stderr
+        _key, body = cas.attest_body("ra", "backend")
+        resp = cas.post_json("/v1/attest", body)
+        assert resp.status == 200, resp.body
+        (root / "cert.pem").write_text(resp.json()["certificate"])
+        yield cas, root / "cert.pem"
+    finally:
+        cas.stop()
+
+
+def test_embedded_evidence_verifies_again_offline(embedded: tuple[CasProcess, Path]) -> None:
+    cas, cert_path = embedded
+    leaf, ca = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    att = attestation_from_certificate(leaf)
+    assert att.evidence is not None
+    assert hashlib.sha256(att.evidence).hexdigest() == att.claims["evidence_sha256"]
+    # a third party holding only the certificate and the platform's key re-verifies it
+    evidence = json.loads(att.evidence)
+    config = VerifierConfig(sim_platform_keys=(
+        load_sim_public_key(cas.sim_dir / "sim-platform.pub.pem"),))
+    claims = verify_evidence(Platform.SIM, evidence, config, datetime.now(UTC))
+    assert claims.measurement == att.claims["measurement"] == cas.measurement()
+
+
+def test_embedded_evidence_certificate_still_verifies_everywhere(
+    embedded: tuple[CasProcess, Path], tmp_path: Path
+) -> None:
+    _cas, cert_path = embedded
+    leaf, ca = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out = tool("openssl", "verify", "-x509_strict", "-purpose", "sslclient",
+               "-CAfile", str(tmp_path / "ca.pem"), str(tmp_path / "leaf.pem"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    if shutil.which("certtool"):
+        out = tool("certtool", "--verify", "--load-ca-certificate", str(tmp_path / "ca.pem"),
+                   "--infile", str(cert_path))
+        assert out.returncode == 0, out.stdout + out.stderr
+    verified = (PolicyBuilder().store(Store([ca])).time(datetime.now(UTC))
+                .build_client_verifier().verify(leaf, []))
+    assert verified.chain[0] == leaf
