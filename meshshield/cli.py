@@ -334,6 +334,46 @@ def cmd_attest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Fetch the mesh trust bundle, as PEM or as a SPIFFE bundle document (JWK Set)."""
+    from meshshield.pki.ca import load_pem_chain
+    from meshshield.pki.spiffe_bundle import SpiffeBundleError, x509_authorities
+
+    client = _client(args, admin=False)
+    if args.format == "spiffe":
+        doc = client.request("GET", "/v1/bundle/spiffe").json()
+        try:
+            cas = x509_authorities(doc)
+        except SpiffeBundleError as e:
+            _err(f"the CAS's SPIFFE bundle is invalid: {e}")
+            return 1
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        what = f"SPIFFE bundle, sequence {doc.get('spiffe_sequence')}"
+    else:
+        body = client.request("GET", "/v1/bundle").json()
+        pem = body.get("bundle") if isinstance(body, dict) else None
+        text = pem if isinstance(pem, str) else ""
+        try:
+            cas = load_pem_chain(text)
+        except ValueError as e:
+            _err(f"the CAS's bundle is invalid: {e}")
+            return 1
+        what = f"PEM bundle of trust domain {body.get('trust_domain')}, epoch {body.get('epoch')}"
+    if not cas:
+        _err("the CAS's bundle holds no X.509 CA certificate")
+        return 1
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.out).write_text(text)
+    except OSError as e:
+        _err(f"cannot write {args.out}: {e.strerror}")
+        return 1
+    print(f"wrote {args.out}: {what}, {len(cas)} CA certificate(s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshshield.dev.demo import run_demo
 
@@ -553,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-key", metavar="FILE")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_attest)
+    p = sub.add_parser("bundle", help="fetch the mesh trust bundle (PEM or SPIFFE JWKS)")
+    _cas_flags(p, admin=False)
+    p.add_argument("--format", choices=["pem", "spiffe"], default="pem",
+                   help="pem: CA certificates; spiffe: a SPIFFE bundle document (JWK Set)")
+    p.add_argument("--out", metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(func=cmd_bundle)
+
     ev = sub.add_parser("evidence", help="hardware evidence tools")
     esub = ev.add_subparsers(dest="evidence_command", required=True, metavar="ACTION")
     p = esub.add_parser("verify", help="verify SEV-SNP, TDX or SGX evidence offline")

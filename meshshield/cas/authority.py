@@ -39,10 +39,11 @@ from meshshield.cas.store import (
 from meshshield.clock import Clock, SystemClock, rfc3339
 from meshshield.errors import MeshError, PolicyError, Reason
 from meshshield.pki.ca import cert_pem, issue_leaf, serial_hex
-from meshshield.pki.claims_ext import certificate_claims
+from meshshield.pki.claims_ext import MAX_EMBEDDED_EVIDENCE_BYTES, certificate_claims
 from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
 from meshshield.pki.spiffe import spiffe_id
+from meshshield.pki.spiffe_bundle import spiffe_bundle_document
 from meshshield.policy import Policy, PolicyInvalid, decide_issuance, parse_policy, policy_hash
 from meshshield.policy.decide import allows_inbound
 
@@ -347,6 +348,10 @@ class Authority:
             "cas": self.ca.describe(now),
         }
 
+    def spiffe_bundle(self) -> dict[str, Any]:
+        """The same CAs as a SPIFFE bundle document; the epoch is its sequence."""
+        return spiffe_bundle_document(self.ca.set.bundle(self.clock.now()), sequence=self._epoch)
+
     def trust_snapshot(self, session: str) -> dict[str, Any]:
         """The full `trust` snapshot for a session (policy part cached per epoch)."""
         cached = self._snapshots.get(session)
@@ -457,7 +462,8 @@ class Authority:
                 "the service to the policy and apply it",
             )
         svc = decide_issuance(s.policy, service, claims, self._revoked_measurements)
-        return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now)
+        return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now,
+                           embed_evidence=svc.embed_evidence)
 
     def _platform(self, declared: object, evidence: object) -> Platform:
         found = platform_of(evidence)
@@ -500,6 +506,8 @@ class Authority:
         evidence: object,
         key: ec.EllipticCurvePublicKey,
         now: datetime,
+        *,
+        embed_evidence: bool = False,
     ) -> dict[str, Any]:
         ttl = float(ttl_seconds)
         if self.config.max_cert_ttl is not None:
@@ -507,9 +515,16 @@ class Authority:
         not_after = now + timedelta(seconds=ttl)
         session = s.record.name
         sid = spiffe_id(self.config.trust_domain, session, service)
-        evidence_hash = hashlib.sha256(
-            json.dumps(evidence, sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest()
+        evidence_json = json.dumps(evidence, sort_keys=True, separators=(",", ":")).encode()
+        evidence_hash = hashlib.sha256(evidence_json).hexdigest()
+        if embed_evidence and len(evidence_json) > MAX_EMBEDDED_EVIDENCE_BYTES:
+            raise MeshError(
+                Reason.BODY_TOO_LARGE,
+                f"service {service} has embed_evidence: true, but its evidence is "
+                f"{len(evidence_json)} bytes and at most {MAX_EMBEDDED_EVIDENCE_BYTES} fit "
+                "in a certificate; send the evidence without extra fields, or turn "
+                "embed_evidence off",
+            )
         cert_claims = certificate_claims(
             claims, session=session, service=service, policy_hash=s.record.policy_hash,
             evidence_sha256=evidence_hash, attested_at=now,
@@ -523,6 +538,7 @@ class Authority:
             not_before=now - timedelta(seconds=60),
             not_after=not_after,
             claims=cert_claims,
+            evidence=evidence_json if embed_evidence else None,
         )
         serial = serial_hex(cert)
         leaf_pem = cert_pem(cert)

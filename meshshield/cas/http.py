@@ -253,6 +253,11 @@ async def bundle(request: web.Request) -> web.Response:
     return web.json_response(request.app[AUTHORITY].bundle())
 
 
+async def bundle_spiffe(request: web.Request) -> web.Response:
+    """The trust bundle as a SPIFFE bundle endpoint document (a JWK Set)."""
+    return web.json_response(request.app[AUTHORITY].spiffe_bundle())
+
+
 def _session_response(rec_policy: bytes, h: str, status: int = 200) -> web.Response:
     return web.Response(
         body=rec_policy,
@@ -453,6 +458,7 @@ def create_app(authority: Authority) -> web.Application:
     r.add_get("/v1/health", health)
     r.add_get("/v1/ready", ready)
     r.add_get("/v1/bundle", bundle)
+    r.add_get("/v1/bundle/spiffe", bundle_spiffe)
     r.add_post("/v1/sessions", create_session)
     r.add_get("/v1/sessions/{name}", get_session)
     r.add_put("/v1/sessions/{name}", put_session)

@@ -1,4 +1,4 @@
-"""meshshield.pki - pure certificate logic: keys, SPIFFE IDs, the claims extension,
+"""meshshield.pki - pure certificate logic: keys, SPIFFE IDs, the claims (CMW) extension,
 CSRs, the CA and its rotation, and private keys sealed at rest. No sockets here."""
 
 from meshshield.pki.ca import (
@@ -15,13 +15,20 @@ from meshshield.pki.ca import (
 )
 from meshshield.pki.claims_ext import (
     CLAIM_KEYS,
+    CLAIMS_MEDIA_TYPE,
     CLAIMS_OID,
+    EVIDENCE_MEDIA_TYPE,
+    LEGACY_CLAIMS_OID,
+    AttestationExtension,
+    attestation_from_certificate,
     certificate_claims,
     claims_extension,
     claims_from_certificate,
     decode_claims,
+    decode_claims_extension,
     encode_claims,
 )
+from meshshield.pki.cmw import CMW_OID, CmwError, CmwRecord
 from meshshield.pki.csr import MAX_CSR_BYTES, public_key_from_csr
 from meshshield.pki.keys import generate_p256, spki_der, spki_fingerprint
 from meshshield.pki.seal import (
@@ -42,20 +49,29 @@ from meshshield.pki.spiffe import (
 )
 
 __all__ = [
+    "CLAIMS_MEDIA_TYPE",
     "CLAIMS_OID",
     "CLAIM_KEYS",
+    "CMW_OID",
+    "EVIDENCE_MEDIA_TYPE",
+    "LEGACY_CLAIMS_OID",
     "MAX_CSR_BYTES",
     "CaRecord",
     "CaSet",
+    "AttestationExtension",
     "CaState",
+    "CmwError",
+    "CmwRecord",
     "SealedKeyError",
     "SpiffeId",
+    "attestation_from_certificate",
     "cas_spiffe_id",
     "cert_pem",
     "certificate_claims",
     "claims_extension",
     "claims_from_certificate",
     "decode_claims",
+    "decode_claims_extension",
     "derive_kek",
     "encode_claims",
     "generate_ca",

@@ -59,9 +59,10 @@ def generate_ca(
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed ECDSA P-256 root for `trust_domain`.
 
-    Name constraints (critical) permit only URI names whose host is the trust domain,
-    so this root cannot vouch for a SPIFFE ID of another trust domain; DNS and IP
-    names are not constrained (policies name arbitrary DNS SANs).
+    It carries no name constraints: a critical URI constraint is refused outright by
+    verifiers that do not implement URI constraints (pyca/cryptography's, among
+    others; SPIFFE X509-SVID §4.2 warns of the same), and the trust domain of a peer's
+    SPIFFE ID is enforced by the peer check instead (SPEC §5).
     """
     validate_trust_domain(trust_domain)
     if validity_days < 1:
@@ -103,13 +104,6 @@ def generate_ca(
                 [x509.UniformResourceIdentifier(trust_domain_id(trust_domain))]
             ),
             critical=False,
-        )
-        .add_extension(
-            x509.NameConstraints(
-                permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
-                excluded_subtrees=None,
-            ),
-            critical=True,
         )
         .sign(key, hashes.SHA256())
     )
@@ -337,11 +331,13 @@ def issue_leaf(
     not_before: datetime,
     not_after: datetime,
     claims: Mapping[str, Any] | None,
+    evidence: bytes | None = None,
 ) -> x509.Certificate:
     """A mesh leaf: URI SAN = `spiffe_id`, DNS SANs, serverAuth + clientAuth, claims.
 
     Subject is CN=<last path segment> (the service). not_after is clamped to the CA's
-    own expiry. When `claims` is given its session/service must match the SPIFFE ID.
+    own expiry. When `claims` is given its session/service must match the SPIFFE ID;
+    `evidence` (canonical evidence JSON) rides beside the claims when given.
     """
     parsed = parse_spiffe_id(spiffe_id)
     if not parsed.path_segments:
@@ -355,7 +351,7 @@ def issue_leaf(
                 f"claims name session/service {named[0]}/{named[1]} but the SPIFFE ID is "
                 f"{spiffe_id}"
             )
-        extra.append(claims_extension(claims))
+        extra.append(claims_extension(claims, evidence))
     return _build(
         ca,
         public_key,

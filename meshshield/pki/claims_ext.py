@@ -1,9 +1,21 @@
 """The attestation claims certificate extension (SPEC §5).
 
-A leaf carries a non-critical extension with OID `CLAIMS_OID` whose extnValue is
-exactly the UTF-8 bytes of `json.dumps(claims, sort_keys=True, separators=(",", ":"))`
-- no ASN.1 wrapper inside the OCTET STRING. The object has exactly the keys in
-`CLAIM_KEYS`.
+A leaf carries the claims as an attestation result in the RATS Conceptual Message
+Wrapper extension (`pki.cmw`, OID 1.3.6.1.5.5.7.1.35, non-critical): a JSON Record CMW
+
+    ["application/vnd.meshshield.claims+json", base64url(CLAIMS), 8]
+
+where CLAIMS is exactly `json.dumps(claims, sort_keys=True, separators=(",", ":"))`
+(an object with exactly the keys in `CLAIM_KEYS`) and 8 is the Attestation Results bit
+of `ind`. When the service's policy says `embed_evidence: true`, the extension is a
+Collection CMW instead, `{"claims": <that record>, "evidence": [EVIDENCE_MEDIA_TYPE,
+base64url(EVIDENCE), 4]}`, where EVIDENCE is the canonical JSON of the evidence the CAS
+verified (its SHA-256 is the claims' `evidence_sha256`), so a third party can verify
+the hardware report again.
+
+The first format (the bare claims JSON under the 126-bit OID `LEGACY_CLAIMS_OID`, which
+GnuTLS, RustCrypto and Go cannot parse) is no longer issued; a peer presenting it is
+refused with a message saying so.
 
 Encoding is our side (the CAS): a bad claims mapping is a programming error and raises
 ValueError. Decoding is the peer's side: anything wrong with a peer's extension raises
@@ -12,9 +24,12 @@ MeshError(Reason.PEER_NOT_ALLOWED) with a message that names the problem.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,9 +38,23 @@ from cryptography import x509
 from meshshield.attestation.claims import Claims, Platform, TcbStatus
 from meshshield.clock import rfc3339
 from meshshield.errors import MeshError, Reason
+from meshshield.pki.cmw import (
+    CMW_OID,
+    IND_ATTESTATION_RESULTS,
+    IND_EVIDENCE,
+    CmwError,
+    CmwRecord,
+    cmw_extension,
+    decode_extension_value,
+)
 from meshshield.strictjson import no_duplicate_keys
 
-CLAIMS_OID = x509.ObjectIdentifier("2.25.64512675946787070938330132843556121317")
+CLAIMS_OID = CMW_OID  # the claims ride in the CMW extension
+# The retired first format; kept only to tell its holders why they are refused.
+LEGACY_CLAIMS_OID = x509.ObjectIdentifier("2.25.64512675946787070938330132843556121317")
+
+CLAIMS_MEDIA_TYPE = "application/vnd.meshshield.claims+json"
+EVIDENCE_MEDIA_TYPE = "application/vnd.meshshield.evidence+json"
 
 CLAIM_KEYS: frozenset[str] = frozenset(
     {
@@ -47,6 +76,12 @@ CLAIM_KEYS: frozenset[str] = frozenset(
 
 # Far above any real claims object (~600 bytes); bounds what we hand to json.loads.
 MAX_CLAIMS_BYTES = 16 * 1024
+# The whole extension value: claims plus, with embed_evidence, a TDX quote with its PCK
+# chain (~10 KiB) or an SNP report with its VCEK, base64url-inflated.
+MAX_EXTENSION_BYTES = 96 * 1024
+# The largest evidence the CAS embeds: base64url-inflated, plus the claims, it stays
+# under MAX_EXTENSION_BYTES, so every certificate the CAS issues is one peers accept.
+MAX_EMBEDDED_EVIDENCE_BYTES = 64 * 1024
 
 _HEX = re.compile(r"(?:[0-9a-f]{2}){1,128}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -132,9 +167,20 @@ def encode_claims(claims: Mapping[str, Any]) -> bytes:
     return json.dumps(dict(claims), sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def claims_extension(claims: Mapping[str, Any]) -> x509.UnrecognizedExtension:
-    """The extension object to add (non-critical) to a certificate builder."""
-    return x509.UnrecognizedExtension(CLAIMS_OID, encode_claims(claims))
+def claims_extension(
+    claims: Mapping[str, Any], evidence: bytes | None = None
+) -> x509.UnrecognizedExtension:
+    """The CMW extension to add (non-critical) to a certificate builder: the claims
+    record, or a collection of it and the `evidence` record when evidence is given."""
+    record = CmwRecord(CLAIMS_MEDIA_TYPE, encode_claims(claims), IND_ATTESTATION_RESULTS)
+    if evidence is None:
+        return cmw_extension(record)
+    if len(evidence) > MAX_EMBEDDED_EVIDENCE_BYTES:
+        raise ValueError(f"evidence of {len(evidence)} bytes is too large to embed; at most "
+                         f"{MAX_EMBEDDED_EVIDENCE_BYTES}")
+    return cmw_extension(
+        {"claims": record, "evidence": CmwRecord(EVIDENCE_MEDIA_TYPE, evidence, IND_EVIDENCE)}
+    )
 
 
 def certificate_claims(
@@ -167,7 +213,7 @@ def certificate_claims(
 def _refuse(message: str) -> MeshError:
     return MeshError(
         Reason.PEER_NOT_ALLOWED,
-        f"peer certificate claims extension {CLAIMS_OID.dotted_string}: {message}",
+        f"peer certificate claims extension (CMW, {CMW_OID.dotted_string}): {message}",
     )
 
 
@@ -197,24 +243,83 @@ def decode_claims(value: bytes) -> dict[str, Any]:
     return obj
 
 
-def claims_from_certificate(cert: x509.Certificate) -> dict[str, Any]:
-    """The checked claims of a peer's leaf certificate.
+@dataclass(frozen=True)
+class AttestationExtension:
+    """What a leaf's CMW extension carries: the checked claims, and the raw evidence
+    when the service's policy embeds it (its SHA-256 is `claims["evidence_sha256"]`)."""
 
-    Raises MeshError(Reason.PEER_NOT_ALLOWED) when the extension is missing, appears
-    more than once, or does not decode to a valid claims object.
+    claims: dict[str, Any]
+    evidence: bytes | None
+
+
+def _check_record(record: CmwRecord, where: str, media_type: str, ind: int) -> bytes:
+    if record.type != media_type:
+        raise _refuse(f"{where} has type {_short(record.type)}, expected {media_type}")
+    if record.ind is not None and record.ind != ind:
+        raise _refuse(f"{where} has ind {record.ind}, expected {ind} or none")
+    return record.value
+
+
+def decode_claims_extension(value: bytes) -> AttestationExtension:
+    """Parse and check a CMW extension value; MeshError(PEER_NOT_ALLOWED) if it is wrong."""
+    try:
+        cmw = decode_extension_value(value, max_bytes=MAX_EXTENSION_BYTES)
+    except CmwError as e:
+        raise _refuse(str(e)) from None
+    if isinstance(cmw, CmwRecord):
+        raw = _check_record(cmw, "record", CLAIMS_MEDIA_TYPE, IND_ATTESTATION_RESULTS)
+        return AttestationExtension(decode_claims(raw), None)
+    if extra := sorted(set(cmw) - {"claims", "evidence"}):
+        raise _refuse(f"collection has unexpected entries {', '.join(map(_short, extra))}; "
+                      "expected claims and evidence")
+    if "claims" not in cmw:
+        raise _refuse("collection has no claims entry")
+    claims = decode_claims(
+        _check_record(cmw["claims"], "claims", CLAIMS_MEDIA_TYPE, IND_ATTESTATION_RESULTS)
+    )
+    evidence: bytes | None = None
+    if "evidence" in cmw:
+        evidence = _check_record(cmw["evidence"], "evidence", EVIDENCE_MEDIA_TYPE, IND_EVIDENCE)
+        digest = hashlib.sha256(evidence).hexdigest()
+        if not secrets.compare_digest(digest, str(claims["evidence_sha256"])):
+            raise _refuse(f"embedded evidence has SHA-256 {digest[:16]}…, but the claims "
+                          f"name {str(claims['evidence_sha256'])[:16]}…")
+    return AttestationExtension(claims, evidence)
+
+
+def attestation_from_certificate(cert: x509.Certificate) -> AttestationExtension:
+    """The checked CMW extension of a peer's leaf certificate.
+
+    Raises MeshError(Reason.PEER_NOT_ALLOWED) when the extension is missing (saying so
+    plainly when the certificate has the retired first format), appears more than
+    once, or does not decode to valid claims.
     """
     try:
-        ext = cert.extensions.get_extension_for_oid(CLAIMS_OID)
-    except x509.ExtensionNotFound:
-        raise _refuse(
-            "missing; the peer's certificate was not issued by a meshshield CAS after "
-            "attestation"
-        ) from None
+        exts = cert.extensions
     except x509.DuplicateExtension:
         raise _refuse("the certificate carries an extension more than once") from None
     except ValueError as e:
         raise _refuse(f"the certificate's extensions do not parse ({e})") from None
+    try:
+        ext = exts.get_extension_for_oid(CMW_OID)
+    except x509.ExtensionNotFound:
+        if any(e.oid == LEGACY_CLAIMS_OID for e in exts):
+            raise _refuse(
+                f"missing; the certificate carries the retired claims extension "
+                f"{LEGACY_CLAIMS_OID.dotted_string} instead, so it was issued by a CAS "
+                "before the move to the CMW extension; upgrade that CAS and let the peer "
+                "renew (meshshield certificates live at most 24 h)"
+            ) from None
+        raise _refuse(
+            "missing; the peer's certificate was not issued by a meshshield CAS after "
+            "attestation"
+        ) from None
     value = ext.value
-    if not isinstance(value, x509.UnrecognizedExtension):  # pragma: no cover - OID is ours
+    if not isinstance(value, x509.UnrecognizedExtension):  # pragma: no cover - not parsed
         raise _refuse("unexpected extension type")
-    return decode_claims(value.value)
+    return decode_claims_extension(value.value)
+
+
+def claims_from_certificate(cert: x509.Certificate) -> dict[str, Any]:
+    """The checked claims of a peer's leaf certificate (see attestation_from_certificate)."""
+    return attestation_from_certificate(cert).claims

@@ -90,7 +90,7 @@ def public_key_from_csr(pem: str | bytes) -> ec.EllipticCurvePublicKey:
     block = _single_pem_block(data)
     try:
         csr = x509.load_pem_x509_csr(block)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as e:
         raise _invalid(f"CSR does not parse as a PKCS#10 certificate request: {e}") from None
     try:
         key = csr.public_key()

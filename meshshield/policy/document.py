@@ -31,13 +31,14 @@ _YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 STR_TAG = "tag:yaml.org,2002:str"
 INT_TAG = "tag:yaml.org,2002:int"
 NULL_TAG = "tag:yaml.org,2002:null"
+BOOL_TAG = "tag:yaml.org,2002:bool"
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 _TAG_NAMES = {
     STR_TAG: "a string",
     INT_TAG: "an integer",
     "tag:yaml.org,2002:float": "a number",
-    "tag:yaml.org,2002:bool": "a boolean",
+    BOOL_TAG: "a boolean",
     NULL_TAG: "null",
     "tag:yaml.org,2002:timestamp": "a date",
     "tag:yaml.org,2002:binary": "binary data",

@@ -170,6 +170,9 @@ class Service:
     dns: tuple[str, ...] = ()
     allow_from: tuple[PeerRef, ...] = ()
     cert_ttl_seconds: int = CERT_TTL_DEFAULT_SECONDS
+    # The raw evidence rides in the certificate beside the claims, so that a third
+    # party can verify the hardware report again (RA-TLS).
+    embed_evidence: bool = False
 
     @property
     def platforms(self) -> tuple[Platform, ...]:

@@ -7,12 +7,13 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from meshshield.attestation.claims import Platform
 from meshshield.clock import parse_duration
 from meshshield.policy.checker import Checker, hint_similar
 from meshshield.policy.document import (
+    BOOL_TAG,
     clip,
     describe,
     index,
@@ -72,7 +73,7 @@ class ServiceChecker(Checker):
 
     def service(self, node: Node, path: str, state: SessionState) -> Service | None:
         fields = self.mapping(
-            node, path, ("name", "tee", "dns", "allow_from", "cert_ttl"),
+            node, path, ("name", "tee", "dns", "allow_from", "cert_ttl", "embed_evidence"),
             {
                 "name": "the service name, e.g. name: backend",
                 "tee": "the list of TEE configurations that may run this service",
@@ -94,7 +95,19 @@ class ServiceChecker(Checker):
         dns = self.dns(fields.get("dns"), join(path, "dns"), name, state)
         allow_from = self.allow_from(fields.get("allow_from"), join(path, "allow_from"), state)
         ttl = self.cert_ttl(fields.get("cert_ttl"), join(path, "cert_ttl"))
-        return Service(name, tee, dns, allow_from, ttl)
+        embed = self.flag(fields.get("embed_evidence"), join(path, "embed_evidence"))
+        return Service(name, tee, dns, allow_from, ttl, embed)
+
+    def flag(self, node: Node | None, path: str) -> bool:
+        """An optional boolean, written true or false (not YAML 1.1's yes/no/on/off)."""
+        if node is None or is_null(node):
+            return False
+        if isinstance(node, ScalarNode) and node.tag == BOOL_TAG and node.value in (
+            "true", "false"
+        ):
+            return bool(node.value == "true")
+        self.expected(node, path, "true or false")
+        return False
 
     def tee_entries(self, node: Node | None, path: str, state: SessionState
                     ) -> tuple[TeeEntry, ...]:

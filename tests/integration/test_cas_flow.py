@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import ssl
@@ -21,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from harness import CasProcess, HttpResult, run_cli
 
 from meshshield.adminauth import write_admin_key
-from meshshield.pki.claims_ext import CLAIMS_OID
+from meshshield.pki.claims_ext import CLAIMS_OID, decode_claims_extension
 
 NONCE_TTL = 4.0
 
@@ -136,9 +137,12 @@ def test_certificate_carries_identity_and_claims(cas: CasProcess, tmp_path: Path
     assert timedelta(minutes=29) < lifetime <= timedelta(minutes=30, seconds=5)  # cert_ttl 30m
     ext = leaf.extensions.get_extension_for_oid(CLAIMS_OID)
     assert not ext.critical
-    raw = ext.value.value  # type: ignore[attr-defined]
+    record = json.loads(ext.value.value[4:])  # type: ignore[attr-defined]  # DER UTF8String
+    assert record[0] == "application/vnd.meshshield.claims+json" and record[2] == 8
+    raw = base64.urlsafe_b64decode(record[1] + "=" * (-len(record[1]) % 4))
     claims = json.loads(raw)
     assert raw == json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
+    assert decode_claims_extension(ext.value.value).claims == claims  # type: ignore[attr-defined]
     assert set(claims) == {"platform", "measurement", "signer", "product_id", "svn", "debug",
                            "tcb_status", "session", "service", "policy_hash",
                            "evidence_sha256", "attested_at", "simulated"}
@@ -166,8 +170,8 @@ def test_certificate_carries_identity_and_claims(cas: CasProcess, tmp_path: Path
     assert "URI:spiffe://meshshield.local/shop/backend" in text
     assert "DNS:backend, DNS:backend.shop.svc.cluster.local" in text
     assert "TLS Web Server Authentication, TLS Web Client Authentication" in text
-    assert "2.25.64512675946787070938330132843556121317" in text
-    assert '"simulated":true' in text
+    assert "1.3.6.1.5.5.7.1.35" in text  # id-pe-cmw
+    assert "application/vnd.meshshield.claims+json" in text
     verify = subprocess.run(["openssl", "verify", "-CAfile", str(cas.bundle), str(pem)],
                             capture_output=True, text=True)
     assert verify.returncode == 0 and ": OK" in verify.stdout, verify.stdout + verify.stderr

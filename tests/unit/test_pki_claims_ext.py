@@ -20,6 +20,7 @@ from meshshield.pki import (
     CLAIM_KEYS,
     CLAIMS_OID,
     certificate_claims,
+    claims_extension,
     claims_from_certificate,
     decode_claims,
     encode_claims,
@@ -32,7 +33,9 @@ def test_claim_keys_are_the_spec_list() -> None:
         "platform measurement signer product_id svn debug tcb_status session service "
         "policy_hash evidence_sha256 attested_at simulated".split()
     )
-    assert CLAIMS_OID.dotted_string == "2.25.64512675946787070938330132843556121317"
+    # id-pe-cmw (draft-ietf-rats-msg-wrap §4.4); every arc fits the 31 bits Go allows
+    assert CLAIMS_OID.dotted_string == "1.3.6.1.5.5.7.1.35"
+    assert all(int(arc) < 2**31 for arc in CLAIMS_OID.dotted_string.split("."))
 
 
 def test_encoding_is_canonical_json() -> None:
@@ -155,7 +158,7 @@ def _self_signed(*extensions: x509.ExtensionType) -> x509.Certificate:
 
 def test_claims_from_certificate() -> None:
     c = valid_claims()
-    cert = _self_signed(x509.UnrecognizedExtension(CLAIMS_OID, encode_claims(c)))
+    cert = _self_signed(claims_extension(c))
     assert claims_from_certificate(cert) == c
 
 
@@ -167,7 +170,7 @@ def test_claims_from_certificate_without_extension() -> None:
 
 def test_claims_from_certificate_with_garbage_extension() -> None:
     cert = _self_signed(x509.UnrecognizedExtension(CLAIMS_OID, b"\x04\x02{}"))
-    with pytest.raises(MeshError, match="not valid UTF-8|not valid JSON"):
+    with pytest.raises(MeshError, match="CBOR CHOICE"):
         claims_from_certificate(cert)
 
 

@@ -428,6 +428,20 @@ def test_cert_ttl_refuses_out_of_range_and_malformed(ttl: str) -> None:
     assert "5m to 24h" in problem.message
 
 
+@pytest.mark.parametrize(("text", "embed"), [("", False), ("    embed_evidence: true\n", True),
+                                            ("    embed_evidence: false\n", False),
+                                            ("    embed_evidence: null\n", False)])
+def test_embed_evidence_flag(text: str, embed: bool) -> None:
+    assert parse_policy((MINIMAL + text).encode()).services[0].embed_evidence is embed
+
+
+@pytest.mark.parametrize("value", ["yes", "1", '"true"', "True", "[true]"])
+def test_embed_evidence_refuses_anything_but_true_or_false(value: str) -> None:
+    (problem,) = problems_of(MINIMAL + f"    embed_evidence: {value}\n")
+    assert (problem.line, problem.path) == (9, "services[0].embed_evidence")
+    assert "true or false" in problem.message
+
+
 # -- errors and hashes -------------------------------------------------------------------
 
 
