@@ -31,6 +31,7 @@ from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.peercheck import check_peer
 from meshshield.sidecar.registry import Connection, ConnectionRegistry
 from meshshield.sidecar.relay import Relay
+from meshshield.sidecar.relayrules import Ending
 from meshshield.sidecar.streams import PlainStream, TlsStream
 
 log = logging.getLogger("meshshield.sidecar")
@@ -47,6 +48,9 @@ class SidecarMetrics:
                                registry=self.registry)
         self.active = Gauge("meshshield_sidecar_active_connections", "Live connections",
                             ["direction"], registry=self.registry)
+        self.closed = Counter("meshshield_sidecar_connections_closed",
+                              "Connections ended after the peer check, by how they ended",
+                              ["direction", "reason"], registry=self.registry)
         # Bytes are counted per connection on the relay's hot path as plain integers and
         # summed here at scrape time (a Counter's lock per chunk costs throughput).
         self.bytes_closed: dict[tuple[str, str], int] = {}
@@ -157,6 +161,18 @@ class Proxy:
 
         self.accept_tasks.append(asyncio.ensure_future(loop_accept()))
 
+    def _ended(self, conn: Connection, relay: Relay) -> None:
+        """One count and, unless it ended cleanly, one log line per ended connection."""
+        ending = relay.ending or Ending.ABORTED
+        reason = conn.closed_reason or ending.value
+        self.metrics.closed.labels(conn.direction, reason).inc()
+        level = logging.DEBUG if ending is Ending.CLOSED else logging.INFO
+        log.log(level, "%s/%s: %s connection %d %s %s/%s (%s) ended: %s: %s; "
+                "%d bytes in, %d out", self.config.session, self.config.service,
+                conn.direction, conn.id, "from" if conn.direction == "inbound" else "to",
+                conn.info.session, conn.info.service, conn.peer, reason,
+                relay.detail or "both directions closed", relay.bytes_in, relay.bytes_out)
+
     async def _run(self, handler: Callable[[socket.socket, str], Awaitable[None]],
                    conn: socket.socket, peer: str) -> None:
         self.active += 1
@@ -228,6 +244,7 @@ class Proxy:
                 self.metrics.bytes_closed[key] = self.metrics.bytes_closed.get(key, 0) + n
             conn.relay = None
             conn.bytes_in, conn.bytes_out = relay.bytes_in, relay.bytes_out
+            self._ended(conn, relay)
             gauge.dec()
             self.registry.remove(conn)
             if conn.closed_reason:
