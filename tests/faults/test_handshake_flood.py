@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from flood import FloodMesh, handshake_flood, rss_kib
 from meshpeers import closed_by_peer, no_traceback, status, wait_until
 from onpath import metric
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 REFUSED = "meshshield_sidecar_refusals_total"
 FLOOD = 300  # from one address; over the established cap below and the per-source budget
@@ -34,8 +38,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FloodMesh]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_handshake_flood_from_one_address_does_not_starve_app_calls(mesh: FloodMesh) -> None:
+def test_handshake_flood_from_one_address_does_not_starve_app_calls(
+        mesh: FloodMesh, leak_check: LeakCheck) -> None:
     assert mesh.served(3, "before") == (3, 3)
+    leak_check.watch(mesh.target)
     rss_before = rss_kib(mesh.target.proc.pid)
     with handshake_flood(mesh.target_inbound, ["127.0.0.2"], FLOOD) as held:
         inbound, outbound = mesh.served(CALLS, "during")

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from meshpeers import no_traceback, roundtrip, wait_until
 from onpath import OnPathMesh, how_it_ends, linger_zero
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +26,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
         m.close()
 
 
-def test_app_reset_reaches_other_app_as_reset(mesh: OnPathMesh) -> None:
+def test_app_reset_reaches_other_app_as_reset(mesh: OnPathMesh, leak_check: LeakCheck) -> None:
     """The client app resets its connection; the backend app sees a reset."""
+    mesh.connect().close()  # warm-up: lazy state is built now, not a leak
+    mesh.no_live_connections()
+    for sc in (mesh.frontend, mesh.backend):
+        leak_check.watch(sc)
     before = len(mesh.app.ends)
     s = mesh.connect()
     linger_zero(s)
