@@ -447,7 +447,9 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "service": args.service, "platform": args.platform, "workload": args.workload,
         "sim_key": args.sim_key, "inbound": args.inbound, "outbound": args.outbound,
         "admin_listen": args.admin_listen, "health_listen": args.health_listen,
-        "max_connections": args.max_connections, "handshake_timeout": args.handshake_timeout,
+        "max_connections": args.max_connections, "max_handshakes": args.max_handshakes,
+        "max_handshakes_per_source": args.max_handshakes_per_source,
+        "handshake_timeout": args.handshake_timeout,
         "drain_timeout": args.drain_timeout,
     }
     try:
@@ -638,7 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outbound", action="append", metavar="LISTEN=SERVICE@HOST:PORT")
     p.add_argument("--admin-listen", metavar="HOST:PORT", help="default 127.0.0.1:15000")
     p.add_argument("--health-listen", metavar="HOST:PORT", help="/ready and /live only")
-    p.add_argument("--max-connections", type=int)
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="established connections per direction (default 4096)")
+    p.add_argument("--max-handshakes", type=int, metavar="N",
+                   help="TLS handshakes in progress per direction (default 1024)")
+    p.add_argument("--max-handshakes-per-source", type=int, metavar="N",
+                   help="inbound TLS handshakes in progress from one address (default 128)")
     p.add_argument("--handshake-timeout", metavar="DURATION")
     p.add_argument("--drain-timeout", metavar="DURATION")
     p.set_defaults(func=cmd_sidecar)

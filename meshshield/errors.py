@@ -40,6 +40,10 @@ class Reason(StrEnum):
     PREDECESSOR_MISMATCH = "predecessor_mismatch"
     POLICY_INVALID = "policy_invalid"
     BODY_TOO_LARGE = "body_too_large"
+    # A sidecar's connection budgets (SPEC §7): the connection was closed at once.
+    OVER_CONNECTION_BUDGET = "over_connection_budget"
+    OVER_HANDSHAKE_BUDGET = "over_handshake_budget"
+    OVER_HANDSHAKE_BUDGET_PER_SOURCE = "over_handshake_budget_per_source"
     # Not refusals of a peer but of a request; still part of the error JSON vocabulary.
     BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
@@ -77,6 +81,9 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.PREDECESSOR_MISMATCH: 409,
     Reason.POLICY_INVALID: 400,
     Reason.BODY_TOO_LARGE: 413,
+    Reason.OVER_CONNECTION_BUDGET: 503,
+    Reason.OVER_HANDSHAKE_BUDGET: 503,
+    Reason.OVER_HANDSHAKE_BUDGET_PER_SOURCE: 503,
     Reason.BAD_REQUEST: 400,
     Reason.NOT_FOUND: 404,
     Reason.CONFLICT: 409,

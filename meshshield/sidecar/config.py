@@ -54,7 +54,11 @@ class SidecarConfig:
     outbound: tuple[OutboundRoute, ...] = ()
     admin_listen: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 15000))
     health_listen: Endpoint | None = None
+    # Per direction (inbound, outbound): established connections, TLS handshakes in
+    # progress, and inbound handshakes in progress from one source address.
     max_connections: int = 4096
+    max_handshakes: int = 1024
+    max_handshakes_per_source: int = 128
     handshake_timeout: float = 10.0
     connect_timeout: float = 5.0
     drain_timeout: float = 10.0
@@ -114,9 +118,23 @@ def _duration(v: Any, what: str) -> float:
         raise ConfigError(f"{what}: {e}") from None
 
 
+def _count(values: Mapping[str, Any], key: str, default: int) -> int:
+    v = values.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise ConfigError(f"{key}: expected an integer, e.g. {default}")
+    try:
+        n = int(v)
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer, e.g. {default}") from None
+    if not 1 <= n <= 1_000_000:
+        raise ConfigError(f"{key}: expected 1..1000000")
+    return n
+
+
 FILE_KEYS = {
     "cas", "cas_bundle", "session", "service", "platform", "workload", "sim_key",
     "inbound", "outbound", "admin_listen", "health_listen", "max_connections",
+    "max_handshakes", "max_handshakes_per_source",
     "handshake_timeout", "connect_timeout", "drain_timeout", "report_interval",
 }
 
@@ -154,12 +172,12 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
     if dup:
         raise ConfigError(f"listen address used by two routes: {sorted(dup)}")
     health = values.get("health_listen")
-    try:
-        max_conn = int(values.get("max_connections", 4096))
-    except (TypeError, ValueError):
-        raise ConfigError("max_connections: expected an integer") from None
-    if not 1 <= max_conn <= 1_000_000:
-        raise ConfigError("max_connections: expected 1..1000000")
+    max_conn = _count(values, "max_connections", 4096)
+    max_hs = _count(values, "max_handshakes", 1024)
+    max_hs_source = _count(values, "max_handshakes_per_source", min(128, max_hs))
+    if max_hs_source > max_hs:
+        raise ConfigError(f"max_handshakes_per_source ({max_hs_source}) cannot exceed "
+                          f"max_handshakes ({max_hs})")
     return SidecarConfig(
         cas=str(values["cas"]).rstrip("/"),
         cas_bundle=Path(str(values["cas_bundle"])),
@@ -174,6 +192,8 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
                                     "--admin-listen"),
         health_listen=parse_endpoint(str(health), "--health-listen") if health else None,
         max_connections=max_conn,
+        max_handshakes=max_hs,
+        max_handshakes_per_source=max_hs_source,
         handshake_timeout=_duration(values.get("handshake_timeout", "10s"), "handshake_timeout"),
         connect_timeout=_duration(values.get("connect_timeout", "5s"), "connect_timeout"),
         drain_timeout=_duration(values.get("drain_timeout", "10s"), "drain_timeout"),

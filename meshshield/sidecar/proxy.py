@@ -26,11 +26,13 @@ from prometheus_client.registry import Collector
 
 from meshshield.errors import MeshError, Reason
 from meshshield.runtime import register_runtime_gauges
+from meshshield.sidecar.budget import DirectionBudget, Slot
 from meshshield.sidecar.config import Endpoint, InboundRoute, OutboundRoute, SidecarConfig
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.peercheck import check_peer
 from meshshield.sidecar.registry import Connection, ConnectionRegistry
 from meshshield.sidecar.relay import Relay
+from meshshield.sidecar.relayrules import Ending
 from meshshield.sidecar.streams import PlainStream, TlsStream
 
 log = logging.getLogger("meshshield.sidecar")
@@ -47,6 +49,12 @@ class SidecarMetrics:
                                registry=self.registry)
         self.active = Gauge("meshshield_sidecar_active_connections", "Live connections",
                             ["direction"], registry=self.registry)
+        self.handshakes = Gauge("meshshield_sidecar_handshakes_in_progress",
+                                "Accepted connections not yet past the peer check",
+                                ["direction"], registry=self.registry)
+        self.closed = Counter("meshshield_sidecar_connections_closed",
+                              "Connections ended after the peer check, by how they ended",
+                              ["direction", "reason"], registry=self.registry)
         # Bytes are counted per connection on the relay's hot path as plain integers and
         # summed here at scrape time (a Counter's lock per chunk costs throughput).
         self.bytes_closed: dict[tuple[str, str], int] = {}
@@ -107,7 +115,17 @@ class Proxy:
         self.listeners: list[socket.socket] = []
         self.accept_tasks: list[asyncio.Task[None]] = []
         self.handlers: set[asyncio.Task[None]] = set()
-        self.active = 0
+        self.budgets = {
+            direction: DirectionBudget(
+                direction, config.max_connections, config.max_handshakes,
+                # Strangers reach the inbound listeners; the outbound ones hear only the
+                # local app (one address), whose handshakes the global budget bounds.
+                config.max_handshakes_per_source if direction == "inbound" else None)
+            for direction in ("inbound", "outbound")
+        }
+        for direction, budget in self.budgets.items():
+            metrics.handshakes.labels(direction).set_function(budget.handshakes_in_progress)
+        self._over_budget_logged: dict[tuple[str, str], float] = {}
         self.bound: dict[str, str] = {}
         metrics.live = lambda: list(registry.live.values())
 
@@ -126,15 +144,16 @@ class Proxy:
         for r in self.config.inbound:
             s = self._listen(r.listen)
             self.bound[f"inbound {r.listen}"] = _name(s)
-            self._accept(s, functools.partial(self.inbound, route=r))
+            self._accept(s, "inbound", functools.partial(self.inbound, route=r))
         for o in self.config.outbound:
             s = self._listen(o.listen)
             self.bound[f"outbound {o.listen}"] = _name(s)
-            self._accept(s, functools.partial(self.outbound, route=o))
+            self._accept(s, "outbound", functools.partial(self.outbound, route=o))
 
-    def _accept(self, s: socket.socket,
-                handler: Callable[[socket.socket, str], Awaitable[None]]) -> None:
+    def _accept(self, s: socket.socket, direction: str,
+                handler: Callable[[socket.socket, str, Slot], Awaitable[None]]) -> None:
         loop = asyncio.get_running_loop()
+        budget = self.budgets[direction]
 
         async def loop_accept() -> None:
             while True:
@@ -147,21 +166,58 @@ class Proxy:
                     await asyncio.sleep(0.05)
                     continue
                 peer = f"{addr[0]}:{addr[1]}"
-                if self.active >= self.config.max_connections:
-                    self.metrics.refused.labels("any", "over_capacity").inc()
+                try:
+                    slot = budget.admit(addr[0])
+                except MeshError as e:
+                    self._over_budget(direction, e)
                     PlainStream(conn).abort()
                     continue
-                task = asyncio.ensure_future(self._run(handler, conn, peer))
+                task = asyncio.ensure_future(self._run(handler, conn, peer, slot))
                 self.handlers.add(task)
                 task.add_done_callback(self.handlers.discard)
 
         self.accept_tasks.append(asyncio.ensure_future(loop_accept()))
 
-    async def _run(self, handler: Callable[[socket.socket, str], Awaitable[None]],
-                   conn: socket.socket, peer: str) -> None:
-        self.active += 1
+    def _over_budget(self, direction: str, err: MeshError) -> None:
+        """Count a connection closed at once for want of budget; log it at most every
+        10 s per direction and reason (a flood must not become a flood of log lines)."""
+        self.metrics.refused.labels(direction, err.reason.value).inc()
+        now = time.monotonic()
+        key = (direction, err.reason.value)
+        if now - self._over_budget_logged.get(key, -1e9) >= 10.0:
+            self._over_budget_logged[key] = now
+            log.warning("%s/%s: closing new %s connections at once: %s: %s",
+                        self.config.session, self.config.service, direction,
+                        err.reason.value, err.message)
+
+    def _establish(self, slot: Slot, direction: str, *streams: PlainStream) -> bool:
+        """Move a connection that passed the peer check to the established budget; when
+        that is full, close it at once (before a byte is forwarded)."""
         try:
-            await handler(conn, peer)
+            slot.establish()
+        except MeshError as e:
+            self._over_budget(direction, e)
+            for stream in streams:
+                stream.abort()
+            return False
+        return True
+
+    def _ended(self, conn: Connection, relay: Relay) -> None:
+        """One count and, unless it ended cleanly, one log line per ended connection."""
+        ending = relay.ending or Ending.ABORTED
+        reason = conn.closed_reason or ending.value
+        self.metrics.closed.labels(conn.direction, reason).inc()
+        level = logging.DEBUG if ending is Ending.CLOSED else logging.INFO
+        log.log(level, "%s/%s: %s connection %d %s %s/%s (%s) ended: %s: %s; "
+                "%d bytes in, %d out", self.config.session, self.config.service,
+                conn.direction, conn.id, "from" if conn.direction == "inbound" else "to",
+                conn.info.session, conn.info.service, conn.peer, reason,
+                relay.detail or "both directions closed", relay.bytes_in, relay.bytes_out)
+
+    async def _run(self, handler: Callable[[socket.socket, str, Slot], Awaitable[None]],
+                   conn: socket.socket, peer: str, slot: Slot) -> None:
+        try:
+            await handler(conn, peer, slot)
         except asyncio.CancelledError:
             pass
         except (OSError, ssl.SSLError) as e:
@@ -169,7 +225,7 @@ class Proxy:
         except Exception:  # noqa: BLE001 - one connection must not take the proxy down
             log.exception("connection from %s failed", peer)
         finally:
-            self.active -= 1
+            slot.release()
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -228,6 +284,7 @@ class Proxy:
                 self.metrics.bytes_closed[key] = self.metrics.bytes_closed.get(key, 0) + n
             conn.relay = None
             conn.bytes_in, conn.bytes_out = relay.bytes_in, relay.bytes_out
+            self._ended(conn, relay)
             gauge.dec()
             self.registry.remove(conn)
             if conn.closed_reason:
@@ -237,7 +294,8 @@ class Proxy:
                 a.close()
                 b.close()
 
-    async def inbound(self, sock: socket.socket, peer: str, route: InboundRoute) -> None:
+    async def inbound(self, sock: socket.socket, peer: str, slot: Slot,
+                      route: InboundRoute) -> None:
         local = str(route.listen)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = TlsStream(sock, self.identity.server_ctx, server_side=True)
@@ -284,11 +342,14 @@ class Proxy:
                 app.abort()
                 return
         assert cert is not None
+        if not self._establish(slot, "inbound", tls, app):
+            return
         conn = Connection(self.registry.next_id(), "inbound", local, peer, info, cert,
                           tls.version(), tls.cipher(), time.time())
         await self._serve(conn, tls, app)
 
-    async def outbound(self, sock: socket.socket, peer: str, route: OutboundRoute) -> None:
+    async def outbound(self, sock: socket.socket, peer: str, slot: Slot,
+                       route: OutboundRoute) -> None:
         local = str(route.listen)
         app = PlainStream(sock)
         if not self.identity.ready:
@@ -325,6 +386,8 @@ class Proxy:
             app.abort()
             return
         assert cert is not None
+        if not self._establish(slot, "outbound", tls, app):
+            return
         conn = Connection(self.registry.next_id(), "outbound", local, str(route.target), info,
                           cert, tls.version(), tls.cipher(), time.time(), expected=expected)
         await self._serve(conn, tls, app)

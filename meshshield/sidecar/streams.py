@@ -36,8 +36,9 @@ class PlainStream:
 
 
 def reset_on_close(sock: object) -> None:
-    """Make closing `sock` send a TCP reset (SO_LINGER 0) rather than a FIN."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
+    """Make closing `sock` send a TCP reset (SO_LINGER 0) rather than a FIN. A socket
+    already closed (uvloop's stand-in then raises ValueError) is left as it is."""
+    with contextlib.suppress(OSError, AttributeError, TypeError, ValueError):
         sock.setsockopt(  # type: ignore[attr-defined]
             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
         )

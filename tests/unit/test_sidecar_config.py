@@ -40,6 +40,9 @@ def test_spec_examples() -> None:
     ("platform", "vmware", "one of"),
     ("session", "Shop", "a-z"),
     ("max_connections", "many", "integer"),
+    ("max_handshakes", 0, "1..1000000"),
+    ("max_handshakes_per_source", True, "integer"),
+    ("max_handshakes_per_source", 2000, "cannot exceed max_handshakes"),
     ("inbound", ["127.0.0.1:1=127.0.0.1:2", "127.0.0.1:1=127.0.0.1:3"], "two routes"),
     ("bogus", 1, "unknown setting"),
 ])
@@ -58,3 +61,18 @@ def test_config_file_uses_the_flag_names(tmp_path: Path) -> None:
     p.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config_file(p)
+
+
+def test_connection_budgets_from_file_and_defaults(tmp_path: Path) -> None:
+    cfg = build_config(BASE)
+    assert (cfg.max_connections, cfg.max_handshakes, cfg.max_handshakes_per_source) == (
+        4096, 1024, 128)
+    # A smaller handshake budget brings the per-source default down with it.
+    assert build_config({**BASE, "max_handshakes": 64}).max_handshakes_per_source == 64
+    p = tmp_path / "sidecar.yaml"
+    p.write_text("cas: https://cas:8443\ncas-bundle: b.pem\nsession: shop\nservice: web\n"
+                 "platform: sim\ninbound: ['0.0.0.0:15006=127.0.0.1:8080']\n"
+                 "max-connections: 500\nmax-handshakes: 200\nmax-handshakes-per-source: 20\n")
+    cfg = build_config(load_config_file(p))
+    assert (cfg.max_connections, cfg.max_handshakes, cfg.max_handshakes_per_source) == (
+        500, 200, 20)

@@ -1,0 +1,147 @@
+"""A flood of TLS handshakes that never finish, from chosen loopback source addresses,
+and the measures of what it does to a sidecar: app calls served meanwhile, and RSS.
+
+Used by tests/faults/test_handshake_flood.py and bench/handshake_flood.py."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import CasProcess, SidecarProcess
+from meshpeers import LOOPBACK, LoopThread, TcpBackend, apply, echo, free_ports, roundtrip
+
+
+def client_hello_prefix() -> bytes:
+    """The first half of a real ClientHello: the sidecar must wait for the rest."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="backend")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read()
+    return hello[: len(hello) // 2]
+
+
+@contextlib.contextmanager
+def handshake_flood(port: int, sources: list[str],
+                    per_source: int) -> Iterator[list[socket.socket]]:
+    """`per_source` connections from each source address to `port`, each sending half a
+    ClientHello and then nothing. Connections the sidecar refuses at once are kept too
+    (the flooder does not care); all are closed on exit."""
+    hello = client_hello_prefix()
+    held: list[socket.socket] = []
+    try:
+        for src in sources:
+            for _ in range(per_source):
+                s = socket.socket()
+                s.bind((src, 0))
+                s.settimeout(5)
+                try:
+                    s.connect((LOOPBACK, port))
+                    s.sendall(hello)
+                except OSError:
+                    pass
+                held.append(s)
+        yield held
+    finally:
+        for s in held:
+            s.close()
+
+
+def call(port: int, tag: str, timeout: float = 5.0) -> bool:
+    """One app call on a new connection: True if the echo came back whole in time."""
+    msg = f"legitimate call {tag}\n".encode()
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+            return roundtrip(s, msg) == msg
+    except OSError:
+        return False
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+POLICY = """name: {name}
+version: "1"
+predecessor: null
+services:
+  - name: backend
+    tee:
+      - platform: sim
+        measurement: "{m}"
+    allow_from: [frontend]
+  - name: frontend
+    tee:
+      - platform: sim
+        measurement: "{m}"
+    allow_from: [backend]
+security:
+  attestation:
+    tolerate: [simulation]
+"""
+
+
+@dataclass
+class FloodMesh:
+    """`target` (the flooded sidecar) has an inbound route to an echo app and an outbound
+    route to `other`; `other` has the same the other way. Legitimate inbound calls to
+    `target` come from `other` on 127.0.0.1; outbound calls go out of `target`."""
+
+    cas: CasProcess
+    lt: LoopThread
+    app: TcpBackend
+    target: SidecarProcess
+    other: SidecarProcess
+    target_inbound: int
+    inbound_call: int  # app port whose calls reach `target` as inbound connections
+    outbound_call: int  # app port whose calls leave `target` as outbound connections
+
+    @classmethod
+    def start(cls, root: Path, target_extra: tuple[str, ...] = ()) -> FloodMesh:
+        cas = CasProcess.start(root / "mesh")
+        lt = LoopThread()
+        app = TcpBackend(lt, echo)
+        started: list[SidecarProcess] = []
+        try:
+            apply(cas, POLICY.format(name="shop", m=cas.measurement()))
+            t_in, t_out, o_in, o_out = free_ports(4)
+            started.append(SidecarProcess.start(
+                cas, "shop", "backend", extra=target_extra,
+                inbound=[f"{LOOPBACK}:{t_in}={LOOPBACK}:{app.port}"],
+                outbound=[f"{LOOPBACK}:{t_out}=frontend@{LOOPBACK}:{o_in}"]))
+            started.append(SidecarProcess.start(
+                cas, "shop", "frontend",
+                inbound=[f"{LOOPBACK}:{o_in}={LOOPBACK}:{app.port}"],
+                outbound=[f"{LOOPBACK}:{o_out}=backend@{LOOPBACK}:{t_in}"]))
+        except BaseException:
+            for sc in started:
+                sc.stop()
+            app.close()
+            lt.close()
+            cas.stop()
+            raise
+        return cls(cas, lt, app, started[0], started[1], t_in, o_out, t_out)
+
+    def served(self, n: int, tag: str) -> tuple[int, int]:
+        """(inbound calls served, outbound calls served) of n each."""
+        inbound = sum(call(self.inbound_call, f"{tag} in {i}") for i in range(n))
+        outbound = sum(call(self.outbound_call, f"{tag} out {i}") for i in range(n))
+        return inbound, outbound
+
+    def stop(self) -> None:
+        self.other.stop()
+        self.target.stop()
+        self.app.close()
+        self.lt.close()
+        self.cas.stop()
