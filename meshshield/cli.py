@@ -19,6 +19,7 @@ from typing import Any
 from meshshield.errors import MeshError
 
 Command = Callable[[argparse.Namespace], int]
+MAX_EVIDENCE_BYTES = 16 << 20  # a quote with its certificate chain is a few KiB
 
 
 class UsageError(Exception):
@@ -391,8 +392,8 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     if args.collateral and not Path(args.collateral).is_dir():
         raise UsageError(f"--collateral {args.collateral}: not a folder")
     try:
-        data = Path(args.file).read_bytes()
-        certs = Path(args.certs).read_bytes() if args.certs else None
+        data = _read_input(args.file, "evidence file", MAX_EVIDENCE_BYTES)
+        certs = _read_input(args.certs, "--certs", MAX_EVIDENCE_BYTES) if args.certs else None
     except OSError as e:
         _err(f"cannot read {e.filename}: {e.strerror}")
         return 1
@@ -670,8 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        _err(f"--log-level {args.log_level!r}: expected debug, info, warning, error or "
+             "critical")
+        return 2
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(args.log_level).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
