@@ -75,10 +75,14 @@ def write_admin_key(out_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, str]:
 
 def load_admin_key(key_dir: Path) -> ec.EllipticCurvePrivateKey:
     path = key_dir / ADMIN_KEY_FILE if key_dir.is_dir() else key_dir
+    from meshshield.inputs import InputFileError, read_bounded
+
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, what="admin key", limit=64 << 10)
     except OSError as e:
         raise ValueError(f"cannot read admin key {path}: {e.strerror}") from None
+    except InputFileError as e:
+        raise ValueError(str(e)) from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

@@ -46,10 +46,14 @@ class CasClient:
         if parsed.scheme != "https" or not parsed.hostname:
             raise ValueError(f"--cas must be an https:// URL, found {url!r}")
         self.base = url.rstrip("/")
+        from meshshield.inputs import InputFileError, read_bounded_text
+
         try:
-            bundle = bundle_path.read_text()
+            bundle = read_bounded_text(bundle_path, what="--cas-bundle", limit=16 << 20)
         except OSError as e:
             raise ValueError(f"cannot read --cas-bundle {bundle_path}: {e.strerror}") from None
+        except InputFileError as e:
+            raise ValueError(str(e)) from None
         try:
             self.ssl: ssl.SSLContext = client_context(bundle)
         except ssl.SSLError:

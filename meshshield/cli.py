@@ -19,6 +19,7 @@ from typing import Any
 from meshshield.errors import MeshError
 
 Command = Callable[[argparse.Namespace], int]
+MAX_EVIDENCE_BYTES = 16 << 20  # a quote with its certificate chain is a few KiB
 
 
 class UsageError(Exception):
@@ -26,18 +27,43 @@ class UsageError(Exception):
 
 
 def _err(msg: str) -> None:
-    print(f"meshshield: {msg}", file=sys.stderr)
+    """One message on stderr; control characters from peers or files shown escaped."""
+    from meshshield.status import clean
+
+    print(f"meshshield: {chr(10).join(clean(x) for x in str(msg).splitlines())}",
+          file=sys.stderr)
+
+
+def _duration_flag(text: str, flag: str, *, minimum: float, maximum: float) -> float:
+    """A duration flag's value in seconds, or a usage error naming the flag."""
+    from meshshield.clock import parse_duration
+
+    try:
+        return parse_duration(text, what=flag, minimum=minimum, maximum=maximum,
+                              allow_zero=minimum <= 0)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _read_input(path: str, what: str, limit: int) -> bytes:
+    """A file named on the command line (or - for stdin), bounded; usage error if it is
+    not a regular file or is over the cap."""
+    from meshshield.inputs import InputFileError, read_bounded
+
+    try:
+        return read_bounded(path, what=what, limit=limit)
+    except InputFileError as e:
+        raise UsageError(str(e)) from None
 
 
 # -- policy ------------------------------------------------------------------------------
 
 
 def cmd_policy_validate(args: argparse.Namespace) -> int:
-    from meshshield.policy import PolicyInvalid, parse_policy
+    from meshshield.policy import MAX_POLICY_BYTES, PolicyInvalid, parse_policy
 
-    path = Path(args.file)
     try:
-        data = sys.stdin.buffer.read() if args.file == "-" else path.read_bytes()
+        data = _read_input(args.file, "policy file", MAX_POLICY_BYTES)
     except OSError as e:
         _err(f"cannot read {args.file}: {e.strerror}")
         return 1
@@ -77,15 +103,19 @@ def _client(args: argparse.Namespace, admin: bool = True) -> Any:
 def cmd_policy_apply(args: argparse.Namespace) -> int:
     import yaml
 
+    from meshshield.policy import MAX_POLICY_BYTES
+    from meshshield.safeyaml import YamlRefused, guard_yaml
+
     try:
-        data = Path(args.file).read_bytes()
+        data = _read_input(args.file, "policy file", MAX_POLICY_BYTES)
     except OSError as e:
         _err(f"cannot read {args.file}: {e.strerror}")
         return 1
-    try:
+    try:  # only to find the name; the CAS validates the policy itself
+        guard_yaml(data.decode("utf-8", "replace"))
         doc = yaml.safe_load(data)
         name = doc.get("name") if isinstance(doc, dict) else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, YamlRefused):
         name = None
     client = _client(args)
     if isinstance(name, str) and "/" not in name and "?" not in name and (
@@ -209,13 +239,39 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - operator's choice
 
 
+_DNS_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+
+
+def _cas_names(trust_domain: str, dns: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """--trust-domain and --dns checked at once (not when the CA is made)."""
+    import ipaddress
+    import re
+
+    from meshshield.pki.spiffe import validate_trust_domain
+
+    try:
+        validate_trust_domain(trust_domain)
+    except ValueError as e:
+        raise UsageError(f"--trust-domain {trust_domain!r}: {e}") from None
+    names = []
+    for name in dns:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            if len(name) > 253 or not re.fullmatch(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*",
+                                                   name.lower().rstrip(".").removeprefix("*.")):
+                raise UsageError(f"--dns {name!r}: expected a DNS name (e.g. cas.mesh.example)"
+                                 " or an IP address") from None
+        names.append(name.lower().rstrip("."))
+    return trust_domain, tuple(names)
+
+
 def cmd_cas_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from meshshield.attestation.sim import SimKeyError, load_sim_public_key
     from meshshield.cas.authority import CasConfig
     from meshshield.cas.server import default_kek_path, serve, state_files
-    from meshshield.clock import parse_duration
     from meshshield.pki.seal import SealedKeyError, load_kek, load_or_create_kek
 
     if args.database and not args.database.startswith("sqlite"):
@@ -223,11 +279,14 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
              "available in this release; omit --database to use DIR/cas.db")
         return 2
     host, port = _listen(args.listen)
-    try:
-        nonce_ttl = parse_duration(args.nonce_ttl)
-        max_ttl = parse_duration(args.max_cert_ttl) if args.max_cert_ttl else None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    nonce_ttl = _duration_flag(args.nonce_ttl, "--nonce-ttl", minimum=1, maximum=3600)
+    max_ttl = (_duration_flag(args.max_cert_ttl, "--max-cert-ttl", minimum=1,
+                              maximum=86400) if args.max_cert_ttl else None)
+    trust_domain, dns = _cas_names(args.trust_domain, args.dns or ("localhost",))
+    if args.collateral and not Path(args.collateral).is_dir():
+        raise UsageError(f"--collateral {args.collateral}: not a folder")
+    if Path(args.data).exists() and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: not a folder")
     fps = []
     for fp in args.admin_fingerprint or []:
         fp = fp.lower().removeprefix("sha256:")
@@ -267,8 +326,8 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         return 1
     config = CasConfig(
         data_dir=data,
-        trust_domain=args.trust_domain,
-        dns=tuple(args.dns or ("localhost",)),
+        trust_domain=trust_domain,
+        dns=dns,
         admin_fingerprints=frozenset(fps),
         sim_platform_keys=sim_keys,
         collateral_dir=Path(args.collateral) if args.collateral else None,
@@ -297,12 +356,8 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_cas_rotate(args: argparse.Namespace) -> int:
-    from meshshield.clock import parse_duration
-
-    try:
-        after = parse_duration(args.activate_after)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    after = _duration_flag(args.activate_after, "--activate-after", minimum=1,
+                           maximum=30 * 86400)
     r = _client(args).post_json("/v1/ca/rotate", {"activate_after_seconds": after}, sign=True)
     for ca in r["cas"]:
         print(f"{ca['state']:8} sha256:{ca['fingerprint']} signing={ca['signing']} "
@@ -400,8 +455,8 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     if args.collateral and not Path(args.collateral).is_dir():
         raise UsageError(f"--collateral {args.collateral}: not a folder")
     try:
-        data = Path(args.file).read_bytes()
-        certs = Path(args.certs).read_bytes() if args.certs else None
+        data = _read_input(args.file, "evidence file", MAX_EVIDENCE_BYTES)
+        certs = _read_input(args.certs, "--certs", MAX_EVIDENCE_BYTES) if args.certs else None
     except OSError as e:
         _err(f"cannot read {e.filename}: {e.strerror}")
         return 1
@@ -476,16 +531,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     if bool(args.sidecar) == bool(args.cas):
         raise UsageError("give either --sidecar URL or --cas URL (with --cas-bundle, --admin-key)")
+    timeout = _duration_flag(args.timeout, "--timeout", minimum=0.1, maximum=300)
+    interval = _duration_flag(args.interval, "--interval", minimum=0.1, maximum=3600)
+    try:
+        base = status.check_url(args.sidecar or args.cas, "--sidecar" if args.sidecar
+                                else "--cas")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     rounds = 0
     while True:
         try:
             if args.sidecar:
-                doc, text = status.render_sidecar(args.sidecar.rstrip("/"))
+                doc, text = status.render_sidecar(base, timeout=timeout)
             else:
                 doc = _client(args).request("GET", "/v1/edges", sign=True).json()
                 text = status.table(status.EDGE_HEADERS, status.edge_rows(doc))
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            _err(f"cannot read {args.sidecar or args.cas}: {status.fetch_error(e)}")
+        except (urllib.error.URLError, OSError, ValueError, status.StatusError) as e:
+            _err(f"cannot read {base}: {status.fetch_error(e)}")
             return 1
         if args.watch:
             print("\x1b[2J\x1b[H", end="")
@@ -493,16 +555,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         rounds += 1
         if not args.watch:
             return 0
-        time.sleep(args.interval)
+        time.sleep(interval)
 
 
 def cmd_dev_up(args: argparse.Namespace) -> int:
-    from meshshield.dev.devfile import DevFileInvalid, parse_dev_file
+    from meshshield.dev.devfile import MAX_DEV_FILE_BYTES, DevFileInvalid, parse_dev_file
     from meshshield.dev.devup import run_dev_up
 
     path = Path(args.file)
     try:
-        dev = parse_dev_file(path)
+        text = _read_input(args.file, "-f", MAX_DEV_FILE_BYTES).decode("utf-8")
+    except OSError as e:
+        _err(f"cannot read {args.file}: {e.strerror}")
+        return 1
+    except UnicodeDecodeError as e:
+        _err(f"{args.file}: not UTF-8 text (offset {e.start})")
+        return 1
+    try:
+        dev = parse_dev_file(path, text)
     except DevFileInvalid as e:
         for p in e.problems:
             print(p, file=sys.stderr)
@@ -657,7 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-key")
     p.add_argument("--json", action="store_true")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument("--interval", default="2s", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", default="10s", metavar="DURATION",
+                   help="give up on an answer after this long (default 10s)")
     p.set_defaults(func=cmd_status)
 
     dev = sub.add_parser("dev", help="run your own services in a local mesh")
@@ -676,8 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        _err(f"--log-level {args.log_level!r}: expected debug, info, warning, error or "
+             "critical")
+        return 2
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(args.log_level).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

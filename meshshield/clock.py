@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -56,26 +57,52 @@ def parse_rfc3339(text: str) -> datetime:
     return t.astimezone(UTC)
 
 
-def parse_duration(text: str) -> float:
-    """Parse '90s', '5m', '1h', '1h30m', '2d' into seconds. Bare numbers are seconds."""
-    s = text.strip()
+MAX_DURATION_SECONDS = 366 * 86400.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_FORM = "e.g. 90s, 5m, 1h, 1h30m, 2d"
+
+
+def parse_duration(text: str, *, what: str = "duration", minimum: float = 0.0,
+                   maximum: float = MAX_DURATION_SECONDS,
+                   allow_zero: bool = True) -> float:
+    """Parse '90s', '5m', '1h', '1h30m', '2d' (or bare seconds, '1.5') into seconds.
+
+    Refuses nan, inf, negative values, exponents and anything outside
+    [minimum, maximum] (`allow_zero=False` also refuses 0) with a ValueError whose
+    message names `what` (a flag such as "--nonce-ttl") and the expected form."""
+    s = text.strip() if isinstance(text, str) else ""
     if not s:
-        raise ValueError("empty duration")
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        raise ValueError(f"{what} {text!r}: empty; expected a duration, {_FORM}")
     total = 0.0
     num = ""
     for ch in s:
-        if ch.isdigit() or ch == ".":
+        if ch.isascii() and (ch.isdigit() or ch == "."):
             num += ch
-        elif ch in units and num:
-            total += float(num) * units[ch]
+        elif ch in _UNITS and num:
+            total += _number(num, text, what) * _UNITS[ch]
             num = ""
         else:
-            raise ValueError(f"invalid duration {text!r}: expected e.g. 90s, 5m, 1h, 1h30m")
+            raise ValueError(f"{what} {text!r}: not a duration; expected a positive "
+                             f"number with a unit, {_FORM}")
     if num:
-        raise ValueError(f"invalid duration {text!r}: number {num!r} has no unit (s, m, h, d)")
+        if total:
+            raise ValueError(f"{what} {text!r}: number {num!r} has no unit (s, m, h, d)")
+        total = _number(num, text, what)
+    if not math.isfinite(total) or total < minimum or total > maximum or (
+            total == 0 and not allow_zero):
+        lo = _show(minimum) if (minimum or allow_zero) else "more than 0s"
+        raise ValueError(f"{what} {text!r}: out of range; expected {lo} to {_show(maximum)}")
     return total
+
+
+def _number(num: str, text: str, what: str) -> float:
+    if num.count(".") > 1 or num == ".":
+        raise ValueError(f"{what} {text!r}: {num!r} is not a number; expected {_FORM}")
+    return float(num)
+
+
+def _show(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

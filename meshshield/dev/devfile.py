@@ -31,6 +31,10 @@ from pathlib import Path
 
 import yaml
 
+from meshshield.inputs import InputFileError, read_bounded_text
+from meshshield.safeyaml import YamlRefused, guard_yaml
+
+MAX_DEV_FILE_BYTES = 1 << 20
 NAME = re.compile(r"^[a-z0-9-]{1,63}$")
 TOP_KEYS = ("session", "services")
 SERVICE_KEYS = ("name", "workload", "command", "port", "mesh_port", "calls")
@@ -122,12 +126,20 @@ def _strings(c: _Checker, node: yaml.Node, where: str) -> list[str]:
     return []
 
 
-def parse_dev_file(path: Path) -> DevFile:
+def parse_dev_file(path: Path, text: str | None = None) -> DevFile:
+    """Parse `text` (read from `path`, bounded, when not given)."""
     c = _Checker(path)
+    if text is None:
+        try:
+            text = read_bounded_text(path, what="dev file", limit=MAX_DEV_FILE_BYTES)
+        except (OSError, InputFileError) as e:
+            raise DevFileInvalid([f"{path}: cannot read: {getattr(e, 'strerror', None) or e}"]
+                                 ) from None
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise DevFileInvalid([f"{path}: cannot read: {e.strerror}"]) from None
+        guard_yaml(text)
+    except YamlRefused as e:
+        if not e.syntax:
+            raise DevFileInvalid([f"{path}:{e.line}: (document): {e.message}"]) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:

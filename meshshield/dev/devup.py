@@ -8,9 +8,11 @@ endpoint, and stays up until Ctrl-C; then stops every child it started.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -94,13 +96,25 @@ class DevUp:
         self.stop_event = threading.Event()
 
     def _keys(self) -> tuple[str, Path]:
-        admin = self.state / "admin"
-        if not (admin / ADMIN_KEY_FILE).exists():
-            write_admin_key(admin)
+        """Fresh admin and sim platform keys (and CAS key-encryption secret) every run.
+
+        The dev CAS starts from empty data each run, so nothing needs an old key; and a
+        key found in the state folder may have come with the checkout (committed, or
+        unpacked from someone's archive): whoever holds its copy would be the dev CAS's
+        admin, or could forge sim evidence. So dev up never trusts a key it did not
+        make in this run."""
+        admin, sim, kek = self.state / "admin", self.state / "sim", self.state / "cas.kek"
+        found = [p for p in (admin / ADMIN_KEY_FILE, sim / PRIVATE_KEY_FILE, kek)
+                 if p.exists()]
+        for folder in (admin, sim):
+            shutil.rmtree(folder, ignore_errors=True)
+        kek.unlink(missing_ok=True)
+        if found:
+            print(f"meshshield dev up: found {', '.join(str(p) for p in found)}, which this "
+                  "run did not make; not trusted: made fresh keys for this run", flush=True)
+        write_admin_key(admin)
         fp = spki_fingerprint(load_admin_key(admin).public_key())
-        sim = self.state / "sim"
-        if not (sim / PRIVATE_KEY_FILE).exists():
-            write_sim_platform_key(generate_sim_platform_key(), sim)
+        write_sim_platform_key(generate_sim_platform_key(), sim)
         return fp, sim
 
     def plan_ports(self) -> dict[str, dict[str, int]]:
@@ -122,7 +136,7 @@ class DevUp:
         return plan
 
     def run(self) -> int:
-        self.state.mkdir(parents=True, exist_ok=True)
+        check_state_folder(self.state)
         fp, sim = self._keys()
         measurements = {}
         for s in self.dev.services:
@@ -132,7 +146,7 @@ class DevUp:
                 raise DevUpFailed(f"service {s.name}: cannot measure its workload: {e}") from None
         policy = generate_policy(self.dev, measurements)
         policy_path = self.state / f"{self.dev.session}.policy.yaml"
-        policy_path.write_text(policy)
+        write_private(policy_path, policy.encode())
         plan = self.plan_ports()
         shutil.rmtree(self.state / "cas-data", ignore_errors=True)
         print(f"meshshield dev up: session {self.dev.session}, {len(self.dev.services)} "
@@ -229,6 +243,48 @@ class DevUp:
         for child in reversed(self.children):
             child.stop()
         print(f"stopped {len(self.children)} processes", flush=True)
+
+
+def check_state_folder(state: Path) -> None:
+    """Make the state folder (0700), or refuse one that is not ours to write in.
+
+    dev up writes keys, the generated policy and logs there and deletes its old CAS
+    data: a planted symbolic link would redirect those writes (or the deletion) outside
+    the project, and a folder others can write to lets them plant one."""
+    try:
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = state.lstat()
+    except FileExistsError:
+        st = state.lstat()
+    except OSError as e:
+        raise DevUpFailed(f"cannot create the state folder {state}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise DevUpFailed(f"the state folder {state} is a symbolic link (to "
+                          f"{os.readlink(state)}); dev up follows no links there: remove it "
+                          "or pass --state DIR")
+    if not stat.S_ISDIR(st.st_mode):
+        raise DevUpFailed(f"the state folder {state} is not a folder; remove it or pass "
+                          "--state DIR")
+    if st.st_uid != os.getuid():
+        raise DevUpFailed(f"the state folder {state} belongs to uid {st.st_uid}, not to "
+                          "you; remove it or pass --state DIR")
+    if st.st_mode & 0o022:
+        raise DevUpFailed(f"the state folder {state} is writable by others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); run chmod go-w {state}")
+    for root, dirs, files in os.walk(state, followlinks=False):
+        for name in (*dirs, *files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise DevUpFailed(
+                    f"{path} is a symbolic link (to {os.readlink(path)}); dev up writes "
+                    f"only its own files in {state} and follows no links there: remove it")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file of ours (0600), never through a symbolic link."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def run_dev_up(dev: DevFile, state: Path) -> int:

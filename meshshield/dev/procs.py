@@ -33,7 +33,9 @@ class Child:
         self.log = log
         self.lines: list[str] = []
         log.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = log.open("w")
+        # never through a symbolic link planted where the log goes
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        self._log_file = os.fdopen(fd, "w")
         self.proc = subprocess.Popen(
             list(argv), stdout=subprocess.PIPE, stderr=self._log_file, text=True,
             env=None if env is None else {**os.environ, **env}, cwd=cwd,

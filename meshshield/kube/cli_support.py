@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
+from meshshield.inputs import InputFileError, describe_size, read_bounded_text
 from meshshield.kube.annotations import InjectError
 from meshshield.kube.certs import make_webhook_certs
 from meshshield.kube.config import DEFAULT_CONFIG, InjectConfig
@@ -96,14 +97,16 @@ def run_inject(
     try:
         if path == "-":
             text = stdin.read(MAX_MANIFEST_BYTES + 1)
+            if len(text) > MAX_MANIFEST_BYTES:
+                raise InputFileError(f"-f - (standard input): more than the "
+                                     f"{describe_size(MAX_MANIFEST_BYTES)} limit")
         else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read(MAX_MANIFEST_BYTES + 1)
-    except (OSError, UnicodeDecodeError) as err:
+            text = read_bounded_text(path, what="-f", limit=MAX_MANIFEST_BYTES)
+    except InputFileError as err:
+        print(f"meshshield inject: {err}", file=stderr)
+        return 2
+    except OSError as err:
         print(f"meshshield inject: cannot read {name}: {_reason(err)}", file=stderr)
-        return 1
-    if len(text) > MAX_MANIFEST_BYTES:
-        print(f"meshshield inject: {name}: larger than {MAX_MANIFEST_BYTES} bytes", file=stderr)
         return 1
     try:
         result = inject_stream(text, config)

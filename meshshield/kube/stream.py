@@ -19,12 +19,21 @@ from meshshield.kube.annotations import InjectError
 from meshshield.kube.config import DEFAULT_CONFIG, InjectConfig
 from meshshield.kube.inject import describe, inject_document
 from meshshield.kube.patch import json_patch
+from meshshield.safeyaml import MANIFEST_MAX_DEPTH, YamlRefused, guard_yaml
 
 _MAX_WIDTH = 1 << 30  # never fold long strings (commands, JSON annotations)
 
 
 def inject_stream(text: str, config: InjectConfig = DEFAULT_CONFIG) -> str:
-    """Inject into every workload of a YAML stream; return the whole stream."""
+    """Inject into every workload of a YAML stream; return the whole stream.
+
+    Aliases are refused and nesting is capped before PyYAML loads anything (a
+    "billion laughs" manifest would otherwise expand without bound)."""
+    try:
+        guard_yaml(text, max_depth=MANIFEST_MAX_DEPTH)
+    except YamlRefused as err:
+        if not err.syntax:  # syntax errors: the loader below words them as it always has
+            raise InjectError(str(err)) from None
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as err:

@@ -79,12 +79,14 @@ class _GuardedComposer(Composer):
 
     # Where a ReaderError's position counts from: libyaml reports UTF-8 byte offsets.
     positions_in_bytes = False
+    max_depth = MAX_DEPTH
 
     def __init__(self) -> None:
         super().__init__()
         self.anchored: dict[int, str] = {}
         self._keep: list[Node] = []  # keeps the ids in `anchored` unique while we run
         self._depth = 0
+        self.aliases: list[tuple[str, int]] = []  # (anchor, line) of every *alias seen
 
     # PyYAML's stubs leave the event API untyped; these two pin it down once.
     def upcoming_event(self) -> Event:
@@ -106,11 +108,12 @@ class _GuardedComposer(Composer):
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         self._depth += 1
         try:
-            if self._depth > MAX_DEPTH:
+            if self._depth > self.max_depth:
                 raise _TooDeep(_line(self.upcoming_event().start_mark))
             event = self.upcoming_event()
             if isinstance(event, AliasEvent):
                 self.take_event()
+                self.aliases.append((str(event.anchor), _line(event.start_mark)))
                 return AliasNode(
                     "tag:meshshield:alias", str(event.anchor),
                     event.start_mark, event.end_mark,  # type: ignore[arg-type]
@@ -153,6 +156,16 @@ else:
             Resolver.__init__(self)
 
     _Loader = _LibyamlLoader
+
+
+def new_loader(text: str, max_depth: int = MAX_DEPTH) -> _GuardedComposer:
+    """A guarded composer over `text` (aliases become AliasNode, nesting capped)."""
+    loader = _Loader(text)
+    loader.max_depth = max_depth
+    return loader
+
+
+TooDeep = _TooDeep  # what a loader from `new_loader` raises past its nesting cap (.line)
 
 
 @dataclass(frozen=True, slots=True)

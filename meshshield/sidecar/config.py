@@ -111,11 +111,13 @@ def parse_outbound(text: str) -> OutboundRoute:
                          parse_endpoint(target, "--outbound target"))
 
 
-def _duration(v: Any, what: str) -> float:
+def _duration(v: Any, what: str, minimum: float = 0.001, maximum: float = 86400.0) -> float:
+    """A duration setting: refuses nan, inf, negative, zero and more than a day."""
     try:
-        return parse_duration(str(v))
+        return parse_duration(str(v), what=what, minimum=minimum, maximum=maximum,
+                              allow_zero=False)
     except ValueError as e:
-        raise ConfigError(f"{what}: {e}") from None
+        raise ConfigError(str(e)) from None
 
 
 def _count(values: Mapping[str, Any], key: str, default: int) -> int:
@@ -201,13 +203,25 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
+    from meshshield.inputs import InputFileError, read_bounded_text
+    from meshshield.safeyaml import YamlRefused, guard_yaml
+
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = read_bounded_text(path, what="--config", limit=MAX_CONFIG_BYTES)
+        guard_yaml(text)
+        doc = yaml.safe_load(text)
     except OSError as e:
         raise ConfigError(f"cannot read --config {path}: {e.strerror}") from None
+    except InputFileError as e:
+        raise ConfigError(str(e)) from None
+    except YamlRefused as e:
+        raise ConfigError(f"--config {path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
