@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from meshshield.attestation.claims import Claims, Platform, TcbStatus
 from meshshield.errors import MeshError, Reason
@@ -116,6 +117,30 @@ def _claims_object(c: Mapping[str, Any]) -> Claims:
         svn=c.get("svn"),
         simulated=bool(c["simulated"]),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _bundle_cas(bundle_pem: str) -> tuple[x509.Certificate, ...]:
+    try:
+        return tuple(x509.load_pem_x509_certificates(bundle_pem.encode()))
+    except ValueError:
+        return ()
+
+
+@functools.lru_cache(maxsize=4096)
+def issued_by_bundle(cert: x509.Certificate, bundle_pem: str) -> bool:
+    """True if `cert` is signed by one of the CAs in `bundle_pem` (mesh leaves are issued
+    directly by a root). A connection whose peer fails this after a bundle change was
+    admitted by a CA that has since been removed."""
+    for ca in _bundle_cas(bundle_pem):
+        if ca.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 _Facts = tuple[str | None, SpiffeId | None, dict[str, Any], str, str]
