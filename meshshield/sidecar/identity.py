@@ -36,10 +36,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.attestclient import AttestRequest, build_attest_body
 from meshshield.errors import MeshError, Reason
-from meshshield.pki.ca import load_pem_chain, serial_hex
+from meshshield.pki.ca import issued_by_bundle, load_pem_chain, serial_hex
 from meshshield.pki.keys import generate_p256, spki_der
 from meshshield.sidecar.config import SidecarConfig
-from meshshield.sidecar.peercheck import TrustView, issued_by_bundle
+from meshshield.sidecar.peercheck import TrustView
 from meshshield.tlsutil import load_chain_from_memory
 
 log = logging.getLogger("meshshield.sidecar")

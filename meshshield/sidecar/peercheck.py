@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from meshshield.attestation.claims import Claims, Platform, TcbStatus
 from meshshield.errors import MeshError, Reason
-from meshshield.pki.ca import serial_hex
+from meshshield.pki.ca import issued_by_bundle, serial_hex
 from meshshield.pki.claims_ext import claims_from_certificate
 from meshshield.pki.spiffe import SpiffeId, parse_spiffe_id, spiffe_id_of
 from meshshield.policy import IgnoreAdvisories, PeerRef, Tolerance, check_tolerances
+
+__all__ = ["PeerInfo", "TrustView", "check_peer", "issued_by_bundle"]
 
 
 @dataclass(frozen=True)
@@ -117,30 +118,6 @@ def _claims_object(c: Mapping[str, Any]) -> Claims:
         svn=c.get("svn"),
         simulated=bool(c["simulated"]),
     )
-
-
-@functools.lru_cache(maxsize=16)
-def _bundle_cas(bundle_pem: str) -> tuple[x509.Certificate, ...]:
-    try:
-        return tuple(x509.load_pem_x509_certificates(bundle_pem.encode()))
-    except ValueError:
-        return ()
-
-
-@functools.lru_cache(maxsize=4096)
-def issued_by_bundle(cert: x509.Certificate, bundle_pem: str) -> bool:
-    """True if `cert` is signed by one of the CAs in `bundle_pem` (mesh leaves are issued
-    directly by a root). A connection whose peer fails this after a bundle change was
-    admitted by a CA that has since been removed."""
-    for ca in _bundle_cas(bundle_pem):
-        if ca.subject != cert.issuer:
-            continue
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
 
 
 _Facts = tuple[str | None, SpiffeId | None, dict[str, Any], str, str]

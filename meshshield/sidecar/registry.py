@@ -14,7 +14,8 @@ from cryptography import x509
 
 from meshshield.clock import rfc3339
 from meshshield.errors import MeshError, Reason
-from meshshield.sidecar.peercheck import PeerInfo, TrustView, check_peer, issued_by_bundle
+from meshshield.pki.ca import issued_by_bundle
+from meshshield.sidecar.peercheck import PeerInfo, TrustView, check_peer
 
 MAX_REFUSALS = 256
 
