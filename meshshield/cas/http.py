@@ -356,14 +356,15 @@ async def events(request: web.Request) -> web.StreamResponse:
             snap = authority.trust_snapshot(session)
             now_sending = (authority.epoch, str(snap.get("bundle", "")))
             if now_sending != sent:
-                if not issued_by_bundle(cert, now_sending[1]):
-                    log.info("events: %s/%s: its certificate's CA left the bundle; closing",
-                             session, service)
-                    break
                 sent = now_sending
                 await resp.write(
                     f"id: {sent[0]}\nevent: trust\ndata: {json.dumps(snap)}\n\n".encode()
                 )
+                if not issued_by_bundle(cert, sent[1]):
+                    # It has heard of the new bundle; its certificate is no longer trusted.
+                    log.info("events: %s/%s: its certificate's CA left the bundle; closing",
+                             session, service)
+                    break
                 continue
             try:
                 await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
