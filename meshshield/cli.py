@@ -358,7 +358,8 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
 def cmd_cas_rotate(args: argparse.Namespace) -> int:
     after = _duration_flag(args.activate_after, "--activate-after", minimum=1,
                            maximum=30 * 86400)
-    r = _client(args).post_json("/v1/ca/rotate", {"activate_after_seconds": after}, sign=True)
+    body: dict[str, object] = {"force": True} if args.force else {"activate_after_seconds": after}
+    r = _client(args).post_json("/v1/ca/rotate", body, sign=True)
     for ca in r["cas"]:
         print(f"{ca['state']:8} sha256:{ca['fingerprint']} signing={ca['signing']} "
               f"activate_at={ca['activate_at']} retire_after={ca['retire_after']}")
@@ -654,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("rotate-ca", help="publish a new CA now; it signs after a delay")
     _cas_flags(p)
     p.add_argument("--activate-after", default="1h")
+    p.add_argument("--force", action="store_true",
+                   help="key compromise: the new CA signs at once and every other CA leaves "
+                   "the bundle now; every peer must attest again")
     p.set_defaults(func=cmd_cas_rotate)
 
     p = sub.add_parser("attest", help="attest once and write key, certificate, bundle")

@@ -108,6 +108,7 @@ class Authority:
         self._epoch = -1
         self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
         self._actors: tuple[int, int, frozenset[str]] | None = None
+        self._bundle_seen = ""
         self.listeners: list[Callable[[int], None]] = []
         self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
 
@@ -116,6 +117,7 @@ class Authority:
         """Load (or, in empty state only, create) the CA; `found`: state outside the store."""
         self.ca.ensure(self.clock.now(), found, where)
         self.refresh(force=True)
+        self._bundle_seen = self.ca.bundle_pem(self.clock.now())
 
     def refresh(self, force: bool = False) -> bool:
         """Reload cached state when another writer (replica, CLI) bumped the epoch."""
@@ -572,15 +574,20 @@ class Authority:
         }
 
     # -- CA rotation & housekeeping ------------------------------------------------------
-    def rotate_ca(self, who: str, activate_after_seconds: float) -> dict[str, Any]:
+    def rotate_ca(self, who: str, activate_after_seconds: float,
+                  force: bool = False) -> dict[str, Any]:
+        """Plan a rotation, or with `force` (key compromise) replace the CA at once."""
         self.require_admin(who, "rotate the CA")
         now = self.clock.now()
         try:
-            epoch = self.ca.rotate(now, timedelta(seconds=activate_after_seconds), who)
+            if force:
+                epoch = self.ca.force_rotate(now, who)
+            else:
+                epoch = self.ca.rotate(now, timedelta(seconds=activate_after_seconds), who)
         except ValueError as e:
             raise MeshError(Reason.CONFLICT, str(e)) from None
         self._changed(epoch)
-        return {"epoch": epoch, "cas": self.ca.describe(now)}
+        return {"epoch": epoch, "forced": force, "cas": self.ca.describe(now)}
 
     def tick(self) -> None:
         """Periodic housekeeping: promote a due CA, drop expired nonces, follow replicas."""
@@ -590,9 +597,12 @@ class Authority:
         self.store.purge_request_nonces(now)
         if self.ca.tick(now):
             self._changed(self.store.epoch())
-        elif self.refresh():
+        elif self.refresh() or self.ca.bundle_pem(now) != self._bundle_seen:
+            # A retired CA leaving the bundle changes trust without a new epoch: the
+            # listeners (event streams, the CAS's own TLS) must hear of it all the same.
             for listener in list(self.listeners):
                 listener(self._epoch)
+        self._bundle_seen = self.ca.bundle_pem(now)
 
     # -- reports & edges ------------------------------------------------------------------
     def visible_sessions(self, who: str) -> set[str] | None:

@@ -110,6 +110,14 @@ class CaState:
         cert, key = generate_ca(self._trust_domain, now)
         return self._save(self.set.plan_rotation(now, cert, key, activate_after), now, actor)
 
+    def force_rotate(self, now: datetime, actor: str) -> int:
+        """A new CA signs at once; every other CA leaves the bundle now (key compromise)."""
+        cert, key = generate_ca(self._trust_domain, now)
+        epoch = self._save(self.set.force_rotation(now, cert, key), now, actor)
+        log.warning("CA %s replaced every other CA at once (forced rotation by %s)",
+                    self.set.active.fingerprint[:16], actor[:16])
+        return epoch
+
     def signing(self, now: datetime) -> CaRecord:
         # A due "next" signs even before tick() has promoted it (CaSet invariant 2).
         return self.set.signing_ca(now)

@@ -24,7 +24,7 @@ from meshshield.adminauth import verify_signature
 from meshshield.cas.authority import Authority
 from meshshield.cas.edges import fold_edges
 from meshshield.errors import MeshError, Reason
-from meshshield.pki.ca import serial_hex
+from meshshield.pki.ca import issued_by_bundle, serial_hex
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
 from meshshield.policy import PolicyInvalid
 from meshshield.runtime import register_runtime_gauges
@@ -336,7 +336,7 @@ async def attest(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    session, service, _cert = _mesh_identity(request)
+    session, service, cert = _mesh_identity(request)
     authority = request.app[AUTHORITY]
     hub = request.app[HUB]
     metrics = request.app[METRICS]
@@ -348,21 +348,28 @@ async def events(request: web.Request) -> web.StreamResponse:
     metrics.subscribers.inc()
     log.info("events: %s/%s subscribed", session, service)
     try:
-        sent = -1
+        sent: tuple[int, str] | None = None
         while not hub.closing:
-            if authority.epoch != sent:
-                sent = authority.epoch
-                snap = authority.trust_snapshot(session)
-                await resp.write(
-                    f"id: {sent}\nevent: trust\ndata: {json.dumps(snap)}\n\n".encode()
-                )
+            # Clear before reading the state: a change from here on, even one made while
+            # the write below waits for the client, sets `wake` again and is sent next.
             wake.clear()
+            snap = authority.trust_snapshot(session)
+            now_sending = (authority.epoch, str(snap.get("bundle", "")))
+            if now_sending != sent:
+                sent = now_sending
+                await resp.write(
+                    f"id: {sent[0]}\nevent: trust\ndata: {json.dumps(snap)}\n\n".encode()
+                )
+                if not issued_by_bundle(cert, sent[1]):
+                    # It has heard of the new bundle; its certificate is no longer trusted.
+                    log.info("events: %s/%s: its certificate's CA left the bundle; closing",
+                             session, service)
+                    break
+                continue
             try:
                 await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
             except TimeoutError:
                 await resp.write(b": keep-alive\n\n")
-            if hub.closing:
-                break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
@@ -427,7 +434,15 @@ async def rotate_ca(request: web.Request) -> web.Response:
         body = json.loads(raw) if raw else {}
     except (ValueError, RecursionError):
         raise MeshError(Reason.BAD_REQUEST, "rotate body is not valid JSON") from None
-    after = body.get("activate_after_seconds", 3600) if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) - {"activate_after_seconds", "force"}:
+        raise MeshError(Reason.BAD_REQUEST, 'rotate body must be {"activate_after_seconds": '
+                        'N} or {"force": true}')
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise MeshError(Reason.BAD_REQUEST, '"force" must be true or false')
+    if force:
+        return web.json_response(authority.rotate_ca(who, 0.0, force=True), status=201)
+    after = body.get("activate_after_seconds", 3600)
     if (
         not isinstance(after, (int, float))
         or isinstance(after, bool)

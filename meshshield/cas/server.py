@@ -33,6 +33,15 @@ SERVER_CERT_LIFETIME = timedelta(days=7)
 TICK_SECONDS = 1.0
 
 
+def _server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Client certificates are optional at the TLS layer: admins sign requests and
+    # anyone may fetch a nonce, but /v1/events and /v1/reports demand a mesh one.
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
 class CasServer:
     """One CAS process: the authority, its HTTPS identity and the HTTP app."""
 
@@ -50,12 +59,18 @@ class CasServer:
         except BaseException:
             self.store.close()
             raise
-        self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-        # Client certificates are optional at the TLS layer: admins sign requests and
-        # anyone may fetch a nonce, but /v1/events and /v1/reports demand a mesh one.
-        self.ssl.verify_mode = ssl.CERT_OPTIONAL
-        self._trusted: set[str] = set()
+        # aiohttp's server holds one SSLContext for good, and a context can only ever
+        # add CAs. So the listener's context trusts nothing itself; at every ClientHello
+        # its SNI callback (OpenSSL calls it with or without a server name) hands the
+        # connection to `self._current`, a context rebuilt whenever the bundle or the
+        # CAS's own certificate changes: a CA removed from the bundle is untrusted for
+        # every new handshake at once, open connections carry on.
+        self.ssl = _server_context()
+        self.ssl.sni_callback = self._select_context
+        self._current = self.ssl
+        self._bundle = ""
+        self._chain_pem = b""
+        self._key_pem = b""
         self._cert_not_after = self.authority.clock.now()
         self._served_by = ""
         self.refresh_tls()
@@ -76,12 +91,11 @@ class CasServer:
         """Trust every CA in the bundle; (re)issue the CAS's own certificate if due."""
         now = self.authority.clock.now()
         bundle = self.authority.ca.bundle_pem(now)
-        if bundle not in self._trusted:
-            self.ssl.load_verify_locations(cadata=bundle)
-            self._trusted.add(bundle)
         signer = self.authority.ca.signing(now)
         due = now + SERVER_CERT_LIFETIME / 2 >= self._cert_not_after
         if not due and signer.fingerprint == self._served_by:
+            if bundle != self._bundle:
+                self._install(bundle, self._chain_pem, self._key_pem)
             return
         key = generate_p256()
         dns: list[str] = []
@@ -110,9 +124,26 @@ class CasServer:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        load_chain_from_memory(self.ssl, (cert_pem(cert) + cert_pem(signer.cert)).encode(), key_pem)
+        chain = (cert_pem(cert) + cert_pem(signer.cert)).encode()
+        self._install(bundle, chain, key_pem)
         self._cert_not_after = cert.not_valid_after_utc
         self._served_by = signer.fingerprint
+
+    def _install(self, bundle: str, chain_pem: bytes, key_pem: bytes) -> None:
+        """Build a fresh context trusting exactly `bundle`, then swap it in."""
+        ctx = _server_context()
+        ctx.load_verify_locations(cadata=bundle)
+        load_chain_from_memory(ctx, chain_pem, key_pem)
+        if self._current is self.ssl:
+            # The listener needs a certificate of its own to be a valid server context;
+            # it never verifies a client (it trusts no CA), the callback swaps first.
+            load_chain_from_memory(self.ssl, chain_pem, key_pem)
+        self._current = ctx
+        self._bundle, self._chain_pem, self._key_pem = bundle, chain_pem, key_pem
+
+    def _select_context(self, ssl_obj: ssl.SSLObject, _server_name: str | None,
+                        _ctx: ssl.SSLContext) -> None:
+        ssl_obj.context = self._current
 
     def on_change(self) -> None:
         self.refresh_tls()

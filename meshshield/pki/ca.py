@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -211,6 +212,29 @@ class CaSet:
             raise ValueError("the new CA certificate is already in the set")
         return [*self.records, record]
 
+    def force_rotation(
+        self, now: datetime, new_cert: x509.Certificate, new_key: ec.EllipticCurvePrivateKey
+    ) -> list[CaRecord]:
+        """The records with `new_cert` active and signing at once, every other CA retired
+        as of `now` - out of the bundle immediately.
+
+        For a key compromise: unlike `plan_rotation` this breaks every leaf the old CAs
+        signed (peers must attest again), which is the point: nothing the compromised
+        key signed may be trusted any longer."""
+        if spki_der(new_cert.public_key()) != spki_der(new_key.public_key()):
+            raise ValueError("the new CA key does not match the new CA certificate")
+        if new_cert.not_valid_after_utc <= now:
+            raise ValueError(f"the new CA expired at {new_cert.not_valid_after_utc}")
+        record = CaRecord(new_cert, new_key, "active")
+        if record.fingerprint in {r.fingerprint for r in self.records}:
+            raise ValueError("the new CA certificate is already in the set")
+        out = [
+            r if r.state == "retired" and r.retire_after is not None and r.retire_after <= now
+            else replace(r, state="retired", activate_at=None, retire_after=now)
+            for r in self.records
+        ]
+        return [*out, record]
+
     def promote(self, now: datetime, max_leaf_not_after_of_old: datetime) -> list[CaRecord]:
         """Make a due "next" the active CA and retire the old one.
 
@@ -405,6 +429,30 @@ def normalize_serial(text: str) -> str:
     if not cleaned or any(c not in "0123456789abcdef" for c in cleaned):
         raise ValueError(f"serial {text!r} is not hex (e.g. 3f9a0c... as shown by openssl)")
     return format(int(cleaned, 16), "x")
+
+
+@functools.lru_cache(maxsize=16)
+def _bundle_cas(bundle_pem: str) -> tuple[x509.Certificate, ...]:
+    try:
+        return tuple(x509.load_pem_x509_certificates(bundle_pem.encode()))
+    except ValueError:
+        return ()
+
+
+@functools.lru_cache(maxsize=4096)
+def issued_by_bundle(cert: x509.Certificate, bundle_pem: str) -> bool:
+    """True if `cert` is signed by one of the CAs in `bundle_pem` (mesh leaves and the
+    CAS's certificate are issued directly by a root). Certificates admitted before a
+    bundle change fail this once their CA has been removed."""
+    for ca in _bundle_cas(bundle_pem):
+        if ca.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def cert_pem(cert: x509.Certificate) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meshshield.clock import rfc3339
 from meshshield.runtime import runtime_counts
@@ -29,6 +32,7 @@ class SidecarState:
         self.listening = False
         self.draining = False
         self.started = time.time()
+        metrics.registry.register(_LoopCollector(identity, link))
 
     @property
     def ready(self) -> bool:
@@ -58,15 +62,11 @@ class SidecarState:
                 "simulated": bool(held.claims.get("simulated")),
             },
             "attestations": self.identity.renewals,
+            "attest_failures": self.identity.failures,
             "last_attest_error": self.identity.last_error,
-            "cas": {
-                "url": cfg.cas,
-                "reachable": self.link.connected,
-                "last_error": self.link.last_error,
-                "last_event_at": None if self.link.last_event_at is None
-                else rfc3339_from(self.link.last_event_at),
-                "reconnects": self.link.reconnects,
-            },
+            "last_attest_error_at": None if self.identity.last_error_at is None
+            else rfc3339_from(self.identity.last_error_at),
+            "cas": self.link.status(),
             "epoch": None if view is None else view.epoch,
             "policy_hash": None if view is None else view.policy_hash,
             "listeners": [
@@ -76,6 +76,31 @@ class SidecarState:
             "uptime_seconds": round(time.time() - self.started, 1),
             "runtime": runtime_counts(),
         }
+
+
+class _LoopCollector(Collector):
+    """The renewal and event-stream loops' health, read at scrape time."""
+
+    def __init__(self, identity: Identity, link: CasLink) -> None:
+        self.identity = identity
+        self.link = link
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "meshshield_sidecar_attest_failures", "Failed attestations and renewals",
+            value=self.identity.failures)
+        yield CounterMetricFamily(
+            "meshshield_sidecar_event_stream_failures",
+            "Times the CAS event stream failed or could not be opened",
+            value=self.link.failures)
+        yield CounterMetricFamily(
+            "meshshield_sidecar_stale_events_ignored",
+            "Trust events older than the current view, ignored",
+            value=self.link.events_stale)
+        yield GaugeMetricFamily(
+            "meshshield_sidecar_last_event_timestamp_seconds",
+            "Unix time of the last trust event from the CAS (0: none yet)",
+            value=self.link.last_event_at or 0.0)
 
 
 STATE = web.AppKey("state", SidecarState)

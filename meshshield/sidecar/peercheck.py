@@ -27,10 +27,12 @@ from cryptography import x509
 
 from meshshield.attestation.claims import Claims, Platform, TcbStatus
 from meshshield.errors import MeshError, Reason
-from meshshield.pki.ca import serial_hex
+from meshshield.pki.ca import issued_by_bundle, serial_hex
 from meshshield.pki.claims_ext import claims_from_certificate
 from meshshield.pki.spiffe import SpiffeId, parse_spiffe_id, spiffe_id_of
 from meshshield.policy import IgnoreAdvisories, PeerRef, Tolerance, check_tolerances
+
+__all__ = ["PeerInfo", "TrustView", "check_peer", "issued_by_bundle"]
 
 
 @dataclass(frozen=True)

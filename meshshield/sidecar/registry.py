@@ -13,7 +13,8 @@ from typing import Any
 from cryptography import x509
 
 from meshshield.clock import rfc3339
-from meshshield.errors import MeshError
+from meshshield.errors import MeshError, Reason
+from meshshield.pki.ca import issued_by_bundle
 from meshshield.sidecar.peercheck import PeerInfo, TrustView, check_peer
 
 MAX_REFUSALS = 256
@@ -117,10 +118,18 @@ class ConnectionRegistry:
         return r
 
     def recheck(self, view: TrustView, local_service: str) -> list[tuple[Connection, MeshError]]:
-        """Close every live connection whose peer no longer passes under `view`."""
+        """Close every live connection whose peer no longer passes under `view`,
+        including peers whose certificate's CA has left the trust bundle."""
         closed = []
         for conn in list(self.live.values()):
             try:
+                if view.bundle_pem and not issued_by_bundle(conn.cert, view.bundle_pem):
+                    raise MeshError(
+                        Reason.CHAIN_INVALID,
+                        f"peer {conn.info.session}/{conn.info.service}: the CA of its "
+                        f"certificate {conn.info.serial} was removed from the trust bundle; "
+                        "it must attest again for a certificate of the current CA",
+                    )
                 check_peer(conn.cert, view, local_service=local_service,
                            direction=conn.direction, expected=conn.expected)
             except MeshError as e:

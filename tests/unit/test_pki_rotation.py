@@ -187,3 +187,23 @@ def test_simulated_mesh_never_loses_trust() -> None:
         now += tick
     assert len(first_signed) == 2
     assert names(CaSet(records).bundle(now)) == ["B"]
+
+
+# -- forced rotation (key compromise) ---------------------------------------------------
+
+def test_forced_rotation_signs_at_once_and_empties_the_bundle_of_every_other_ca() -> None:
+    planned = CaSet(initial().plan_rotation(PLAN_AT, _B[0], _B[1], ACTIVATE_AFTER))
+    at = PLAN_AT + H
+    forced = CaSet(planned.force_rotation(at, _C[0], _C[1]))
+    assert name_of(forced.active) == "C" and forced.next is None
+    assert name_of(forced.signing_ca(at)) == "C"
+    assert names(forced.bundle(at)) == ["C"]
+    assert {name_of(r): r.state for r in forced.records} == {
+        "A": "retired", "B": "retired", "C": "active"}
+
+
+def test_forced_rotation_refuses_a_mismatched_key_or_a_known_ca() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        initial().force_rotation(PLAN_AT, _B[0], _C[1])
+    with pytest.raises(ValueError, match="already in the set"):
+        initial().force_rotation(PLAN_AT, _A[0], _A[1])

@@ -1,0 +1,101 @@
+"""The sidecar's CAS event stream never dies silently: a `trust` event longer than any
+line limit is read (bounded by the event cap), and an over-cap or malformed event, like
+any other failure, reconnects with backoff and shows in /status and /metrics.
+
+The sidecar follows a CAS front whose event stream the test writes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from casfront import CasFront
+from harness import CasProcess, SidecarProcess
+from meshpeers import LoopThread, apply, no_traceback, status, wait_until
+
+
+@pytest.fixture
+def followed(tmp_path: Any) -> Iterator[tuple[CasFront, SidecarProcess]]:
+    cas = CasProcess.start(tmp_path / "mesh")
+    lt = LoopThread()
+    front: CasFront | None = None
+    sc: SidecarProcess | None = None
+    try:
+        apply(cas, cas.sim_policy("shop"))
+        front = CasFront(cas, lt)
+        sc = SidecarProcess.start(front.as_cas(), "shop", "backend",  # type: ignore[arg-type]
+                                  inbound=["127.0.0.1:0=127.0.0.1:9"])
+        yield front, sc
+        no_traceback(sc)
+    finally:
+        if sc is not None:
+            sc.stop()
+        if front is not None:
+            front.close()
+        lt.close()
+        cas.stop()
+
+
+def _stream_open(front: CasFront, opens: int) -> None:
+    wait_until(lambda: front.stream_opens >= opens, 20,
+               f"event stream #{opens} open")
+
+
+def _epoch(sc: SidecarProcess) -> int | None:
+    e = status(sc)["epoch"]
+    return None if e is None else int(e)
+
+
+def _metric(sc: SidecarProcess, name: str) -> float:
+    for line in sc.get("/metrics").body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_sidecar_follows_a_trust_event_of_20000_revoked_serials(
+        followed: tuple[CasFront, SidecarProcess]) -> None:
+    front, sc = followed
+    _stream_open(front, 1)
+    snap = front.last_trust()
+    big = {**snap, "epoch": snap["epoch"] + 1,
+           "revoked_serials": [secrets.token_hex(16) for _ in range(20_000)]}
+    assert front.push_event(big) == 1
+    wait_until(lambda: _epoch(sc) == big["epoch"], 10,
+               "the 700 kB trust event applied")
+    st = status(sc)["cas"]
+    assert st["reachable"] and st["state"] == "following", st
+
+
+def test_an_over_cap_or_malformed_event_reconnects_and_is_reported(
+        followed: tuple[CasFront, SidecarProcess]) -> None:
+    front, sc = followed
+    _stream_open(front, 1)
+    snap = front.last_trust()
+    before = status(sc)["cas"]["reconnects"]
+    # 5 MiB in one event: over the cap, an error, never a silent end
+    front.push_raw(b"event: trust\ndata: " + b"x" * (5 * 1024 * 1024) + b"\n\n")
+    wait_until(lambda: status(sc)["cas"]["reconnects"] > before, 10,
+               "a reconnect after the over-cap event")
+    st = status(sc)["cas"]
+    assert "body_too_large" in (st["last_error"] or ""), st
+    assert _metric(sc, "meshshield_sidecar_event_stream_failures_total") >= 1
+    _stream_open(front, 2)
+    wait_until(lambda: status(sc)["cas"]["reachable"], 10, "/status reachable again")
+    front.push_event({**snap, "epoch": snap["epoch"] + 2})
+    wait_until(lambda: _epoch(sc) == snap["epoch"] + 2, 10, "an event after the reconnect")
+
+    # a snapshot that does not parse: also a reported reconnect
+    reconnects = status(sc)["cas"]["reconnects"]
+    front.push_raw(b"event: trust\ndata: {\"epoch\": [\n\n")
+    wait_until(lambda: status(sc)["cas"]["reconnects"] > reconnects, 10,
+               "a reconnect after the malformed event")
+    assert status(sc)["cas"]["last_error"], status(sc)["cas"]
+    _stream_open(front, 3)
+    front.push_event({**snap, "epoch": snap["epoch"] + 3})
+    wait_until(lambda: _epoch(sc) == snap["epoch"] + 3, 10, "following again")
+    assert _metric(sc, "meshshield_sidecar_event_stream_failures_total") >= 2
+    assert _metric(sc, "meshshield_sidecar_cas_reachable") == 1
