@@ -36,6 +36,9 @@ MAX_REPORT_CONNECTIONS = 10_000
 HEARTBEAT_SECONDS = 15.0
 REPORT_MAX_AGE = 120.0
 
+# Metric status of a request whose client went away before it was answered (nginx: 499).
+CLIENT_CLOSED = "client_closed"
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTHORITY = web.AppKey("authority", Authority)
@@ -146,11 +149,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = _error(reason, msg, status=e.status)
     except asyncio.CancelledError:
         raise
-    except Exception:  # noqa: BLE001 - the one place unexpected errors are contained
+    except Exception as e:  # noqa: BLE001 - the one place unexpected errors are contained
+        if isinstance(e, ConnectionResetError) and _client_gone(request):
+            # The client hung up before its request was read or answered: its doing, not
+            # ours, so no traceback and no 500; counted apart so a flood of them shows.
+            log.debug("client %s closed the connection during %s %s", request.remote,
+                      request.method, request.path)
+            metrics.requests.labels(route, CLIENT_CLOSED).inc()
+            return web.Response(status=499)  # never delivered: there is no one to read it
         log.exception("internal error on %s %s", request.method, request.path)
         resp = _error(Reason.INTERNAL, "internal error; the CAS logged the details", status=500)
     metrics.requests.labels(route, str(resp.status)).inc()
     return resp
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _read_body(request: web.Request) -> bytes:
