@@ -122,7 +122,8 @@ class CasServer:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             try:
-                self.authority.tick()
+                # Store calls and a due CA promotion run off the event loop.
+                await asyncio.to_thread(self.authority.tick)
                 self.refresh_tls()
             except Exception:  # noqa: BLE001 - keep serving; the next tick retries
                 log.exception("housekeeping failed")
