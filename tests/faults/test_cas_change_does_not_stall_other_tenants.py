@@ -94,7 +94,8 @@ def test_cas_change_does_not_stall_other_tenants(cas: CasProcess) -> None:
     done.set()
     prober.join(timeout=60)
     assert r.status == 201, r.body
-    during = [lat for (t, lat) in probes if started <= t <= started + applied]
+    # Every probe whose request overlapped the big change.
+    during = [lat for (t, lat) in probes if t <= started + applied and t + lat >= started]
     assert during, "no probe ran while the big policy was applied"
     assert max(during) < applied / 2, (
         f"a health/nonce request waited {max(during):.3f} s behind a {applied:.3f} s "
