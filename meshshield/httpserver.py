@@ -31,6 +31,7 @@ import resource
 import ssl
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -38,6 +39,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from meshshield.errors import Reason
 
@@ -242,7 +245,12 @@ class _BoundedHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         what = type(exc).__name__ if exc is not None else "error"
-        if status >= 500 and exc is not None:
+        if isinstance(exc, ConnectionResetError):
+            # The client hung up mid-request (or was cut off by a deadline): nothing to
+            # answer and nothing of ours to debug.
+            self.logger.debug("client %s closed the connection during %s %s",
+                              request.remote, request.method, request.path)
+        elif status >= 500 and exc is not None:
             # Not the client's doing: a handler failed outside any error middleware.
             self.logger.error("internal error on %s %s", request.method, request.path,
                               exc_info=exc)
@@ -364,6 +372,28 @@ class BoundedSite(web.BaseSite):
         self.budget.remove(conn)
         self.budget.counts["handshake_failed"] += 1
         log.debug("%s: TLS handshake failed: %r", self.budget.name, done.exception())
+
+
+class BudgetCollector(Collector):
+    """Prometheus view of a site's budget: open connections by state, and events
+    (accepted, evicted_*, refused, timeout_*, handshake_failed)."""
+
+    def __init__(self, budget: ConnectionBudget, prefix: str) -> None:
+        self._budget, self._prefix = budget, prefix
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        b = self._budget
+        g = GaugeMetricFamily(f"{self._prefix}_connections", "Open client connections",
+                              labels=["state"])
+        for state in (HANDSHAKE, IDLE, BUSY):
+            g.add_metric([state], b.in_state(state))
+        yield g
+        c = CounterMetricFamily(f"{self._prefix}_connection_events",
+                                "Client connections by what happened to them",
+                                labels=["event"])
+        for event, n in sorted(b.counts.items()):
+            c.add_metric([event], n)
+        yield c
 
 
 def bound_port(site: web.BaseSite, requested: int) -> int:

@@ -16,11 +16,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from meshshield.cas.authority import Authority, CasConfig
-from meshshield.cas.http import create_app
+from meshshield.cas.http import METRICS, create_app
 from meshshield.cas.sqlite_store import SqliteStore
 from meshshield.cas.store import StoreUnavailable
 from meshshield.errors import MeshError, Reason
-from meshshield.httpserver import ConnectionLimits, bound_port, start_site
+from meshshield.httpserver import BudgetCollector, ConnectionLimits, bound_port, start_site
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert
 from meshshield.pki.keys import generate_p256
@@ -140,10 +140,12 @@ async def serve(
 ) -> None:
     server = CasServer(config)
     print(f"ca-fingerprint sha256:{server.ca_fingerprint}", flush=True)
-    runner = json_error_runner(server.app(), limits)
+    app = server.app()
+    runner = json_error_runner(app, limits)
     await runner.setup()
     site = await start_site(runner, host, port, ssl_context=server.ssl, limits=limits,
                             name="cas")
+    app[METRICS].registry.register(BudgetCollector(site.budget, "meshshield_cas"))
     bound = bound_port(site, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"listening https://{shown}:{bound}", flush=True)
