@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.meshpeers import wait_until
 from harness import CasProcess
+from meshpeers import wait_until
 
 CAS_FD_LIMIT = 1024
 IDLE_TLS = 300

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.meshpeers import wait_until
 from harness import CasProcess
+from meshpeers import wait_until
 
 CLIENTS = 5
 

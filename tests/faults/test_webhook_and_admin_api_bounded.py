@@ -24,8 +24,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from e2e.meshpeers import LOOPBACK, free_ports, wait_until
 from harness import CasProcess, SidecarProcess
+from meshpeers import LOOPBACK, free_ports, wait_until
 
 from meshshield.kube.cli_support import run_webhook_certs
 
