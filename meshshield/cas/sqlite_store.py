@@ -94,10 +94,11 @@ class SqliteStore:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         try:
-            self._db  # noqa: B018 - opens this thread's connection
+            db = self._connect()
         except sqlite3.Error as e:
             raise StoreUnavailable(f"cannot open the CAS database {path}: {e}") from None
         try:
+            self._adopt(db)
             self._open()
         except sqlite3.DatabaseError as e:
             self.close()
@@ -137,22 +138,29 @@ class SqliteStore:
             for kind, table in self._COUNTED.items()
         }
 
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a transaction's
+        # reads and writes are serialised against other writers (another thread, or
+        # another CAS process on the same file, waits on the busy timeout instead of
+        # failing half-way).
+        return sqlite3.connect(
+            str(self.path), isolation_level=None, timeout=10.0, check_same_thread=False
+        )
+
+    def _adopt(self, db: sqlite3.Connection) -> None:
+        """Make `db` this thread's connection (closed by close() if the pragmas fail)."""
+        self._local.db = db
+        with self._all_lock:
+            self._all.append(db)
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute("PRAGMA foreign_keys=ON")
+
     @property
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a transaction's
-            # reads and writes are serialised against other writers (another thread, or
-            # another CAS process on the same file, waits on the busy timeout instead of
-            # failing half-way).
-            db = sqlite3.connect(
-                str(self.path), isolation_level=None, timeout=10.0, check_same_thread=False
-            )
-            db.execute(f"PRAGMA synchronous={self._synchronous}")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._local.db = db
-            with self._all_lock:
-                self._all.append(db)
+            db = self._connect()
+            self._adopt(db)
         return db
 
     def close(self) -> None:
