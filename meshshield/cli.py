@@ -14,9 +14,12 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshshield.errors import MeshError
+
+if TYPE_CHECKING:
+    from meshshield.httpserver import ConnectionLimits
 
 Command = Callable[[argparse.Namespace], int]
 MAX_EVIDENCE_BYTES = 16 << 20  # a quote with its certificate chain is a few KiB
@@ -266,6 +269,47 @@ def _cas_names(trust_domain: str, dns: Sequence[str]) -> tuple[str, tuple[str, .
     return trust_domain, tuple(names)
 
 
+def _connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    from meshshield.httpserver import ConnectionLimits
+
+    kw: dict[str, Any] = {}
+    for name in ("max_connections", "max_handshakes"):
+        text = getattr(args, name)
+        if text is not None:
+            if not text.isdigit() or int(text) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {text!r}: expected a count >= 1")
+            kw[name] = int(text)
+    for name in ("handshake_timeout", "header_timeout", "body_timeout", "idle_timeout"):
+        text = getattr(args, name)
+        if text is not None:
+            kw[name] = _duration_flag(text, f"--{name.replace('_', '-')}", minimum=0.1,
+                                      maximum=86400)
+    try:
+        return ConnectionLimits(**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    from meshshield.httpserver import ConnectionLimits
+
+    d = ConnectionLimits()
+    g = p.add_argument_group("client connections")
+    g.add_argument("--max-connections", metavar="N",
+                   help=f"open client connections at most (default {d.max_connections}; "
+                   "each sidecar holds one); when full, the oldest idle one is closed")
+    g.add_argument("--max-handshakes", metavar="N",
+                   help=f"TLS handshakes in progress at most (default {d.max_handshakes})")
+    g.add_argument("--handshake-timeout", metavar="DURATION",
+                   help=f"to finish the TLS handshake (default {d.handshake_timeout:g}s)")
+    g.add_argument("--header-timeout", metavar="DURATION",
+                   help=f"to send a request's headers (default {d.header_timeout:g}s)")
+    g.add_argument("--body-timeout", metavar="DURATION",
+                   help=f"to send a request's body (default {d.body_timeout:g}s)")
+    g.add_argument("--idle-timeout", metavar="DURATION",
+                   help=f"keep-alive between requests (default {d.idle_timeout:g}s)")
+
+
 def cmd_cas_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -287,6 +331,7 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--collateral {args.collateral}: not a folder")
     if Path(args.data).exists() and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
+    limits = _connection_limits(args)
     fps = []
     for fp in args.admin_fingerprint or []:
         fp = fp.lower().removeprefix("sha256:")
@@ -340,7 +385,7 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
               "guarantee; use it for development only", file=sys.stderr, flush=True)
     _install_uvloop()
     try:
-        asyncio.run(serve(config, host, port))
+        asyncio.run(serve(config, host, port, limits))
     except OSError as e:
         _err(f"cannot serve on {args.listen}: {e.strerror or e}")
         return 1
@@ -651,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonce-ttl", default="60s")
     p.add_argument("--kek-file", help="key-encryption secret (default: DATA/../.NAME.kek)")
     p.add_argument("--max-cert-ttl", help="cap every certificate's lifetime (testing)")
+    _connection_flags(p)
     p.set_defaults(func=cmd_cas_serve)
     p = csub.add_parser("rotate-ca", help="publish a new CA now; it signs after a delay")
     _cas_flags(p)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -75,6 +77,13 @@ class LoadedSession:
     policy: Policy
 
 
+@dataclass
+class AuthorityStats:
+    """Work done, for /metrics: what a change costs is counted, not guessed."""
+
+    policies_parsed: int = 0
+
+
 def _bad(message: str) -> MeshError:
     return MeshError(Reason.BAD_REQUEST, message)
 
@@ -102,14 +111,22 @@ class Authority:
         self.verifier = VerifierConfig(
             sim_platform_keys=config.sim_platform_keys, collateral=collateral
         )
+        # The caches below are replaced whole, never changed in place, so readers on any
+        # thread see one consistent version; `_write` lets one change at a time through.
         self._sessions: dict[str, LoadedSession] = {}
-        self._revoked_serials: set[str] = set()
-        self._revoked_measurements: set[str] = set()
+        self._revoked_serials: frozenset[str] = frozenset()
+        self._revoked_measurements: frozenset[str] = frozenset()
         self._epoch = -1
         self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
         self._actors: tuple[int, int, frozenset[str]] | None = None
         self._bundle_seen = ""
+        self._parsed: dict[tuple[str, str], Policy] = {}  # by a change, before it was stored
+        self._write = threading.RLock()
+        self.stats = AuthorityStats()
         self.listeners: list[Callable[[int], None]] = []
+        # How listeners are called: the HTTP layer runs Authority's methods on worker
+        # threads and has this hand the call to its event loop.
+        self.dispatch: Callable[[Callable[[], None]], None] = lambda call: call()
         self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
 
     # -- state cache ------------------------------------------------------------
@@ -120,31 +137,58 @@ class Authority:
         self._bundle_seen = self.ca.bundle_pem(self.clock.now())
 
     def refresh(self, force: bool = False) -> bool:
-        """Reload cached state when another writer (replica, CLI) bumped the epoch."""
-        epoch = self.store.epoch()
-        if not force and epoch == self._epoch:
+        """Bring the cached state up to the store's epoch (another writer, a replica or
+        the CLI, may have bumped it). Incremental: only a session whose policy hash
+        changed is read and parsed again, and CA keys only when the CA set changed."""
+        if not force and self.store.epoch() == self._epoch:
             return False
+        with self._write:
+            epoch = self.store.epoch()
+            if not force and epoch == self._epoch:
+                return False
+            self._load_sessions()
+            revs = self.store.revocations()
+            self._revoked_serials = frozenset(r.value for r in revs if r.kind == "serial")
+            self._revoked_measurements = frozenset(
+                r.value for r in revs if r.kind == "measurement"
+            )
+            self.ca.reload(self.clock.now())
+            self._snapshots = {}
+            self._epoch = epoch
+            return True
+
+    def _load_sessions(self) -> None:
+        current = self._sessions
         sessions: dict[str, LoadedSession] = {}
-        for rec in self.store.list_sessions():
-            try:
-                pol = parse_policy(rec.policy, f"session {rec.name}", cas_dns=())
-            except PolicyInvalid as e:  # stored before a rule tightened: keep it out
-                log.error("session %s: stored policy no longer valid: %s", rec.name, e)
+        for name, h in self.store.session_hashes().items():
+            old = current.get(name)
+            if old is not None and old.record.policy_hash == h:
+                sessions[name] = old
                 continue
-            sessions[rec.name] = LoadedSession(rec, pol)
+            rec = self.store.get_session(name)
+            if rec is None:
+                continue  # deleted since the names were read; the next epoch says so
+            pol = self._parsed.pop((name, rec.policy_hash), None)
+            if pol is None:
+                try:
+                    pol = self._parse_stored(rec)
+                except PolicyInvalid as e:  # stored before a rule tightened: keep it out
+                    log.error("session %s: stored policy no longer valid: %s", rec.name, e)
+                    continue
+            sessions[name] = LoadedSession(rec, pol)
         self._sessions = sessions
-        self._snapshots = {}
-        revs = self.store.revocations()
-        self._revoked_serials = {r.value for r in revs if r.kind == "serial"}
-        self._revoked_measurements = {r.value for r in revs if r.kind == "measurement"}
-        self.ca.reload(self.clock.now())
-        self._epoch = epoch
-        return True
+
+    def _parse_stored(self, rec: SessionRecord) -> Policy:
+        self.stats.policies_parsed += 1
+        return parse_policy(rec.policy, f"session {rec.name}", cas_dns=())
 
     def _changed(self, epoch: int) -> None:
         self.refresh(force=True)
+        self._notify(epoch)
+
+    def _notify(self, epoch: int) -> None:
         for listener in list(self.listeners):
-            listener(epoch)
+            self.dispatch(functools.partial(listener, epoch))
 
     @property
     def epoch(self) -> int:
@@ -226,9 +270,10 @@ class Authority:
 
     # -- sessions -------------------------------------------------------------------
     def _parse(self, body: bytes, label: str) -> Policy:
-        pol = parse_policy(body, label, cas_dns=self.config.dns)
-        self._check_dns_unclaimed(pol)
-        return pol
+        """Parse a policy sent by an admin. CPU work, done before taking the write lock
+        so that a big policy holds up no one else's change."""
+        self.stats.policies_parsed += 1
+        return parse_policy(body, label, cas_dns=self.config.dns)
 
     def _check_dns_unclaimed(self, pol: Policy) -> None:
         """A qualified DNS SAN belongs to one session: another session's service could
@@ -261,16 +306,20 @@ class Authority:
                 f"found predecessor {pol.predecessor}; set `predecessor: null`",
             )
         h = policy_hash(body)
-        try:
-            epoch = self.store.create_session(pol.name, body, h, who, self.clock.now())
-        except AlreadyExists:
-            raise MeshError(
-                Reason.CONFLICT,
-                f"session {pol.name!r} already exists; to change it, send a new version with "
-                "`predecessor:` set to its current policy hash (`meshshield policy get`)",
-            ) from None
-        self._changed(epoch)
-        return self._session(pol.name).record
+        with self._write:
+            self._check_dns_unclaimed(pol)
+            try:
+                epoch = self.store.create_session(pol.name, body, h, who, self.clock.now())
+            except AlreadyExists:
+                raise MeshError(
+                    Reason.CONFLICT,
+                    f"session {pol.name!r} already exists; to change it, send a new version "
+                    "with `predecessor:` set to its current policy hash (`meshshield policy "
+                    "get`)",
+                ) from None
+            self._parsed[(pol.name, h)] = pol  # the refresh below takes it, parsing nothing
+            self._changed(epoch)
+            return self._session(pol.name).record
 
     def read_session(self, who: str, name: str) -> SessionRecord:
         s = self._authorised(who, name, update=False)
@@ -285,32 +334,38 @@ class Authority:
                 f"policy names session {pol.name!r} but was sent to session {name!r}",
             )
         h = policy_hash(body)
-        try:
-            epoch = self.store.update_session(
-                name, body, h, pol.predecessor, who, self.clock.now()
-            )
-        except PredecessorMismatch as e:
-            raise MeshError(
-                Reason.PREDECESSOR_MISMATCH,
-                f"policy for session {name!r} names predecessor {pol.predecessor}, but the "
-                f"current policy hash is {e.current}; someone else may have changed it: "
-                "fetch it with `meshshield policy get`, merge, and set predecessor to its hash",
-            ) from None
-        except NotFound:
-            raise self._gone(name) from None
-        self._changed(epoch)
-        return self._session(name).record
+        with self._write:
+            self._authorised(who, name, update=True)  # may have changed meanwhile
+            self._check_dns_unclaimed(pol)
+            try:
+                epoch = self.store.update_session(
+                    name, body, h, pol.predecessor, who, self.clock.now()
+                )
+            except PredecessorMismatch as e:
+                raise MeshError(
+                    Reason.PREDECESSOR_MISMATCH,
+                    f"policy for session {name!r} names predecessor {pol.predecessor}, but "
+                    f"the current policy hash is {e.current}; someone else may have changed "
+                    "it: fetch it with `meshshield policy get`, merge, and set predecessor "
+                    "to its hash",
+                ) from None
+            except NotFound:
+                raise self._gone(name) from None
+            self._parsed[(name, h)] = pol
+            self._changed(epoch)
+            return self._session(name).record
 
     def _gone(self, name: str) -> MeshError:
         return MeshError(Reason.SESSION_UNKNOWN, f"session {name!r} was deleted meanwhile")
 
     def delete_session(self, who: str, name: str) -> None:
-        self._authorised(who, name, update=True)
-        try:
-            epoch = self.store.delete_session(name, who, self.clock.now())
-        except NotFound:
-            raise self._gone(name) from None
-        self._changed(epoch)
+        with self._write:
+            self._authorised(who, name, update=True)
+            try:
+                epoch = self.store.delete_session(name, who, self.clock.now())
+            except NotFound:
+                raise self._gone(name) from None
+            self._changed(epoch)
 
     def revoke(self, who: str, name: str, body: object) -> dict[str, Any]:
         self._authorised(who, name, update=True)
@@ -336,8 +391,10 @@ class Authority:
                 f"measurement must be 64 (sim, sgx) or 96 (sev-snp, tdx) hex digits, "
                 f"found {len(value)}"
             )
-        epoch = self.store.add_revocation(name, kind, value, who, self.clock.now())
-        self._changed(epoch)
+        with self._write:
+            self._authorised(who, name, update=True)  # may have changed meanwhile
+            epoch = self.store.add_revocation(name, kind, value, who, self.clock.now())
+            self._changed(epoch)
         return {"epoch": epoch, "session": name, kind: value}
 
     # -- bundle & trust snapshots -------------------------------------------------------
@@ -579,14 +636,15 @@ class Authority:
         """Plan a rotation, or with `force` (key compromise) replace the CA at once."""
         self.require_admin(who, "rotate the CA")
         now = self.clock.now()
-        try:
-            if force:
-                epoch = self.ca.force_rotate(now, who)
-            else:
-                epoch = self.ca.rotate(now, timedelta(seconds=activate_after_seconds), who)
-        except ValueError as e:
-            raise MeshError(Reason.CONFLICT, str(e)) from None
-        self._changed(epoch)
+        with self._write:
+            try:
+                if force:
+                    epoch = self.ca.force_rotate(now, who)
+                else:
+                    epoch = self.ca.rotate(now, timedelta(seconds=activate_after_seconds), who)
+            except ValueError as e:
+                raise MeshError(Reason.CONFLICT, str(e)) from None
+            self._changed(epoch)
         return {"epoch": epoch, "forced": force, "cas": self.ca.describe(now)}
 
     def tick(self) -> None:
@@ -595,13 +653,15 @@ class Authority:
         # Keep expired nonces a minute longer so a late client hears "expired", not "unknown".
         self.store.purge_nonces(now - timedelta(seconds=60))
         self.store.purge_request_nonces(now)
-        if self.ca.tick(now):
-            self._changed(self.store.epoch())
-        elif self.refresh() or self.ca.bundle_pem(now) != self._bundle_seen:
+        with self._write:
+            if self.ca.tick(now):
+                self._changed(self.store.epoch())
+                self._bundle_seen = self.ca.bundle_pem(now)
+                return
+        if self.refresh() or self.ca.bundle_pem(now) != self._bundle_seen:
             # A retired CA leaving the bundle changes trust without a new epoch: the
             # listeners (event streams, the CAS's own TLS) must hear of it all the same.
-            for listener in list(self.listeners):
-                listener(self._epoch)
+            self._notify(self._epoch)
         self._bundle_seen = self.ca.bundle_pem(now)
 
     # -- reports & edges ------------------------------------------------------------------

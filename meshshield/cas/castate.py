@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.cas.store import CaStoredRecord, Store
 from meshshield.clock import rfc3339
@@ -31,6 +32,11 @@ class CaState:
         self._set: CaSet | None = None
         self._created: dict[str, datetime] = {}
         self._bundle_cache: tuple[CaSet | None, datetime, datetime, str] | None = None
+        # Unsealed keys by CA fingerprint, and what the stored rows said when the set was
+        # last built: a reload after a policy change or a revocation unseals nothing.
+        self._keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._loaded: tuple[tuple[Any, ...], ...] | None = None
+        self.keys_unsealed = 0
 
     @property
     def set(self) -> CaSet:
@@ -65,15 +71,28 @@ class CaState:
         self._save([CaRecord(cert, key, "active")], now, "cas")
         return True
 
-    def reload(self, now: datetime) -> None:
+    def reload(self, now: datetime) -> bool:
+        """Rebuild the CA set from the store if its rows changed; True if they did.
+        Only a CA not seen before is unsealed."""
         stored = self._store.load_cas()
+        shape = tuple(
+            (s.fingerprint, s.state, s.activate_at, s.retire_after) for s in stored
+        )
+        if self._set is not None and shape == self._loaded:
+            return False
         records = []
         for s in stored:
             cert = x509.load_pem_x509_certificate(s.cert_pem.encode())
-            key = unseal_private_key(s.sealed_key, self._kek, _context(s.fingerprint))
+            key = self._keys.get(s.fingerprint)
+            if key is None:
+                key = unseal_private_key(s.sealed_key, self._kek, _context(s.fingerprint))
+                self._keys[s.fingerprint] = key
+                self.keys_unsealed += 1
             records.append(CaRecord(cert, key, s.state, s.activate_at, s.retire_after))  # type: ignore[arg-type]
             self._created[s.fingerprint] = s.created_at
         self._set = CaSet(records)
+        self._loaded = shape
+        return True
 
     def _save(self, records: list[CaRecord], now: datetime, actor: str) -> int:
         rows = []
@@ -92,7 +111,9 @@ class CaState:
                 )
             )
         epoch = self._store.save_cas(rows, actor, now)
+        self._keys.update({r.fingerprint: r.key for r in records if r.key is not None})
         self._set = CaSet(records)
+        self._loaded = None  # the next reload rebuilds from the rows, unsealing nothing
         return epoch
 
     def _maybe_promote(self, now: datetime) -> None:

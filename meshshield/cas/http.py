@@ -8,17 +8,21 @@ unexpected into a logged `internal` error without details).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from meshshield.adminauth import verify_signature
 from meshshield.cas.authority import Authority
@@ -35,10 +39,44 @@ MAX_BODY = 1024 * 1024
 MAX_REPORT_CONNECTIONS = 10_000
 HEARTBEAT_SECONDS = 15.0
 REPORT_MAX_AGE = 120.0
+# Threads that run Authority's work (evidence verification, signing, policy parsing,
+# store calls), so that the event loop only moves bytes and one tenant's big change or
+# slow verification never holds up anyone else's request.
+WORKERS = 8
+
+T = TypeVar("T")
+
+# Metric status of a request whose client went away before it was answered (nginx: 499).
+CLIENT_CLOSED = "client_closed"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTHORITY = web.AppKey("authority", Authority)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+
+
+async def off_loop(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)` on the CAS's worker threads and wait for it."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app[EXECUTOR], functools.partial(fn, *args))
+
+
+class _AuthorityWork(Collector):
+    """Counters kept by Authority (work done per change), read at scrape time."""
+
+    def __init__(self, authority: Authority) -> None:
+        self._authority = authority
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        a = self._authority
+        yield CounterMetricFamily(
+            "meshshield_cas_policies_parsed", "Stored or submitted policies parsed",
+            value=a.stats.policies_parsed,
+        )
+        yield CounterMetricFamily(
+            "meshshield_cas_ca_keys_unsealed", "CA private keys unsealed from the store",
+            value=a.ca.keys_unsealed,
+        )
 
 
 class CasMetrics:
@@ -146,11 +184,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = _error(reason, msg, status=e.status)
     except asyncio.CancelledError:
         raise
-    except Exception:  # noqa: BLE001 - the one place unexpected errors are contained
+    except Exception as e:  # noqa: BLE001 - the one place unexpected errors are contained
+        if isinstance(e, ConnectionResetError) and _client_gone(request):
+            # The client hung up before its request was read or answered: its doing, not
+            # ours, so no traceback and no 500; counted apart so a flood of them shows.
+            log.debug("client %s closed the connection during %s %s", request.remote,
+                      request.method, request.path)
+            metrics.requests.labels(route, CLIENT_CLOSED).inc()
+            return web.Response(status=499)  # never delivered: there is no one to read it
         log.exception("internal error on %s %s", request.method, request.path)
         resp = _error(Reason.INTERNAL, "internal error; the CAS logged the details", status=500)
     metrics.requests.labels(route, str(resp.status)).inc()
     return resp
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -193,7 +243,7 @@ async def _admin(request: web.Request, body: bytes = b"") -> str:
         body,
         authority.clock.now().timestamp(),
     )
-    return authority.admit_request(signed)
+    return await off_loop(request, authority.admit_request, signed)  # a store write
 
 
 def _peer_certificate(request: web.Request) -> x509.Certificate:
@@ -243,7 +293,7 @@ async def health(_request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     authority = request.app[AUTHORITY]
     try:
-        epoch = authority.store.epoch()
+        epoch = await off_loop(request, authority.store.epoch)
     except Exception as e:  # noqa: BLE001 - readiness reports, it does not raise
         return _error(Reason.INTERNAL, f"store unavailable: {type(e).__name__}", status=503)
     return web.json_response({"status": "ready", "epoch": epoch})
@@ -271,7 +321,7 @@ async def create_session(request: web.Request) -> web.Response:
     body = await _read_body(request)
     who = await _admin(request, body)
     authority = request.app[AUTHORITY]
-    rec = authority.create_session(who, body)
+    rec = await off_loop(request, authority.create_session, who, body)
     return web.json_response(
         {"session": rec.name, "policy_hash": rec.policy_hash, "epoch": authority.epoch},
         status=201, headers={"ETag": f'"{rec.policy_hash}"'},
@@ -288,7 +338,7 @@ async def put_session(request: web.Request) -> web.Response:
     body = await _read_body(request)
     who = await _admin(request, body)
     authority = request.app[AUTHORITY]
-    rec = authority.update_session(who, request.match_info["name"], body)
+    rec = await off_loop(request, authority.update_session, who, request.match_info["name"], body)
     return web.json_response(
         {"session": rec.name, "policy_hash": rec.policy_hash, "epoch": authority.epoch},
         headers={"ETag": f'"{rec.policy_hash}"'},
@@ -298,7 +348,7 @@ async def put_session(request: web.Request) -> web.Response:
 async def delete_session(request: web.Request) -> web.Response:
     who = await _admin(request)
     authority = request.app[AUTHORITY]
-    authority.delete_session(who, request.match_info["name"])
+    await off_loop(request, authority.delete_session, who, request.match_info["name"])
     return web.json_response({"deleted": request.match_info["name"], "epoch": authority.epoch})
 
 
@@ -309,13 +359,14 @@ async def revoke(request: web.Request) -> web.Response:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise MeshError(Reason.BAD_REQUEST, "revocation body is not valid JSON") from None
-    result = request.app[AUTHORITY].revoke(who, request.match_info["name"], body)
+    authority = request.app[AUTHORITY]
+    result = await off_loop(request, authority.revoke, who, request.match_info["name"], body)
     return web.json_response(result, status=201)
 
 
 async def nonce(request: web.Request) -> web.Response:
     await _read_body(request)
-    return web.json_response(request.app[AUTHORITY].new_nonce())
+    return web.json_response(await off_loop(request, request.app[AUTHORITY].new_nonce))
 
 
 async def attest(request: web.Request) -> web.Response:
@@ -323,7 +374,7 @@ async def attest(request: web.Request) -> web.Response:
     started = time.perf_counter()
     try:
         body = await _read_json(request)
-        result = request.app[AUTHORITY].attest(body)
+        result = await off_loop(request, request.app[AUTHORITY].attest, body)
     except MeshError as e:
         metrics.attestations.labels(e.reason.value).inc()
         log.info("attestation refused from %s: %s", request.remote, e)
@@ -394,8 +445,9 @@ async def reports(request: web.Request) -> web.Response:
     authority = request.app[AUTHORITY]
     reporter = spiffe_id_of(cert) or f"{session}/{service}"
     own = authority.own_connections(session, service, conns)
-    authority.store.put_report(
-        reporter, json.dumps({"connections": own}), authority.clock.now()
+    await off_loop(
+        request, authority.store.put_report,
+        reporter, json.dumps({"connections": own}), authority.clock.now(),
     )
     return web.json_response(
         {"accepted": len(own), "dropped": len(conns) - len(own)}, status=202
@@ -410,6 +462,10 @@ async def edges(request: web.Request) -> web.Response:
         raise MeshError(
             Reason.FORBIDDEN, "this admin key may read no session, so it sees no edges"
         )
+    return web.json_response({"edges": await off_loop(request, _fold_reports, authority, visible)})
+
+
+def _fold_reports(authority: Authority, visible: set[str] | None) -> list[dict[str, Any]]:
     fresh_after = authority.clock.now() - timedelta(seconds=REPORT_MAX_AGE)
     reports = []
     for rep in authority.store.reports():
@@ -422,7 +478,7 @@ async def edges(request: web.Request) -> web.Response:
         if visible is not None and (not sid.path_segments or sid.path_segments[0] not in visible):
             continue
         reports.append((rep.reporter, json.loads(rep.body_json).get("connections", [])))
-    return web.json_response({"edges": fold_edges(reports)})
+    return fold_edges(reports)
 
 
 async def rotate_ca(request: web.Request) -> web.Response:
@@ -451,13 +507,30 @@ async def rotate_ca(request: web.Request) -> web.Response:
         raise MeshError(
             Reason.BAD_REQUEST, "activate_after_seconds must be a number from 1 to 2592000"
         )
-    return web.json_response(authority.rotate_ca(who, float(after)), status=201)
+    return web.json_response(
+        await off_loop(request, authority.rotate_ca, who, float(after)), status=201
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
     m.epoch.set(request.app[AUTHORITY].epoch)
     return web.Response(body=generate_latest(m.registry), content_type="text/plain")
+
+
+async def _bind_loop(app: web.Application) -> None:
+    """Authority's listeners (event streams, the TLS context) belong to the event loop;
+    changes made on worker threads hand them over to it."""
+    loop = asyncio.get_running_loop()
+
+    def dispatch(call: Callable[[], None]) -> None:
+        loop.call_soon_threadsafe(call)
+
+    app[AUTHORITY].dispatch = dispatch
+
+
+async def _stop_workers(app: web.Application) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, app[EXECUTOR].shutdown)
 
 
 def create_app(authority: Authority) -> web.Application:
@@ -467,8 +540,12 @@ def create_app(authority: Authority) -> web.Application:
     app[METRICS] = m
     hub = EventHub()
     app[HUB] = hub
+    app[EXECUTOR] = ThreadPoolExecutor(WORKERS, thread_name_prefix="cas-work")
+    m.registry.register(_AuthorityWork(authority))
     authority.listeners.append(hub.notify)
+    app.on_startup.append(_bind_loop)
     app.on_shutdown.append(hub.close)
+    app.on_cleanup.append(_stop_workers)
     r = app.router
     r.add_get("/v1/health", health)
     r.add_get("/v1/ready", ready)

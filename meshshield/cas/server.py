@@ -16,11 +16,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from meshshield.cas.authority import Authority, CasConfig
-from meshshield.cas.http import create_app
+from meshshield.cas.http import METRICS, create_app
 from meshshield.cas.sqlite_store import SqliteStore
 from meshshield.cas.store import StoreUnavailable
 from meshshield.errors import MeshError, Reason
-from meshshield.httpserver import bound_port
+from meshshield.httpserver import BudgetCollector, ConnectionLimits, bound_port, start_site
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert
 from meshshield.pki.keys import generate_p256
@@ -153,7 +153,8 @@ class CasServer:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             try:
-                self.authority.tick()
+                # Store calls and a due CA promotion run off the event loop.
+                await asyncio.to_thread(self.authority.tick)
                 self.refresh_tls()
             except Exception:  # noqa: BLE001 - keep serving; the next tick retries
                 log.exception("housekeeping failed")
@@ -165,13 +166,17 @@ class CasServer:
         self.store.close()
 
 
-async def serve(config: CasConfig, host: str, port: int) -> None:
+async def serve(
+    config: CasConfig, host: str, port: int, limits: ConnectionLimits | None = None
+) -> None:
     server = CasServer(config)
     print(f"ca-fingerprint sha256:{server.ca_fingerprint}", flush=True)
-    runner = json_error_runner(server.app())
+    app = server.app()
+    runner = json_error_runner(app, limits)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=server.ssl, backlog=1024)
-    await site.start()
+    site = await start_site(runner, host, port, ssl_context=server.ssl, limits=limits,
+                            name="cas")
+    app[METRICS].registry.register(BudgetCollector(site.budget, "meshshield_cas"))
     bound = bound_port(site, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"listening https://{shown}:{bound}", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,17 +85,23 @@ class SqliteStore:
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = path
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a transaction's
-        # reads and writes are serialised against other writers (another CAS process
-        # on the same file waits on the busy timeout instead of failing half-way).
+        self._synchronous = synchronous.upper()
+        # One connection per thread: the CAS calls the store from worker threads (never
+        # from its event loop), and SQLite in WAL mode lets readers on their own
+        # connections proceed while one writer commits. A shared connection would mix
+        # one thread's reads into another's open transaction.
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+            db = self._connect()
         except sqlite3.Error as e:
             raise StoreUnavailable(f"cannot open the CAS database {path}: {e}") from None
         try:
-            self._open(synchronous)
+            self._adopt(db)
+            self._open()
         except sqlite3.DatabaseError as e:
-            self._db.close()
+            self.close()
             raise StoreUnavailable(
                 f"{path} cannot be read as the CAS database ({e}): expected the SQLite "
                 "file a CAS wrote, found a corrupt or foreign file; stop the CAS and restore "
@@ -102,13 +109,11 @@ class SqliteStore:
                 "a new mesh"
             ) from None
         except StoreUnavailable:
-            self._db.close()
+            self.close()
             raise
 
-    def _open(self, synchronous: str) -> None:
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         with self._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -133,8 +138,37 @@ class SqliteStore:
             for kind, table in self._COUNTED.items()
         }
 
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a transaction's
+        # reads and writes are serialised against other writers (another thread, or
+        # another CAS process on the same file, waits on the busy timeout instead of
+        # failing half-way).
+        return sqlite3.connect(
+            str(self.path), isolation_level=None, timeout=10.0, check_same_thread=False
+        )
+
+    def _adopt(self, db: sqlite3.Connection) -> None:
+        """Make `db` this thread's connection (closed by close() if the pragmas fail)."""
+        self._local.db = db
+        with self._all_lock:
+            self._all.append(db)
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute("PRAGMA foreign_keys=ON")
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            self._adopt(db)
+        return db
+
     def close(self) -> None:
-        self._db.close()
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for db in conns:
+            db.close()
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
@@ -245,6 +279,9 @@ class SqliteStore:
             if rec is not None:
                 out.append(rec)
         return out
+
+    def session_hashes(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT name, policy_hash FROM sessions").fetchall())
 
     def update_session(
         self,

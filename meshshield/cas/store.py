@@ -143,6 +143,10 @@ class Store(Protocol):
 
     def list_sessions(self) -> list[SessionRecord]: ...
 
+    def session_hashes(self) -> dict[str, str]:
+        """{name: policy_hash} of every session: what changed, without reading policies."""
+        ...
+
     def update_session(
         self,
         name: str,

@@ -31,6 +31,8 @@ from prometheus_client import (
 )
 
 from meshshield.errors import Reason
+from meshshield.httpserver import ConnectionLimits, start_site
+from meshshield.httpserver import runner as json_error_runner
 from meshshield.kube.annotations import InjectError
 from meshshield.kube.config import DEFAULT_CONFIG, InjectConfig
 from meshshield.kube.inject import describe, inject_pod_spec
@@ -41,6 +43,11 @@ log = logging.getLogger("meshshield.kube.webhook")
 MAX_BODY = 1 << 20  # 1 MiB; the API server's own request limit is larger, pods are not
 ADMISSION_API = "admission.k8s.io/v1"
 CERT_RELOAD_SECONDS = 10.0
+# The API server calls with a 10 s timeout (timeoutSeconds) over a few kept-alive
+# connections; anything beyond these bounds is not the API server.
+WEBHOOK_LIMITS = ConnectionLimits(max_connections=1024, max_handshakes=64,
+                                  handshake_timeout=10.0, header_timeout=10.0,
+                                  body_timeout=10.0, idle_timeout=90.0)
 
 
 class MalformedReview(ValueError):
@@ -246,7 +253,7 @@ async def serve_webhook(
     ssl.SSLError for a bad listen address or unusable certificate files."""
     host, port = parse_listen(listen)
     ctx = server_tls_context(tls_cert, tls_key)
-    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
+    runner = json_error_runner(create_app(config), WEBHOOK_LIMITS, shutdown_timeout=5.0)
     await runner.setup()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -259,8 +266,8 @@ async def serve_webhook(
             pass
     reload_task = loop.create_task(_reload_certificates(ctx, tls_cert, tls_key))
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=ctx)
-        await site.start()
+        await start_site(runner, host, port, ssl_context=ctx, limits=WEBHOOK_LIMITS,
+                         name="webhook")
         log.info("webhook listening on https://%s (TLS 1.2+)", listen)
         if started is not None:
             started.set()

@@ -10,7 +10,8 @@ import signal
 import aiohttp
 from aiohttp import web
 
-from meshshield.httpserver import bound_port
+from meshshield.httpserver import ConnectionLimits, bound_port, start_site
+from meshshield.httpserver import runner as json_error_runner
 from meshshield.sidecar.admin import SidecarState, create_admin_app
 from meshshield.sidecar.caslink import CasLink
 from meshshield.sidecar.config import Endpoint, SidecarConfig
@@ -21,11 +22,16 @@ from meshshield.sidecar.registry import ConnectionRegistry
 log = logging.getLogger("meshshield.sidecar")
 
 
+# The admin API serves operators and scrapers, the health listener the kubelet: a few
+# clients each, so small caps, and whoever holds connections open cannot starve them.
+ADMIN_LIMITS = ConnectionLimits(max_connections=256, header_timeout=5.0, body_timeout=5.0,
+                                idle_timeout=30.0)
+
+
 async def _site(app: web.Application, ep: Endpoint) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = json_error_runner(app, ADMIN_LIMITS)
     await runner.setup()
-    site = web.TCPSite(runner, ep.host, ep.port)
-    await site.start()
+    site = await start_site(runner, ep.host, ep.port, limits=ADMIN_LIMITS, name="admin")
     port = bound_port(site, ep.port)
     return runner, str(Endpoint(ep.host, port))
 

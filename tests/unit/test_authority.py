@@ -170,3 +170,41 @@ def test_a_dns_name_belongs_to_one_session(world: tuple[Authority, FixedClock, P
         a.create_session(ADMIN, thief.encode())
     assert e.value.reason is Reason.POLICY_INVALID
     assert "other/api" in e.value.message
+
+
+def test_a_change_parses_only_the_changed_policy_and_unseals_nothing(
+    world: tuple[Authority, FixedClock, Path],
+) -> None:
+    a, _clock, _root = world
+    for i in range(5):
+        a.create_session(ADMIN, f"""name: t{i}
+version: "1"
+predecessor: null
+services:
+  - name: api
+    tee: [{{platform: sim, measurement: "{'ab' * 32}"}}]
+security: {{attestation: {{tolerate: [simulation]}}}}
+""".encode())
+    parsed, unsealed = a.stats.policies_parsed, a.ca.keys_unsealed
+    rec = a.read_session(ADMIN, "t0")
+    a.update_session(ADMIN, "t0", rec.policy.replace(
+        b"predecessor: null", f"predecessor: {rec.policy_hash}".encode()) + b"# v2\n")
+    a.delete_session(ADMIN, "t1")
+    a.revoke(ADMIN, "t2", {"measurement": "cd" * 32})
+    assert a.stats.policies_parsed - parsed == 1  # the update's own body, nothing stored
+    assert a.ca.keys_unsealed == unsealed
+    # Another writer (a replica, the CLI) changed the store: only its session is read.
+    other = a.store
+    other.update_session("t3", b"""name: t3
+version: "1"
+predecessor: null
+services:
+  - name: web
+    tee: [{platform: sim, measurement: "%s"}]
+security: {attestation: {tolerate: [simulation]}}
+""" % (b"ab" * 32), "h-new", a.read_session(ADMIN, "t3").policy_hash, ADMIN, T0)
+    assert a.refresh()
+    assert a.stats.policies_parsed - parsed == 2
+    svc = a.trust_snapshot("t3")["services"]
+    assert list(svc) == ["web"]
+    assert a.ca.keys_unsealed == unsealed
