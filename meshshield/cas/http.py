@@ -38,6 +38,7 @@ log = logging.getLogger("meshshield.cas")
 MAX_BODY = 1024 * 1024
 MAX_REPORT_CONNECTIONS = 10_000
 HEARTBEAT_SECONDS = 15.0
+EVENT_WRITE_SECONDS = 30.0
 REPORT_MAX_AGE = 120.0
 # Threads that run Authority's work (evidence verification, signing, policy parsing,
 # store calls), so that the event loop only moves bytes and one tenant's big change or
@@ -386,6 +387,19 @@ async def attest(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def _write_within(request: web.Request, resp: web.StreamResponse, data: bytes) -> bool:
+    """Write to an event stream; a subscriber that does not read for EVENT_WRITE_SECONDS
+    is cut (its connection aborted), so no stream holds a buffer or a slot forever."""
+    try:
+        async with asyncio.timeout(EVENT_WRITE_SECONDS):
+            await resp.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+    return True
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     session, service, cert = _mesh_identity(request)
     authority = request.app[AUTHORITY]
@@ -408,9 +422,13 @@ async def events(request: web.Request) -> web.StreamResponse:
             now_sending = (authority.epoch, str(snap.get("bundle", "")))
             if now_sending != sent:
                 sent = now_sending
-                await resp.write(
-                    f"id: {sent[0]}\nevent: trust\ndata: {json.dumps(snap)}\n\n".encode()
-                )
+                if not await _write_within(
+                    request, resp,
+                    f"id: {sent[0]}\nevent: trust\ndata: {json.dumps(snap)}\n\n".encode(),
+                ):
+                    log.warning("events: %s/%s: took no snapshot within %.0f s; cut (it will "
+                                "reconnect)", session, service, EVENT_WRITE_SECONDS)
+                    break
                 if not issued_by_bundle(cert, sent[1]):
                     # It has heard of the new bundle; its certificate is no longer trusted.
                     log.info("events: %s/%s: its certificate's CA left the bundle; closing",
@@ -420,7 +438,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             try:
                 await asyncio.wait_for(wake.wait(), HEARTBEAT_SECONDS)
             except TimeoutError:
-                await resp.write(b": keep-alive\n\n")
+                if not await _write_within(request, resp, b": keep-alive\n\n"):
+                    log.warning("events: %s/%s: took no keep-alive within %.0f s; cut",
+                                session, service, EVENT_WRITE_SECONDS)
+                    break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
