@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint unit bench clean
+.PHONY: install demo test lint unit bench clean proto
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,13 @@ test: lint
 bench: $(STAMP)
 	$(PY) bench/cas_issue.py
 
+# Regenerate the Workload API modules from meshshield/sidecar/spiffe_workload/workload.proto
+# with grpcio-tools, in a virtual environment of its own (the project's protobuf stays).
+PROTO_VENV := .venv-proto
+proto:
+	$(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install --quiet 'grpcio-tools==1.85.1'
+	$(PROTO_VENV)/bin/python tools/gen_workload_proto.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -552,6 +552,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "max_handshakes_per_source": args.max_handshakes_per_source,
         "handshake_timeout": args.handshake_timeout,
         "drain_timeout": args.drain_timeout,
+        "workload_api": args.workload_api, "workload_api_group": args.workload_api_group,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
@@ -566,6 +567,9 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         return asyncio.run(run_sidecar(config))
     except OSError as e:
         _err(f"sidecar {config.session}/{config.service}: {e.strerror or e}")
+        return 1
+    except MeshError as e:  # e.g. a Workload API socket directory that is not safe
+        _err(f"sidecar {config.session}/{config.service}: {e.reason.value}: {e.message}")
         return 1
 
 
@@ -768,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inbound TLS handshakes in progress from one address (default 128)")
     p.add_argument("--handshake-timeout", metavar="DURATION")
     p.add_argument("--drain-timeout", metavar="DURATION")
+    p.add_argument("--workload-api", metavar="unix:///PATH",
+                   help="serve the SPIFFE Workload API on this unix socket")
+    p.add_argument("--workload-api-group", metavar="GROUP",
+                   help="group (name or gid) that may connect to the Workload API socket")
     p.set_defaults(func=cmd_sidecar)
 
     p = sub.add_parser("status", help="a sidecar's live connections, or the mesh's edges")

@@ -30,6 +30,7 @@ from meshshield.attestation.collateral import load_collateral
 from meshshield.attestation.verify import VerifierConfig, platform_of, verify_evidence
 from meshshield.cas.castate import CaState
 from meshshield.cas.edges import own_connections
+from meshshield.cas.jwt import JwtAuthority
 from meshshield.cas.store import (
     AlreadyExists,
     IssuedCertificate,
@@ -107,6 +108,7 @@ class Authority:
         self.store = store
         self.clock = config.clock
         self.ca = CaState(store, config.kek, config.trust_domain)
+        self.jwt = JwtAuthority(store, config.kek)
         collateral = load_collateral(config.collateral_dir) if config.collateral_dir else None
         self.verifier = VerifierConfig(
             sim_platform_keys=config.sim_platform_keys, collateral=collateral
@@ -133,6 +135,7 @@ class Authority:
     def start(self, found: Sequence[str] = (), where: str = "the store") -> None:
         """Load (or, in empty state only, create) the CA; `found`: state outside the store."""
         self.ca.ensure(self.clock.now(), found, where)
+        self.jwt.ensure(self.clock.now())
         self.refresh(force=True)
         self._bundle_seen = self.ca.bundle_pem(self.clock.now())
 
@@ -408,8 +411,11 @@ class Authority:
         }
 
     def spiffe_bundle(self) -> dict[str, Any]:
-        """The same CAs as a SPIFFE bundle document; the epoch is its sequence."""
-        return spiffe_bundle_document(self.ca.set.bundle(self.clock.now()), sequence=self._epoch)
+        """The same CAs as a SPIFFE bundle document; the epoch is its sequence. It also
+        carries the JWT-SVID authority (cas/jwt.py)."""
+        doc = spiffe_bundle_document(self.ca.set.bundle(self.clock.now()), sequence=self._epoch)
+        doc["keys"].extend(self.jwt.jwks())
+        return doc
 
     def trust_snapshot(self, session: str) -> dict[str, Any]:
         """The full `trust` snapshot for a session (policy part cached per epoch)."""
@@ -449,6 +455,9 @@ class Authority:
 
     def is_revoked_serial(self, serial: str) -> bool:
         return serial in self._revoked_serials
+
+    def revoked_measurements(self) -> frozenset[str]:
+        return frozenset(self._revoked_measurements)
 
     # -- nonces ----------------------------------------------------------------------
     def new_nonce(self) -> dict[str, str]:

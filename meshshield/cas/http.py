@@ -29,6 +29,7 @@ from meshshield.cas.authority import Authority
 from meshshield.cas.edges import fold_edges
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import issued_by_bundle, serial_hex
+from meshshield.pki.claims_ext import claims_from_certificate
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
 from meshshield.policy import PolicyInvalid
 from meshshield.runtime import register_runtime_gauges
@@ -475,6 +476,17 @@ async def reports(request: web.Request) -> web.Response:
     )
 
 
+async def jwt_svid(request: web.Request) -> web.Response:
+    """A JWT-SVID for the caller's mesh certificate (cas/jwt.py)."""
+    session, service, cert = _mesh_identity(request)
+    authority = request.app[AUTHORITY]
+    measurement = claims_from_certificate(cert).get("measurement")
+    if measurement in authority.revoked_measurements():
+        raise MeshError(Reason.REVOKED, f"the measurement of {session}/{service} is revoked")
+    body = await _read_json(request)
+    return web.json_response(authority.jwt.issue(cert, body, authority.clock.now()))
+
+
 async def edges(request: web.Request) -> web.Response:
     who = await _admin(request)
     authority = request.app[AUTHORITY]
@@ -581,6 +593,7 @@ def create_app(authority: Authority) -> web.Application:
     r.add_post("/v1/attest", attest)
     r.add_get("/v1/events", events)
     r.add_post("/v1/reports", reports)
+    r.add_post("/v1/jwt", jwt_svid)
     r.add_get("/v1/edges", edges)
     r.add_post("/v1/ca/rotate", rotate_ca)
     r.add_get("/metrics", metrics)

@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS revocations (
     value TEXT NOT NULL, actor TEXT NOT NULL, at REAL NOT NULL, UNIQUE(kind, value));
 CREATE TABLE IF NOT EXISTS reports (
     reporter TEXT PRIMARY KEY, body TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jwt_keys (
+    kid TEXT PRIMARY KEY, sealed_key BLOB NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, session TEXT, detail TEXT NOT NULL);
@@ -236,6 +238,21 @@ class SqliteStore:
             states = ", ".join(f"{r.fingerprint[:16]}={r.state}" for r in records)
             self._audit(c, at, actor, "ca", None, states)
             return self._bump(c)
+
+    # -- JWT-SVID signing keys -----------------------------------------------------
+    def load_jwt_keys(self) -> list[tuple[str, bytes]]:
+        rows = self._db.execute(
+            "SELECT kid, sealed_key FROM jwt_keys ORDER BY created_at, kid").fetchall()
+        return [(str(r[0]), bytes(r[1])) for r in rows]
+
+    def add_jwt_key(self, kid: str, sealed_key: bytes, at: datetime) -> bool:
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM jwt_keys LIMIT 1").fetchone() is not None:
+                return False
+            c.execute("INSERT INTO jwt_keys (kid, sealed_key, created_at) VALUES (?,?,?)",
+                      (kid, sealed_key, _ts(at)))
+            self._audit(c, at, "cas", "jwt-key", None, f"created JWT signing key {kid[:16]}")
+            return True
 
     # -- sessions ---------------------------------------------------------------
     def create_session(

@@ -134,6 +134,16 @@ class Store(Protocol):
         """Replace the CA set (insert new rows, update states); bumps the epoch."""
         ...
 
+    # -- JWT-SVID signing keys (cas/jwt.py) -----------------------------------
+    def load_jwt_keys(self) -> list[tuple[str, bytes]]:
+        """(kid, sealed key) of every JWT signing key, oldest first."""
+        ...
+
+    def add_jwt_key(self, kid: str, sealed_key: bytes, at: datetime) -> bool:
+        """Store a JWT signing key unless one exists already (replicas starting together
+        keep the first); False if another was there. Audited; no epoch change."""
+        ...
+
     # -- sessions -----------------------------------------------------------
     def create_session(
         self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime

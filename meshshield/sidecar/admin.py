@@ -32,6 +32,7 @@ class SidecarState:
         self.listening = False
         self.draining = False
         self.started = time.time()
+        self.workload_api: Any = None  # sidecar/workloadapi.py, with --workload-api
         metrics.registry.register(_LoopCollector(identity, link))
 
     @property
@@ -75,6 +76,7 @@ class SidecarState:
             "connections": len(self.registry.live),
             "uptime_seconds": round(time.time() - self.started, 1),
             "runtime": runtime_counts(),
+            "workload_api": None if self.workload_api is None else self.workload_api.status(),
         }
 
 

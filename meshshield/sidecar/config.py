@@ -63,6 +63,10 @@ class SidecarConfig:
     connect_timeout: float = 5.0
     drain_timeout: float = 10.0
     report_interval: float = 10.0
+    # The SPIFFE Workload API (sidecar/workloadapi.py): a unix socket path, and the
+    # group that may connect to it (None: the socket is the sidecar user's alone).
+    workload_api: Path | None = None
+    workload_api_group: int | None = None
 
 
 def parse_endpoint(text: str, what: str) -> Endpoint:
@@ -138,6 +142,7 @@ FILE_KEYS = {
     "inbound", "outbound", "admin_listen", "health_listen", "max_connections",
     "max_handshakes", "max_handshakes_per_source",
     "handshake_timeout", "connect_timeout", "drain_timeout", "report_interval",
+    "workload_api", "workload_api_group",
 }
 
 
@@ -200,7 +205,46 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
         connect_timeout=_duration(values.get("connect_timeout", "5s"), "connect_timeout"),
         drain_timeout=_duration(values.get("drain_timeout", "10s"), "drain_timeout"),
         report_interval=_duration(values.get("report_interval", "10s"), "report_interval"),
+        workload_api=_unix_socket(values.get("workload_api"), "--workload-api"),
+        workload_api_group=_group(values.get("workload_api_group"), values.get("workload_api")),
     )
+
+
+def _unix_socket(v: Any, what: str) -> Path | None:
+    """`unix:///ABSOLUTE/PATH` (or `unix:/ABSOLUTE/PATH`), as the SPIFFE endpoint
+    socket variable names it; None when not set."""
+    if v is None or v == "":
+        return None
+    text = str(v)
+    if not text.startswith("unix:"):
+        raise ConfigError(f"{what} {text!r}: expected unix:///PATH (a unix socket)")
+    path = text[len("unix:"):]
+    if path.startswith("//"):
+        path = path[2:]
+    if not path.startswith("/") or "\0" in path or len(path.encode()) > 107:
+        raise ConfigError(f"{what} {text!r}: expected unix:///ABSOLUTE/PATH of at most "
+                          "107 bytes, e.g. unix:///run/meshshield/workload/socket")
+    return Path(path)
+
+
+def _group(v: Any, socket: Any) -> int | None:
+    """A group name or numeric gid; only with a Workload API socket."""
+    if v is None or v == "":
+        return None
+    if not socket:
+        raise ConfigError("--workload-api-group needs --workload-api")
+    text = str(v)
+    if text.isdigit():
+        gid = int(text)
+        if gid > 2**31 - 1:
+            raise ConfigError(f"--workload-api-group {text!r}: gid out of range")
+        return gid
+    import grp
+
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"--workload-api-group {text!r}: no such group") from None
 
 
 MAX_CONFIG_BYTES = 1 << 20

@@ -240,6 +240,9 @@ class Identity:
         self.listeners: list[Callable[[TrustView], None]] = []
         self.renew_now = asyncio.Event()
         self.tls_changed = asyncio.Event()
+        # Called after every new certificate or bundle (views for other software: the
+        # Workload API pushes each one to its clients).
+        self.tls_listeners: list[Callable[[], None]] = []
 
     # The contexts of the current generation; read at every new handshake or request.
     @property
@@ -272,6 +275,14 @@ class Identity:
     def _swap(self, tls: TlsContexts) -> None:
         self.tls = tls
         self.tls_changed.set()
+        for listener in list(self.tls_listeners):
+            listener()
+
+    def credentials(self) -> tuple[bytes, bytes] | None:
+        """(PEM chain, leaf first; PEM PKCS#8 key) of the certificate held, if any."""
+        if self._chain_pem is None or self._key_pem is None:
+            return None
+        return self._chain_pem, self._key_pem
 
     async def attest(self, session: aiohttp.ClientSession) -> Held:
         key = generate_p256()

@@ -59,6 +59,15 @@ async def run_sidecar(config: SidecarConfig) -> int:
         runners.append(runner)
         print(f"health http://{health_at}", flush=True)
 
+    workload_api = None
+    if config.workload_api is not None:
+        from meshshield.sidecar.workloadapi import WorkloadApi
+
+        workload_api = WorkloadApi(config, identity)
+        state.workload_api = workload_api
+        # Serves at once; its streams answer as soon as a certificate is held.
+        print(f"workload-api listening {await workload_api.start()}", flush=True)
+
     connector = aiohttp.TCPConnector(limit=8)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -98,6 +107,8 @@ async def run_sidecar(config: SidecarConfig) -> int:
                 await t
         if mesh_http is not None:
             await mesh_http.close()
+        if workload_api is not None:
+            await workload_api.stop()
     for r in runners:
         await r.cleanup()
     print("stopped", flush=True)

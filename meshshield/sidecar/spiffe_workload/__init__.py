@@ -1,0 +1,1 @@
+"""The SPIFFE Workload API protocol modules, generated from workload.proto (`make proto`)."""
