@@ -11,8 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from harness import CasProcess, run_cli
-from spiffe import TrustDomain, X509Bundle
+from spiffe import JwtBundle, TrustDomain, X509Bundle
 
+from meshshield.pki.jwt import jwt_authorities
 from meshshield.pki.spiffe_bundle import x509_authorities
 
 
@@ -36,9 +37,16 @@ def test_spiffe_bundle_document(cas: CasProcess) -> None:
     assert set(doc) == {"keys", "spiffe_sequence", "spiffe_refresh_hint"}
     assert isinstance(doc["spiffe_refresh_hint"], int) and doc["spiffe_refresh_hint"] > 0
     assert doc["spiffe_sequence"] == cas.get("/v1/bundle").json()["epoch"]
-    for jwk in doc["keys"]:
-        assert jwk["use"] == "x509-svid" and jwk["kty"] == "EC" and jwk["crv"] == "P-256"
+    x509_keys = [k for k in doc["keys"] if k["use"] == "x509-svid"]
+    jwt_keys = [k for k in doc["keys"] if k["use"] == "jwt-svid"]
+    assert len(x509_keys) + len(jwt_keys) == len(doc["keys"])
+    for jwk in x509_keys:
+        assert jwk["kty"] == "EC" and jwk["crv"] == "P-256"
         assert "kid" not in jwk and len(jwk["x5c"]) == 1
+    # the JWT-SVID authority: one P-256 key with its kid, and no certificate
+    assert len(jwt_keys) == 1 and jwt_keys[0]["kid"] and "x5c" not in jwt_keys[0]
+    assert list(jwt_authorities(doc)) == [jwt_keys[0]["kid"]]
+    JwtBundle.parse(TrustDomain("meshshield.local"), json.dumps({"keys": jwt_keys}).encode())
     # the same CAs, in the same order, as the JSON bundle; x/y checked against each x5c
     assert x509_authorities(doc) == pem_cas(cas)
 
@@ -47,7 +55,7 @@ def test_py_spiffe_loads_the_x5c_authorities(cas: CasProcess) -> None:
     # py-spiffe parses JWKS only for JWT bundles (which need a kid, forbidden for
     # x509-svid keys); its X.509 bundle parser takes the DER certificates of x5c.
     doc = cas.get("/v1/bundle/spiffe").json()
-    der = b"".join(base64.b64decode(k["x5c"][0]) for k in doc["keys"])
+    der = b"".join(base64.b64decode(k["x5c"][0]) for k in doc["keys"] if k["use"] == "x509-svid")
     bundle = X509Bundle.parse_raw(TrustDomain("meshshield.local"), der)
     assert bundle.x509_authorities == set(pem_cas(cas))
 
@@ -86,7 +94,8 @@ def test_cli_round_trips_both_formats(cas: CasProcess, tmp_path: Path) -> None:
     r = run_cli("bundle", "--cas", cas.url, "--cas-bundle", str(pem), "--format", "pem")
     assert r.returncode == 0, r.stderr
     der = [c.public_bytes(serialization.Encoding.DER) for c in x509_authorities(doc)]
-    assert [base64.b64decode(k["x5c"][0]) for k in doc["keys"]] == der
+    assert [base64.b64decode(k["x5c"][0]) for k in doc["keys"]
+            if k["use"] == "x509-svid"] == der
 
 
 def test_cli_errors(cas: CasProcess, tmp_path: Path) -> None:
