@@ -22,6 +22,7 @@ PLATFORM = PREFIX + "platform"
 INBOUND = PREFIX + "inbound"
 OUTBOUND = PREFIX + "outbound"
 STATUS = PREFIX + "status"
+WORKLOAD_API = PREFIX + "workload-api"
 
 # Labels a service name falls back to when meshshield.io/service is absent.
 SERVICE_LABELS = ("app.kubernetes.io/name", "app")
@@ -94,6 +95,7 @@ class MeshAnnotations:
     platform: str
     inbound: tuple[InboundRoute, ...]
     outbound: tuple[OutboundRoute, ...]
+    workload_api: bool = False  # serve the SPIFFE Workload API to the app's containers
 
 
 def injection_requested(annotations: Mapping[str, object]) -> bool:
@@ -139,7 +141,11 @@ def parse_mesh_annotations(
             "a sidecar without routes carries no traffic",
         )
     _check_distinct_ports(inbound, outbound)
-    return MeshAnnotations(session, service, platform, inbound, outbound)
+    workload_api = annotations.get(WORKLOAD_API, "false")
+    if workload_api not in ("true", "false"):
+        raise AnnotationError(WORKLOAD_API, 'the string "true" or "false"', workload_api)
+    return MeshAnnotations(session, service, platform, inbound, outbound,
+                           workload_api=workload_api == "true")
 
 
 def _name(annotations: Mapping[str, object], annotation: str) -> str:

@@ -28,6 +28,9 @@ class InjectConfig:
     health_port: int = 15021
     listen_host: str = "0.0.0.0"  # noqa: S104 - the sidecar's ports are the pod's front door
     run_as_user: int = 1337
+    # With meshshield.io/workload-api: the group that may reach the Workload API socket,
+    # added to the pod's supplementalGroups (so the app's containers are members).
+    workload_api_group: int = 1338
     coco_aa_url: str = "http://127.0.0.1:8006"
     # Add agent.guest_components_rest_api=all to the pod's Kata kernel_params annotation
     # (needs "kernel_params" in the runtime's enable_annotations). Turn off where the
@@ -55,6 +58,8 @@ class InjectConfig:
                 problems.append(f"{name.replace('_', ' ')}: expected 1..65535, found {port}")
         if self.admin_port == self.health_port:
             problems.append("admin port and health port must differ")
+        if not 1 <= self.workload_api_group <= 2**31 - 1:
+            problems.append(f"workload API group: expected a gid, found {self.workload_api_group}")
         if not 1 <= self.run_as_user:
             problems.append(f"run as user: expected a non-root uid, found {self.run_as_user}")
         if problems:

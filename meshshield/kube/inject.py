@@ -48,7 +48,15 @@ SIDECAR_NAME = "meshshield-proxy"
 VOLUME_CAS_BUNDLE = "meshshield-cas-bundle"
 VOLUME_TMP = "meshshield-tmp"
 VOLUME_SIM_KEY = "meshshield-sim-key"
-OUR_VOLUMES = (VOLUME_CAS_BUNDLE, VOLUME_TMP, VOLUME_SIM_KEY)
+VOLUME_WORKLOAD_API = "meshshield-workload-api"
+OUR_VOLUMES = (VOLUME_CAS_BUNDLE, VOLUME_TMP, VOLUME_SIM_KEY, VOLUME_WORKLOAD_API)
+# The Workload API, as SPIRE's agent is set up: an emptyDir shared by the sidecar
+# (writable) and the app's containers (read-only), SPIFFE_ENDPOINT_SOCKET naming the
+# socket. The emptyDir itself is writable by all, so the sidecar makes a directory of
+# its own in it (0750, group workload_api_group) and the socket in that (0660).
+WORKLOAD_API_DIR = "/run/meshshield"
+WORKLOAD_API_SOCKET = f"unix://{WORKLOAD_API_DIR}/workload/agent.sock"
+SPIFFE_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
 CAS_BUNDLE_DIR = "/etc/meshshield/cas"
 SIM_KEY_DIR = "/etc/meshshield/sim"
 SIM_KEY_FILE = "sim-platform.key"
@@ -94,10 +102,17 @@ def inject_pod_spec(
     for container in spec["containers"]:
         app_listen = {"name": APP_LISTEN_ENV, "value": "127.0.0.1"}
         container["env"] = [*container.get("env", []), app_listen]
+    had_security_context = "securityContext" in spec
+    group_added = _add_workload_api(spec, config) if mesh.workload_api else None
     annotations = meta.setdefault("annotations", {})
     if mesh.platform in CONFIDENTIAL_VM_PLATFORMS and config.coco_kernel_params:
         annotations[KATA_KERNEL_PARAMS] = _with_rest_api_param(annotations.get(KATA_KERNEL_PARAMS))
-    annotations[STATUS] = json.dumps(_status(mesh, config), sort_keys=True, separators=(",", ":"))
+    status = _status(mesh, config)
+    if group_added is not None:
+        status["workloadApiGroupAdded"] = group_added  # so that _strip takes it away again
+        if not had_security_context:
+            status["workloadApiSecurityContextAdded"] = True
+    annotations[STATUS] = json.dumps(status, sort_keys=True, separators=(",", ":"))
     return meta, spec
 
 
@@ -212,6 +227,29 @@ def _check_pod(spec: Manifest, mesh: MeshAnnotations, config: InjectConfig) -> N
                 )
 
 
+def _add_workload_api(spec: Manifest, config: InjectConfig) -> int | None:
+    """The app's containers reach the sidecar's Workload API socket (see above); the
+    group added to the pod's supplementalGroups, None if it was there already."""
+    for container in spec["containers"]:
+        if not isinstance(container.get("volumeMounts") or [], list):
+            raise InjectError(f"container {container.get('name')}: volumeMounts must be a list")
+        container["env"] = [e for e in container.get("env", [])
+                            if not (isinstance(e, dict) and e.get("name") == SPIFFE_SOCKET_ENV)]
+        container["env"].append({"name": SPIFFE_SOCKET_ENV, "value": WORKLOAD_API_SOCKET})
+        mount = {"name": VOLUME_WORKLOAD_API, "mountPath": WORKLOAD_API_DIR, "readOnly": True}
+        container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
+    pod_security = spec.setdefault("securityContext", {})
+    if not isinstance(pod_security, dict):
+        raise InjectError("spec.securityContext: expected a mapping")
+    groups = pod_security.get("supplementalGroups") or []
+    if not isinstance(groups, list):
+        raise InjectError("spec.securityContext.supplementalGroups: expected a list")
+    if config.workload_api_group in groups:
+        return None
+    pod_security["supplementalGroups"] = [*groups, config.workload_api_group]
+    return config.workload_api_group
+
+
 def _strip(meta: Manifest, spec: Manifest) -> None:
     """Remove everything a previous injection added (the inverse of the additions below)."""
     init = [c for c in spec.get("initContainers") or []
@@ -222,11 +260,31 @@ def _strip(meta: Manifest, spec: Manifest) -> None:
     _set_or_drop(spec, "volumes", volumes)
     for container in spec["containers"]:
         env = [e for e in container.get("env") or []
-               if not (isinstance(e, dict) and e.get("name") == APP_LISTEN_ENV)]
+               if not (isinstance(e, dict) and (
+                   e.get("name") == APP_LISTEN_ENV
+                   or e == {"name": SPIFFE_SOCKET_ENV, "value": WORKLOAD_API_SOCKET}))]
         _set_or_drop(container, "env", env)
+        mounts = [m for m in container.get("volumeMounts") or []
+                  if not (isinstance(m, dict) and m.get("name") == VOLUME_WORKLOAD_API)]
+        _set_or_drop(container, "volumeMounts", mounts)
     annotations = meta.get("annotations")
     if isinstance(annotations, dict):
-        annotations.pop(STATUS, None)
+        previous = annotations.pop(STATUS, None)
+        added = _status_field(previous, "workloadApiGroupAdded")
+        pod_security = spec.get("securityContext")
+        if isinstance(added, int) and isinstance(pod_security, dict):
+            groups = [g for g in pod_security.get("supplementalGroups") or [] if g != added]
+            _set_or_drop(pod_security, "supplementalGroups", groups)
+            if not pod_security and _status_field(previous, "workloadApiSecurityContextAdded"):
+                spec.pop("securityContext", None)
+
+
+def _status_field(status: object, key: str) -> object:
+    try:
+        doc = json.loads(status) if isinstance(status, str) else None
+    except ValueError:
+        return None
+    return doc.get(key) if isinstance(doc, dict) else None
 
 
 def _set_or_drop(holder: Manifest, key: str, items: list[Any]) -> None:
@@ -271,6 +329,10 @@ def _sidecar_container(mesh: MeshAnnotations, config: InjectConfig) -> Manifest:
     ]
     if mesh.platform == "sim":
         mounts.append({"name": VOLUME_SIM_KEY, "mountPath": SIM_KEY_DIR, "readOnly": True})
+    if mesh.workload_api:
+        args += ["--workload-api", WORKLOAD_API_SOCKET,
+                 "--workload-api-group", str(config.workload_api_group)]
+        mounts.append({"name": VOLUME_WORKLOAD_API, "mountPath": WORKLOAD_API_DIR})
     health = config.health_port
     ports = [{"containerPort": r.listen_port, "protocol": "TCP"} for r in mesh.inbound]
     ports.append({"containerPort": health, "protocol": "TCP"})
@@ -331,6 +393,9 @@ def _volumes(mesh: MeshAnnotations, config: InjectConfig) -> list[Manifest]:
             "name": VOLUME_SIM_KEY,
             "secret": {"secretName": config.sim_key_secret, "defaultMode": 0o400},
         })
+    if mesh.workload_api:
+        volumes.append({"name": VOLUME_WORKLOAD_API,
+                        "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
     return volumes
 
 
@@ -359,6 +424,7 @@ def _status(mesh: MeshAnnotations, config: InjectConfig) -> dict[str, Any]:
         "adminPort": config.admin_port,
         "healthPort": config.health_port,
         "evidenceSource": _evidence_source(mesh, config),
+        **({"workloadApi": WORKLOAD_API_SOCKET} if mesh.workload_api else {}),
     }
 
 

@@ -48,6 +48,9 @@ def injected_documents() -> list[tuple[str, dict[str, Any]]]:
             for d in yaml.safe_load_all(inject_stream(text)) if d is not None]
     pod = json.loads((FIXTURES / "pod-create.json").read_text())["request"]["object"]
     docs.append(("injected admission Pod", inject_document(pod)))
+    with_api = json.loads(json.dumps(pod))
+    with_api["metadata"]["annotations"]["meshshield.io/workload-api"] = "true"
+    docs.append(("injected Pod with the Workload API", inject_document(with_api)))
     return docs
 
 

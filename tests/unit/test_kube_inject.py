@@ -487,3 +487,57 @@ def test_run_inject_refusals_exit_1_with_the_reason(tmp_path: Path) -> None:
     assert out.getvalue() == ""
     assert "annotation meshshield.io/inbound: expected" in err.getvalue()
     assert "Traceback" not in err.getvalue()
+
+
+def test_workload_api_annotation_shares_the_socket_with_the_app() -> None:
+    review = review_with({"meshshield.io/workload-api": "true"})
+    pod = patched_pod(review)
+    spec = pod["spec"]
+    sidecar = sidecar_of(spec)
+    f = flags(sidecar)
+    socket = "unix:///run/meshshield/workload/agent.sock"
+    assert f["--workload-api"] == [socket] and f["--workload-api-group"] == ["1338"]
+    assert {"name": "meshshield-workload-api", "mountPath": "/run/meshshield"} in \
+        sidecar["volumeMounts"]
+    for app in spec["containers"]:
+        assert {"name": "SPIFFE_ENDPOINT_SOCKET", "value": socket} in app["env"]
+        assert {"name": "meshshield-workload-api", "mountPath": "/run/meshshield",
+                "readOnly": True} in app["volumeMounts"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["meshshield-workload-api"]["emptyDir"]["medium"] == "Memory"
+    assert 1338 in spec["securityContext"]["supplementalGroups"]
+    assert json.loads(pod["metadata"]["annotations"]["meshshield.io/status"])[
+        "workloadApi"] == socket
+
+
+def test_workload_api_injection_is_idempotent_and_reversible() -> None:
+    pod = load_review()["request"]["object"]
+    plain = inject_pod_spec(pod["metadata"], pod["spec"])
+    pod["metadata"]["annotations"]["meshshield.io/workload-api"] = "true"
+    once = inject_pod_spec(pod["metadata"], pod["spec"])
+    assert inject_pod_spec(*once) == once
+    meta, spec = copy.deepcopy(once)
+    meta["annotations"]["meshshield.io/workload-api"] = "false"
+    off = inject_pod_spec(meta, spec)
+    meta_plain, spec_plain = plain
+    assert off[1] == spec_plain
+    assert {k: v for k, v in off[0]["annotations"].items()
+            if k != "meshshield.io/workload-api"} == meta_plain["annotations"]
+
+
+def test_workload_api_annotation_must_be_true_or_false() -> None:
+    pod = load_review()["request"]["object"]
+    pod["metadata"]["annotations"]["meshshield.io/workload-api"] = "yes"
+    with pytest.raises(AnnotationError, match="meshshield.io/workload-api"):
+        inject_pod_spec(pod["metadata"], pod["spec"])
+
+
+def test_workload_api_reversal_without_a_pod_security_context() -> None:
+    pod = load_review()["request"]["object"]
+    pod["spec"].pop("securityContext", None)
+    plain = inject_pod_spec(pod["metadata"], pod["spec"])
+    pod["metadata"]["annotations"]["meshshield.io/workload-api"] = "true"
+    meta, spec = inject_pod_spec(pod["metadata"], pod["spec"])
+    assert spec["securityContext"] == {"supplementalGroups": [1338]}
+    meta["annotations"]["meshshield.io/workload-api"] = "false"
+    assert inject_pod_spec(meta, spec)[1] == plain[1]
