@@ -160,15 +160,26 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if args.serial is not None:
         from meshshield.pki.ca import normalize_serial
 
+        body: dict[str, str | bool]
         try:
             body = {"serial": normalize_serial(args.serial)}
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if args.mesh_wide:
+            raise UsageError("--mesh-wide applies to --measurement; a serial names one "
+                             "certificate, refused everywhere once revoked")
     else:
         body = {"measurement": args.measurement.lower()}
+        if args.mesh_wide:
+            body["mesh_wide"] = True
     r = client.post_json(f"/v1/sessions/{_name(args.session)}/revocations", body, sign=True)
-    kind = "serial" if "serial" in r else "measurement"
-    print(f"revoked {kind} {r[kind]} in session {r['session']} (epoch {r['epoch']})")
+    if "serial" in r:
+        print(f"revoked serial {r['serial']} of session {r['session']} (epoch {r['epoch']})")
+    elif r.get("scope") == "mesh-wide":
+        print(f"revoked measurement {r['measurement']} mesh-wide (epoch {r['epoch']})")
+    else:
+        print(f"revoked measurement {r['measurement']} in session {r['session']} only "
+              f"(epoch {r['epoch']})")
     return 0
 
 
@@ -662,7 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--serial")
-    g.add_argument("--measurement")
+    g.add_argument("--measurement", help="revoked in SESSION only, unless --mesh-wide")
+    p.add_argument("--mesh-wide", action="store_true",
+                   help="revoke the measurement in every session (a CAS admin key only)")
     _cas_flags(p)
     p.set_defaults(func=cmd_revoke)
 
