@@ -563,6 +563,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "max_handshakes_per_source": args.max_handshakes_per_source,
         "handshake_timeout": args.handshake_timeout,
         "drain_timeout": args.drain_timeout,
+        "idle_timeout": args.idle_timeout,
+        "max_connection_lifetime": args.max_connection_lifetime,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
@@ -781,6 +783,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inbound TLS handshakes in progress from one address (default 128)")
     p.add_argument("--handshake-timeout", metavar="DURATION")
     p.add_argument("--drain-timeout", metavar="DURATION")
+    p.add_argument("--idle-timeout", metavar="DURATION",
+                   help="close a connection that carried no byte for this long (default off)")
+    p.add_argument("--max-connection-lifetime", metavar="DURATION",
+                   help="close every connection this long after it opened (default off; "
+                        "each also ends at its peer certificate's expiry)")
     p.set_defaults(func=cmd_sidecar)
 
     p = sub.add_parser("status", help="a sidecar's live connections, or the mesh's edges")
