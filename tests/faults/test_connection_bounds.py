@@ -9,23 +9,20 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-import pytest
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
-    LoopThread,
     Mesh,
-    TcpBackend,
     apply,
     connect,
-    echo,
     no_traceback,
     roundtrip,
     start_mesh,
     wait_refusal,
+    wait_until,
 )
 
 
@@ -80,17 +77,6 @@ def _metric(sc: SidecarProcess, direction: str, reason: str) -> float:
     return 0.0
 
 
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    lt = LoopThread()
-    app = TcpBackend(lt, echo)
-    try:
-        yield app.port
-    finally:
-        app.close()
-        lt.close()
-
-
 def test_connection_closed_at_peer_certificate_expiry(tmp_path: Path, echo_port: int) -> None:
     cas = CasProcess.start(tmp_path / "mesh", "--max-cert-ttl", "10s")
     m: Mesh | None = None
@@ -125,12 +111,19 @@ def test_connection_closed_at_peer_certificate_expiry(tmp_path: Path, echo_port:
         cas.stop()
 
 
-def test_idle_timeout_closes_quiet_connection(tmp_path: Path, echo_port: int) -> None:
+def test_idle_timeout_closes_quiet_connection(tmp_path: Path, echo_port: int,
+                                              leak_check: Any) -> None:
     cas = CasProcess.start(tmp_path / "mesh")
     m: Mesh | None = None
     try:
         apply(cas, cas.sim_policy("shop"))
         m = start_mesh(cas, "shop", {"echo": echo_port}, backend_extra=("--idle-timeout", "1s"))
+        with connect(m.outbound["echo"]) as s:  # warm-up: lazy state is not a leak
+            assert roundtrip(s, b"warm\n") == b"warm\n"
+        wait_until(lambda: not m.backend.get("/connections").json()["connections"], 5,  # type: ignore[union-attr]
+                   "the warm-up connection to end")
+        for sc in (m.backend, m.frontend):
+            leak_check.watch(sc)
         with connect(m.outbound["echo"]) as quiet, connect(m.outbound["echo"]) as busy:
             assert roundtrip(quiet, b"then silence\n") == b"then silence\n"
             last = time.time()
@@ -147,6 +140,7 @@ def test_idle_timeout_closes_quiet_connection(tmp_path: Path, echo_port: int) ->
         assert "1 s" in r["message"] and r["peer_spiffe_id"].endswith("/shop/frontend"), r
         assert _metric(m.backend, "inbound", "idle_timeout") == 2
         no_traceback(m.backend, m.frontend)
+        leak_check.verify()  # timers and closed connections leave nothing behind
     finally:
         if m is not None:
             m.stop()
