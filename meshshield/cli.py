@@ -160,15 +160,26 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if args.serial is not None:
         from meshshield.pki.ca import normalize_serial
 
+        body: dict[str, str | bool]
         try:
             body = {"serial": normalize_serial(args.serial)}
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if args.mesh_wide:
+            raise UsageError("--mesh-wide applies to --measurement; a serial names one "
+                             "certificate, refused everywhere once revoked")
     else:
         body = {"measurement": args.measurement.lower()}
+        if args.mesh_wide:
+            body["mesh_wide"] = True
     r = client.post_json(f"/v1/sessions/{_name(args.session)}/revocations", body, sign=True)
-    kind = "serial" if "serial" in r else "measurement"
-    print(f"revoked {kind} {r[kind]} in session {r['session']} (epoch {r['epoch']})")
+    if "serial" in r:
+        print(f"revoked serial {r['serial']} of session {r['session']} (epoch {r['epoch']})")
+    elif r.get("scope") == "mesh-wide":
+        print(f"revoked measurement {r['measurement']} mesh-wide (epoch {r['epoch']})")
+    else:
+        print(f"revoked measurement {r['measurement']} in session {r['session']} only "
+              f"(epoch {r['epoch']})")
     return 0
 
 
@@ -553,6 +564,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "handshake_timeout": args.handshake_timeout,
         "drain_timeout": args.drain_timeout,
         "workload_api": args.workload_api, "workload_api_group": args.workload_api_group,
+        "idle_timeout": args.idle_timeout,
+        "max_connection_lifetime": args.max_connection_lifetime,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
@@ -666,7 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--serial")
-    g.add_argument("--measurement")
+    g.add_argument("--measurement", help="revoked in SESSION only, unless --mesh-wide")
+    p.add_argument("--mesh-wide", action="store_true",
+                   help="revoke the measurement in every session (a CAS admin key only)")
     _cas_flags(p)
     p.set_defaults(func=cmd_revoke)
 
@@ -776,6 +791,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the SPIFFE Workload API on this unix socket")
     p.add_argument("--workload-api-group", metavar="GROUP",
                    help="group (name or gid) that may connect to the Workload API socket")
+    p.add_argument("--idle-timeout", metavar="DURATION",
+                   help="close a connection that carried no byte for this long (default off)")
+    p.add_argument("--max-connection-lifetime", metavar="DURATION",
+                   help="close every connection this long after it opened (default off; "
+                        "each also ends at its peer certificate's expiry)")
     p.set_defaults(func=cmd_sidecar)
 
     p = sub.add_parser("status", help="a sidecar's live connections, or the mesh's edges")

@@ -44,6 +44,10 @@ class Reason(StrEnum):
     OVER_CONNECTION_BUDGET = "over_connection_budget"
     OVER_HANDSHAKE_BUDGET = "over_handshake_budget"
     OVER_HANDSHAKE_BUDGET_PER_SOURCE = "over_handshake_budget_per_source"
+    # Why the sidecar ended a connection that had passed the peer check.
+    CERTIFICATE_EXPIRED = "certificate_expired"
+    IDLE_TIMEOUT = "idle_timeout"
+    MAX_CONNECTION_LIFETIME = "max_connection_lifetime"
     # Not refusals of a peer but of a request; still part of the error JSON vocabulary.
     BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
@@ -84,6 +88,9 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.OVER_CONNECTION_BUDGET: 503,
     Reason.OVER_HANDSHAKE_BUDGET: 503,
     Reason.OVER_HANDSHAKE_BUDGET_PER_SOURCE: 503,
+    Reason.CERTIFICATE_EXPIRED: 403,
+    Reason.IDLE_TIMEOUT: 408,
+    Reason.MAX_CONNECTION_LIFETIME: 408,
     Reason.BAD_REQUEST: 400,
     Reason.NOT_FOUND: 404,
     Reason.CONFLICT: 409,

@@ -77,6 +77,35 @@ class Claims:
             out.setdefault(k, v)
         return out
 
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Claims:
+        """The inverse of `to_json` (the CAS keeps each issued certificate's verified
+        claims this way, to judge it again when its policy changes). KeyError or
+        ValueError if a common field is missing or of the wrong kind."""
+        common = {"platform", "measurement", "signer", "product_id", "svn", "debug",
+                  "tcb_status", "report_data", "simulated", "advisories"}
+        return cls(
+            platform=Platform(doc["platform"]),
+            measurement=str(doc["measurement"]),
+            report_data=bytes.fromhex(str(doc.get("report_data") or "")),
+            debug=bool(doc["debug"]),
+            tcb_status=TcbStatus(doc["tcb_status"]),
+            signer=None if doc.get("signer") is None else str(doc["signer"]),
+            product_id=_opt_int(doc.get("product_id")),
+            svn=_opt_int(doc.get("svn")),
+            simulated=bool(doc.get("simulated", False)),
+            advisories=tuple(str(a) for a in doc.get("advisories") or ()),
+            extra={k: v for k, v in doc.items() if k not in common},
+        )
+
+
+def _opt_int(v: object) -> int | None:
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"expected an integer or null, found {v!r}")
+    return v
+
 
 def expected_report_data(nonce: bytes, spki_der: bytes) -> bytes:
     """report_data = SHA-512(b"meshshield/v1" || nonce || SPKI-DER) (SPEC §4)."""

@@ -16,12 +16,13 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.adminauth import SignedRequest, replay_refused
@@ -31,18 +32,24 @@ from meshshield.attestation.verify import VerifierConfig, platform_of, verify_ev
 from meshshield.cas.castate import CaState
 from meshshield.cas.edges import own_connections
 from meshshield.cas.jwt import JwtAuthority
+from meshshield.cas.standing import FailingCertificates, judge_certificates
 from meshshield.cas.store import (
     AlreadyExists,
     IssuedCertificate,
     NotFound,
     PredecessorMismatch,
+    Revocation,
     SessionRecord,
     Store,
 )
 from meshshield.clock import Clock, SystemClock, rfc3339
 from meshshield.errors import MeshError, PolicyError, Reason
 from meshshield.pki.ca import cert_pem, issue_leaf, serial_hex
-from meshshield.pki.claims_ext import MAX_EMBEDDED_EVIDENCE_BYTES, certificate_claims
+from meshshield.pki.claims_ext import (
+    MAX_EMBEDDED_EVIDENCE_BYTES,
+    certificate_claims,
+    claims_from_certificate,
+)
 from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
 from meshshield.pki.spiffe import spiffe_id
@@ -76,6 +83,27 @@ class CasConfig:
 class LoadedSession:
     record: SessionRecord
     policy: Policy
+
+    @property
+    def incarnation(self) -> tuple[str, datetime]:
+        """What, when it changes, means the session's certificates must be judged again."""
+        return self.record.policy_hash, self.record.created_at
+
+
+def _scoped_measurements(revs: Iterable[Revocation]) -> dict[str, frozenset[str]]:
+    """Measurements revoked in one session only, by session."""
+    out: dict[str, set[str]] = {}
+    for r in revs:
+        if r.kind == "session_measurement":
+            session, _, measurement = r.value.partition("/")
+            out.setdefault(session, set()).add(measurement)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def _json_default(v: object) -> str:
+    if isinstance(v, bytes | bytearray):
+        return bytes(v).hex()
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
 @dataclass
@@ -116,8 +144,12 @@ class Authority:
         # The caches below are replaced whole, never changed in place, so readers on any
         # thread see one consistent version; `_write` lets one change at a time through.
         self._sessions: dict[str, LoadedSession] = {}
-        self._revoked_serials: frozenset[str] = frozenset()
-        self._revoked_measurements: frozenset[str] = frozenset()
+        # Explicitly revoked serials of unexpired certificates, with their not_after.
+        self._revoked_serials: dict[str, datetime] = {}
+        self._revoked_measurements: frozenset[str] = frozenset()  # mesh-wide
+        self._session_measurements: dict[str, frozenset[str]] = {}  # revoked in one session
+        self._failing = FailingCertificates()  # no longer pass their session's policy
+        self._revoked_list: tuple[int, list[str]] | None = None
         self._epoch = -1
         self._snapshots: dict[str, tuple[int, dict[str, Any]]] = {}
         self._actors: tuple[int, int, frozenset[str]] | None = None
@@ -149,14 +181,32 @@ class Authority:
             epoch = self.store.epoch()
             if not force and epoch == self._epoch:
                 return False
+            first = self._epoch == -1
+            before = {n: s.incarnation for n, s in self._sessions.items()}
+            scoped_before = self._session_measurements
             self._load_sessions()
+            now = self.clock.now()
             revs = self.store.revocations()
-            self._revoked_serials = frozenset(r.value for r in revs if r.kind == "serial")
+            self._revoked_serials = self.store.revoked_serials(now)
             self._revoked_measurements = frozenset(
                 r.value for r in revs if r.kind == "measurement"
             )
-            self.ca.reload(self.clock.now())
+            self._session_measurements = _scoped_measurements(revs)
+            self.ca.reload(now)
+            sessions = self._sessions
+            if first:
+                changed = set(self.store.certificate_sessions(now))
+            else:
+                changed = {
+                    n for n in before.keys() | sessions.keys()
+                    if before.get(n) != (sessions[n].incarnation if n in sessions else None)
+                } | {
+                    n for n in scoped_before.keys() | self._session_measurements.keys()
+                    if scoped_before.get(n) != self._session_measurements.get(n)
+                }
+            self.judge_sessions(changed)
             self._snapshots = {}
+            self._revoked_list = None
             self._epoch = epoch
             return True
 
@@ -184,6 +234,32 @@ class Authority:
     def _parse_stored(self, rec: SessionRecord) -> Policy:
         self.stats.policies_parsed += 1
         return parse_policy(rec.policy, f"session {rec.name}", cas_dns=())
+
+    def judge_sessions(self, names: Iterable[str]) -> None:
+        """Judge the unexpired certificates of these sessions again against their current
+        policies (call once the cached sessions and revocations are current). Only the
+        sessions named are read: a change to one session costs that session's
+        certificates, not the mesh's."""
+        now = self.clock.now()
+        judged = self._failing
+        for name in sorted(names):
+            s = self._sessions.get(name)
+            failing = judge_certificates(
+                self.store.certificates_of(name, now),
+                None if s is None else s.policy,
+                None if s is None else s.record.created_at,
+                self._session_measurements.get(name, frozenset()),
+            )
+            for f in failing.values():
+                if judged.get(f.serial) is None:
+                    log.info("session %s: certificate %s of %s/%s no longer passes: %s: %s",
+                             name, f.serial, f.session, f.service, f.reason.reason.value,
+                             f.reason.message)
+            judged = judged.replaced(name, failing)
+        if judged is not self._failing:
+            self._failing = judged
+            self._revoked_list = None
+            self._snapshots = {}
 
     def _changed(self, epoch: int) -> None:
         self.refresh(force=True)
@@ -370,16 +446,46 @@ class Authority:
                 raise self._gone(name) from None
             self._changed(epoch)
 
+    def _authorise_revocation(self, who: str, name: str) -> None:
+        """Who may revoke in session `name`: its updaters; for a deleted session (whose
+        certificates stay revocable) the updaters of its last version, or a CAS admin."""
+        last = None if name in self._sessions else self.store.last_session(name)
+        if last is None:  # an existing session, or none ever: the usual answer
+            self._authorised(who, name, update=True)
+            return
+        if self.is_admin(who):
+            return
+        try:
+            pol: Policy | None = parse_policy(last.policy, f"session {name}", cas_dns=())
+        except PolicyInvalid:
+            pol = None
+        if pol is None or who not in pol.updaters(last.creator):
+            self._authorised(who, name, update=True)  # forbidden, as for any stranger
+
     def revoke(self, who: str, name: str, body: object) -> dict[str, Any]:
-        self._authorised(who, name, update=True)
-        if not isinstance(body, dict) or len(body) != 1 or not (
-            set(body) <= {"serial", "measurement"}
+        """Revoke a certificate serial of the session, or a measurement: in this session
+        only, or mesh-wide (`"mesh_wide": true`, a CAS admin only)."""
+        shape = 'revocation body must be {"serial": HEX} or {"measurement": HEX} (with ' \
+            '"mesh_wide": true for a mesh-wide one, CAS admins only)'
+        if not isinstance(body, dict) or not body:
+            raise _bad(shape)
+        mesh_wide = body.get("mesh_wide", False)
+        kinds = set(body) - {"mesh_wide"}
+        if len(kinds) != 1 or not kinds <= {"serial", "measurement"} or (
+            not isinstance(mesh_wide, bool) or ("mesh_wide" in body and "serial" in body)
         ):
-            raise _bad('revocation body must be {"serial": HEX} or {"measurement": HEX}')
-        kind, value = next(iter(body.items()))
+            raise _bad(shape)
+        kind = kinds.pop()
+        if mesh_wide:
+            self.require_admin(who, "revoke a measurement mesh-wide (a session's updaters "
+                                    "may revoke it in their session only)")
+        else:
+            self._authorise_revocation(who, name)
+        value = body[kind]
         if not isinstance(value, str) or not HEX_RE.match(value.lower()) or len(value) > 128:
             raise _bad(f'"{kind}" must be a lowercase hex string, found {str(value)[:80]!r}')
         value = value.lower()
+        out: dict[str, Any] = {}
         if kind == "serial":
             value = value.lstrip("0") or "0"
             cert = self.store.get_certificate(value)
@@ -389,16 +495,33 @@ class Authority:
                     f"no certificate with serial {value} was issued for session {name!r}; "
                     "check the serial (see the sidecar's /status or the certificate)",
                 )
-        elif len(value) not in (64, 96):
-            raise _bad(
-                f"measurement must be 64 (sim, sgx) or 96 (sev-snp, tdx) hex digits, "
-                f"found {len(value)}"
-            )
+            stored_kind, stored = "serial", value
+        else:
+            if len(value) not in (64, 96):
+                raise _bad(
+                    f"measurement must be 64 (sim, sgx) or 96 (sev-snp, tdx) hex digits, "
+                    f"found {len(value)}"
+                )
+            self._session(name)  # not in a deleted session
+            if mesh_wide:
+                stored_kind, stored = "measurement", value
+                out["scope"] = "mesh-wide"
+            else:
+                stored_kind, stored = "session_measurement", f"{name}/{value}"
+                out["scope"] = "session"
         with self._write:
-            self._authorised(who, name, update=True)  # may have changed meanwhile
-            epoch = self.store.add_revocation(name, kind, value, who, self.clock.now())
+            # Authorisation may have changed meanwhile.
+            if mesh_wide:
+                self.require_admin(who, "revoke a measurement mesh-wide")
+            else:
+                self._authorise_revocation(who, name)
+            epoch = self.store.add_revocation(name, stored_kind, stored, who,
+                                              self.clock.now())
             self._changed(epoch)
-        return {"epoch": epoch, "session": name, kind: value}
+        if kind == "measurement":
+            log.info("session %s: measurement %s revoked %s by %s…", name, value,
+                     "mesh-wide" if mesh_wide else "in this session only", who[:16])
+        return {"epoch": epoch, "session": name, kind: value, **out}
 
     # -- bundle & trust snapshots -------------------------------------------------------
     def bundle(self) -> dict[str, Any]:
@@ -449,12 +572,54 @@ class Authority:
             "services": services,
             "tolerate": tolerate,
             "ignore_advisories": ignore,
-            "revoked_serials": sorted(self._revoked_serials),
+            "revoked_serials": self._revoked_serial_list(),
             "revoked_measurements": sorted(self._revoked_measurements),
         }
 
+    def _revoked_serial_list(self) -> list[str]:
+        """Every serial a peer must be refused for, mesh-wide: revoked explicitly, or no
+        longer passing its session's policy. Certificates past their not_after are left
+        out (no handshake accepts them), so snapshots stay as small as the set of live
+        certificates; the revocation rows stay in the store."""
+        cached, epoch = self._revoked_list, self._epoch
+        if cached is None or cached[0] != epoch:
+            now = self.clock.now()
+            revoked, failing = self._revoked_serials, self._failing  # whole versions
+            serials = {s for s, not_after in revoked.items() if not_after > now}
+            serials.update(f.serial for f in failing if f.not_after > now)
+            cached = (epoch, sorted(serials))
+            self._revoked_list = cached
+        return cached[1]
+
     def is_revoked_serial(self, serial: str) -> bool:
-        return serial in self._revoked_serials
+        """Revoked explicitly, or its claims no longer pass its session's policy."""
+        return serial in self._revoked_serials or self._failing.get(serial) is not None
+
+    def certificate_refusal(self, cert: x509.Certificate) -> MeshError | None:
+        """Why a mesh client certificate may no longer use the CAS's mesh endpoints
+        (/v1/events, /v1/reports), or None."""
+        serial = serial_hex(cert)
+        failing = self._failing.get(serial)
+        if failing is not None:
+            return MeshError(
+                Reason.REVOKED,
+                f"client certificate serial {serial} of {failing.session}/{failing.service} "
+                f"no longer passes its session's policy ({failing.reason.reason.value}: "
+                f"{failing.reason.message})",
+            )
+        if serial in self._revoked_serials:
+            return MeshError(Reason.REVOKED, f"client certificate serial {serial} is revoked")
+        if self._revoked_measurements:
+            try:
+                measurement = claims_from_certificate(cert)["measurement"]
+            except MeshError as e:
+                return e
+            if measurement in self._revoked_measurements:
+                return MeshError(
+                    Reason.REVOKED,
+                    f"client certificate measurement {measurement} is revoked mesh-wide",
+                )
+        return None
 
     def revoked_measurements(self) -> frozenset[str]:
         return frozenset(self._revoked_measurements)
@@ -529,7 +694,8 @@ class Authority:
                 f"session {session!r} has no service {service!r}; check --service, or add "
                 "the service to the policy and apply it",
             )
-        svc = decide_issuance(s.policy, service, claims, self._revoked_measurements)
+        revoked = self._revoked_measurements | self._session_measurements.get(session, frozenset())
+        svc = decide_issuance(s.policy, service, claims, revoked)
         return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now,
                            embed_evidence=svc.embed_evidence)
 
@@ -619,7 +785,10 @@ class Authority:
                 issuer_fingerprint=signer.fingerprint,
                 not_before=now - timedelta(seconds=60),
                 not_after=cert.not_valid_after_utc,
-                claims_json=json.dumps(cert_claims, sort_keys=True),
+                # The verified claims too (workload fields, advisories): a policy
+                # change judges the certificate again by them (cas/standing.py).
+                claims_json=json.dumps({**cert_claims, "verified": claims.to_json()},
+                                       sort_keys=True, default=_json_default),
                 cert_pem=leaf_pem,
                 issued_at=now,
             )
@@ -662,6 +831,7 @@ class Authority:
         # Keep expired nonces a minute longer so a late client hears "expired", not "unknown".
         self.store.purge_nonces(now - timedelta(seconds=60))
         self.store.purge_request_nonces(now)
+        self._prune_expired(now)
         with self._write:
             if self.ca.tick(now):
                 self._changed(self.store.epoch())
@@ -672,6 +842,20 @@ class Authority:
             # listeners (event streams, the CAS's own TLS) must hear of it all the same.
             self._notify(self._epoch)
         self._bundle_seen = self.ca.bundle_pem(now)
+
+    def _prune_expired(self, now: datetime) -> None:
+        """Forget revocations of certificates that expired: later snapshots omit them."""
+        with self._write:
+            revoked = self._revoked_serials
+            kept = {s: not_after for s, not_after in revoked.items() if not_after > now}
+            failing = self._failing.pruned(now)
+            if failing is None and len(kept) == len(revoked):
+                return
+            self._revoked_serials = kept
+            if failing is not None:
+                self._failing = failing
+            self._revoked_list = None
+            self._snapshots = {}
 
     # -- reports & edges ------------------------------------------------------------------
     def visible_sessions(self, who: str) -> set[str] | None:

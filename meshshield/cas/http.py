@@ -28,7 +28,7 @@ from meshshield.adminauth import verify_signature
 from meshshield.cas.authority import Authority
 from meshshield.cas.edges import fold_edges
 from meshshield.errors import MeshError, Reason
-from meshshield.pki.ca import issued_by_bundle, serial_hex
+from meshshield.pki.ca import issued_by_bundle
 from meshshield.pki.claims_ext import claims_from_certificate
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
 from meshshield.policy import PolicyInvalid
@@ -280,8 +280,9 @@ def _mesh_identity(request: web.Request) -> tuple[str, str, x509.Certificate]:
             f"client certificate is not a workload of trust domain "
             f"{authority.config.trust_domain} (URI SAN {uri!r})",
         )
-    if authority.is_revoked_serial(serial_hex(cert)):
-        raise MeshError(Reason.REVOKED, f"client certificate serial {serial_hex(cert)} is revoked")
+    refusal = authority.certificate_refusal(cert)
+    if refusal is not None:
+        raise refusal
     return sid.path_segments[0], sid.path_segments[1], cert
 
 
@@ -434,6 +435,12 @@ async def events(request: web.Request) -> web.StreamResponse:
                     # It has heard of the new bundle; its certificate is no longer trusted.
                     log.info("events: %s/%s: its certificate's CA left the bundle; closing",
                              session, service)
+                    break
+                # Revoked, or no longer passing its policy: it got the snapshot that says
+                # so (its peers in it), and nothing after.
+                refusal = authority.certificate_refusal(cert)
+                if refusal is not None:
+                    log.info("events: %s/%s: stream ended: %s", session, service, refusal)
                     break
                 continue
             try:

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_after REAL NOT NULL, claims TEXT NOT NULL, cert_pem TEXT NOT NULL,
     issued_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS certificates_issuer ON certificates(issuer, not_after);
+CREATE INDEX IF NOT EXISTS certificates_session ON certificates(session, not_after);
 CREATE TABLE IF NOT EXISTS revocations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, session TEXT NOT NULL, kind TEXT NOT NULL,
     value TEXT NOT NULL, actor TEXT NOT NULL, at REAL NOT NULL, UNIQUE(kind, value));
@@ -349,6 +350,22 @@ class SqliteStore:
         ).fetchall()
         return [HistoryRecord(r[0], r[1], r[2], r[3], _dt_req(r[4]), r[5]) for r in rows]
 
+    def last_session(self, name: str) -> SessionRecord | None:
+        current = self.get_session(name)
+        if current is not None:
+            return current
+        rows = self._db.execute(
+            "SELECT policy_hash, policy, author, at, action FROM policy_history"
+            " WHERE session=? ORDER BY id",
+            (name,),
+        ).fetchall()
+        last = next((r for r in reversed(rows) if r[1] is not None), None)
+        created = next((r for r in reversed(rows) if r[4] == "create"), None)
+        if last is None or created is None:
+            return None
+        return SessionRecord(name, bytes(last[1]), last[0], created[2], _dt_req(created[3]),
+                             _dt_req(last[3]))
+
     # -- nonces -----------------------------------------------------------------
     def put_nonce(self, nonce: bytes, expires_at: datetime) -> None:
         with self._tx() as c:
@@ -419,6 +436,25 @@ class SqliteStore:
             r[0], r[1], r[2], r[3], r[4], _dt_req(r[5]), _dt_req(r[6]), r[7], r[8], _dt_req(r[9])
         )
 
+    def certificates_of(self, session: str, now: datetime) -> list[IssuedCertificate]:
+        rows = self._db.execute(
+            "SELECT serial, session, service, spiffe_id, issuer, not_before, not_after, claims,"
+            " cert_pem, issued_at FROM certificates WHERE session=? AND not_after > ?",
+            (session, _ts(now)),
+        ).fetchall()
+        return [
+            IssuedCertificate(r[0], r[1], r[2], r[3], r[4], _dt_req(r[5]), _dt_req(r[6]), r[7],
+                              r[8], _dt_req(r[9]))
+            for r in rows
+        ]
+
+    def certificate_sessions(self, now: datetime) -> list[str]:
+        rows = self._db.execute(
+            "SELECT DISTINCT session FROM certificates WHERE not_after > ? ORDER BY session",
+            (_ts(now),),
+        )
+        return [r[0] for r in rows]
+
     def count_certificates(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
 
@@ -444,6 +480,14 @@ class SqliteStore:
             "SELECT id, session, kind, value, actor, at FROM revocations ORDER BY id"
         ).fetchall()
         return [Revocation(r[0], r[1], r[2], r[3], r[4], _dt_req(r[5])) for r in rows]
+
+    def revoked_serials(self, now: datetime) -> dict[str, datetime]:
+        rows = self._db.execute(
+            "SELECT r.value, c.not_after FROM revocations r JOIN certificates c"
+            " ON c.serial = r.value WHERE r.kind = 'serial' AND c.not_after > ?",
+            (_ts(now),),
+        )
+        return {r[0]: _dt_req(r[1]) for r in rows}
 
     # -- reports & audit --------------------------------------------------------------
     def put_report(self, reporter: str, body_json: str, at: datetime) -> None:

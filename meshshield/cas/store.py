@@ -92,7 +92,8 @@ class IssuedCertificate:
 class Revocation:
     id: int
     session: str
-    kind: str  # serial | measurement
+    kind: str  # serial | measurement (mesh-wide) | session_measurement
+    # value: a serial, a measurement, or for session_measurement SESSION/MEASUREMENT
     value: str
     actor: str
     at: datetime
@@ -171,6 +172,11 @@ class Store(Protocol):
 
     def history(self, name: str) -> list[HistoryRecord]: ...
 
+    def last_session(self, name: str) -> SessionRecord | None:
+        """The last version of a session, deleted or not (from its history): who could
+        update it when it was deleted may still revoke its certificates."""
+        ...
+
     # -- nonces -------------------------------------------------------------
     def put_nonce(self, nonce: bytes, expires_at: datetime) -> None: ...
 
@@ -199,6 +205,14 @@ class Store(Protocol):
 
     def count_certificates(self) -> int: ...
 
+    def certificates_of(self, session: str, now: datetime) -> list[IssuedCertificate]:
+        """The session's certificates that have not expired at `now`."""
+        ...
+
+    def certificate_sessions(self, now: datetime) -> list[str]:
+        """Every session (existing or deleted) holding an unexpired certificate."""
+        ...
+
     def last_not_after(self, issuer_fingerprint: str) -> datetime | None: ...
 
     # -- revocations --------------------------------------------------------
@@ -207,6 +221,11 @@ class Store(Protocol):
     ) -> int: ...
 
     def revocations(self) -> list[Revocation]: ...
+
+    def revoked_serials(self, now: datetime) -> dict[str, datetime]:
+        """Revoked serials whose certificates have not expired at `now`, with their
+        not_after (the rows of expired ones stay, for audit)."""
+        ...
 
     # -- reports & audit ----------------------------------------------------
     def put_report(self, reporter: str, body_json: str, at: datetime) -> None: ...

@@ -3,7 +3,12 @@
 Others code against the names re-exported here.
 """
 
-from meshshield.policy.decide import allows_inbound, check_tolerances, decide_issuance
+from meshshield.policy.decide import (
+    allows_inbound,
+    certificate_standing,
+    check_tolerances,
+    decide_issuance,
+)
 from meshshield.policy.model import (
     CERT_TTL_DEFAULT_SECONDS,
     CERT_TTL_MAX_SECONDS,
@@ -49,6 +54,7 @@ __all__ = [
     "TeeEntry",
     "Tolerance",
     "allows_inbound",
+    "certificate_standing",
     "check_tolerances",
     "decide_issuance",
     "parse_policy",

@@ -26,7 +26,7 @@ from meshshield.policy.model import (
     Tolerance,
 )
 
-__all__ = ["allows_inbound", "check_tolerances", "decide_issuance"]
+__all__ = ["allows_inbound", "certificate_standing", "check_tolerances", "decide_issuance"]
 
 _OUTDATED = frozenset(
     {TcbStatus.OUT_OF_DATE, TcbStatus.SW_HARDENING_NEEDED, TcbStatus.CONFIGURATION_NEEDED}
@@ -102,6 +102,34 @@ def decide_issuance(
 
     check_tolerances(policy.tolerate, policy.ignore_advisories, claims, who=who)
     return service
+
+
+def certificate_standing(
+    policy: Policy | None,
+    session_name: str,
+    service_name: str,
+    claims: Claims,
+    revoked_measurements: Collection[str] = (),
+) -> PolicyError | None:
+    """Whether a certificate issued earlier still passes its session's CURRENT policy:
+    None if it does, else the refusal a fresh attestation with the same claims would get
+    now. `policy` is None when the session no longer exists.
+
+    It is the issuance rule itself (`decide_issuance`), so a certificate is never kept
+    that would not be issued today: an old build, changed workload fields, a removed
+    service, a revoked measurement or a lost tolerance all end it.
+    """
+    if policy is None:
+        return PolicyError(
+            Reason.SESSION_UNKNOWN,
+            f"session {session_name!r} was deleted, so {session_name}/{service_name} is no "
+            "longer part of the mesh; create the session again and let the service attest",
+        )
+    try:
+        decide_issuance(policy, service_name, claims, revoked_measurements)
+    except PolicyError as e:
+        return e
+    return None
 
 
 def check_tolerances(

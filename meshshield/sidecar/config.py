@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class SidecarConfig:
     # group that may connect to it (None: the socket is the sidecar user's alone).
     workload_api: Path | None = None
     workload_api_group: int | None = None
+    # 0 = off. Every connection also ends at its peer certificate's not_after.
+    idle_timeout: float = 0.0
+    max_connection_lifetime: float = 0.0
 
 
 def parse_endpoint(text: str, what: str) -> Endpoint:
@@ -137,12 +141,24 @@ def _count(values: Mapping[str, Any], key: str, default: int) -> int:
     return n
 
 
+def _bound(v: Any, what: str) -> float:
+    """A connection bound: a duration, or 0 / off for none."""
+    if v is None or str(v).strip().lower() in ("0", "off", "none", "false"):
+        return 0.0
+    seconds = _duration(v, what)
+    if not math.isfinite(seconds) or not 0.1 <= seconds <= 30 * 86400:
+        raise ConfigError(f"{what} {v!r}: expected a duration from 0.1s to 30d "
+                          "(e.g. 30s, 5m, 1h), or off")
+    return seconds
+
+
 FILE_KEYS = {
     "cas", "cas_bundle", "session", "service", "platform", "workload", "sim_key",
     "inbound", "outbound", "admin_listen", "health_listen", "max_connections",
     "max_handshakes", "max_handshakes_per_source",
     "handshake_timeout", "connect_timeout", "drain_timeout", "report_interval",
     "workload_api", "workload_api_group",
+    "idle_timeout", "max_connection_lifetime",
 }
 
 
@@ -207,6 +223,9 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
         report_interval=_duration(values.get("report_interval", "10s"), "report_interval"),
         workload_api=_unix_socket(values.get("workload_api"), "--workload-api"),
         workload_api_group=_group(values.get("workload_api_group"), values.get("workload_api")),
+        idle_timeout=_bound(values.get("idle_timeout"), "idle_timeout"),
+        max_connection_lifetime=_bound(values.get("max_connection_lifetime"),
+                                       "max_connection_lifetime"),
     )
 
 

@@ -8,7 +8,9 @@ forwarded:
 
 1. the certificate carries one SPIFFE ID, of our trust domain, naming session/service;
 2. its claims extension parses;
-3. neither its serial nor its measurement is revoked (mesh-wide);
+3. neither its serial nor its measurement is revoked (mesh-wide; the CAS lists as revoked
+   the serials whose claims no longer pass their session's current policy, and those
+   carrying a measurement revoked in their session);
 4. its claims satisfy the LOCAL session's tolerances: a session that does not tolerate
    simulation or debug never talks to a simulated or debug peer, whatever the peer's
    own policy allowed;
@@ -176,8 +178,9 @@ def check_peer(
     if serial in view.revoked_serials:
         raise MeshError(
             Reason.REVOKED,
-            f"{who}: certificate serial {serial} is revoked; it must attest again with a "
-            "build the policy allows",
+            f"{who}: certificate serial {serial} is revoked (explicitly, or its claims no "
+            "longer pass its session's current policy); it must attest again with a build "
+            "the policy allows",
         )
     if claims["measurement"] in view.revoked_measurements:
         raise MeshError(

@@ -271,6 +271,7 @@ class Proxy:
         gauge.inc()
         relay = Relay(a, b)
         conn.relay = relay
+        bounds = _Bounds(self, conn, relay)
         try:
             await relay.start()
             await relay.done
@@ -278,6 +279,7 @@ class Proxy:
             relay.abort()  # cancelled (a revoked peer, shutdown) or failed to start
             raise
         finally:
+            bounds.cancel()
             relay.shutdown()
             for way, n in (("in", relay.bytes_in), ("out", relay.bytes_out)):
                 key = (conn.direction, way)
@@ -293,6 +295,18 @@ class Proxy:
             else:
                 a.close()
                 b.close()
+
+    def end(self, conn: Connection, err: MeshError) -> None:
+        """End an admitted connection now (both sides reset), listed and logged with why."""
+        if conn.closed_reason is not None or self.registry.live.get(conn.id) is not conn:
+            return
+        conn.closed_reason = err.reason.value
+        self.registry.refuse(conn.direction, conn.local, conn.peer, err, conn.info.spiffe_id)
+        log.info("%s/%s: closed %s connection %s with %s: %s: %s", self.config.session,
+                 self.config.service, conn.direction, conn.peer, conn.info.spiffe_id,
+                 err.reason.value, err.message)
+        if conn.task is not None:
+            conn.task.cancel()
 
     async def inbound(self, sock: socket.socket, peer: str, slot: Slot,
                       route: InboundRoute) -> None:
@@ -391,6 +405,62 @@ class Proxy:
         conn = Connection(self.registry.next_id(), "outbound", local, str(route.target), info,
                           cert, tls.version(), tls.cipher(), time.time(), expected=expected)
         await self._serve(conn, tls, app)
+
+
+class _Bounds:
+    """The timers that end one connection: at its peer certificate's not_after, after
+    --max-connection-lifetime, and after --idle-timeout without a byte either way (the
+    relay's byte counts are sampled a few times per idle period, so a busy connection
+    costs nothing extra)."""
+
+    IDLE_SAMPLES = 4
+
+    def __init__(self, proxy: Proxy, conn: Connection, relay: Relay) -> None:
+        self.proxy, self.conn, self.relay = proxy, conn, relay
+        loop = asyncio.get_running_loop()
+        cfg = proxy.config
+        who = f"peer {conn.info.session}/{conn.info.service}"
+        not_after = conn.cert.not_valid_after_utc
+        self.handles = [loop.call_later(
+            max(0.0, not_after.timestamp() - time.time()), proxy.end, conn,
+            MeshError(Reason.CERTIFICATE_EXPIRED,
+                      f"{who}: its certificate {conn.info.serial} expired at "
+                      f"{conn.info.not_after}; a connection ends with its peer's certificate "
+                      "(the peer renews by attesting again, then reconnects)"))]
+        if cfg.max_connection_lifetime:
+            self.handles.append(loop.call_later(
+                cfg.max_connection_lifetime, proxy.end, conn,
+                MeshError(Reason.MAX_CONNECTION_LIFETIME,
+                          f"{who}: the connection reached --max-connection-lifetime "
+                          f"({cfg.max_connection_lifetime:g} s); the client may reconnect")))
+        self.idle: asyncio.TimerHandle | None = None
+        if cfg.idle_timeout:
+            self.seen = (-1, -1)
+            self.quiet_since = loop.time()
+            self._idle_check()
+
+    def _idle_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.proxy.config.idle_timeout
+        seen = (self.relay.bytes_in, self.relay.bytes_out)
+        now = loop.time()
+        if seen != self.seen:
+            self.seen, self.quiet_since = seen, now
+        elif now - self.quiet_since >= limit:
+            info = self.conn.info
+            self.proxy.end(self.conn, MeshError(
+                Reason.IDLE_TIMEOUT,
+                f"peer {info.session}/{info.service}: no byte either way for "
+                f"{limit:g} s (--idle-timeout); the client may reconnect"))
+            return
+        wait = min(limit / self.IDLE_SAMPLES, self.quiet_since + limit - now)
+        self.idle = loop.call_later(max(0.01, wait), self._idle_check)
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+        if self.idle is not None:
+            self.idle.cancel()
 
 
 def _literal_address(ep: Endpoint) -> list[tuple[Any, Any, int, str, Any]] | None:

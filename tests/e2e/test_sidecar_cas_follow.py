@@ -130,7 +130,8 @@ def test_revoking_the_frontend_measurement_closes_its_connection_within_1s(
         n = len(refusals(m.backend))
         sent = time.monotonic()
         r = env.cas.request("POST", "/v1/sessions/shop/revocations",
-                            json.dumps({"measurement": env.frontend_m}).encode(), admin=True)
+                            json.dumps({"measurement": env.frontend_m, "mesh_wide": True}
+                                       ).encode(), admin=True)
         answered = time.monotonic()
         assert r.status == 201, r.body
         watch.thread.join(timeout=10)

@@ -2,8 +2,8 @@
 for the subscriber to read) reaches that subscriber within 1 s of the write finishing,
 never only with the 15 s heartbeat.
 
-A raw TLS subscriber stops reading; measurement revocations grow every snapshot until
-the CAS's write to it blocks; more changes follow; then it reads again.
+A raw TLS subscriber stops reading; mesh-wide measurement revocations grow every
+snapshot until the CAS's write to it blocks; more changes follow; then it reads again.
 
 The CAS runs on the standard asyncio loop here: under uvloop a TLS write to a subscriber
 that does not read never waits (the transport buffers without bound), which hides the
@@ -35,7 +35,8 @@ def _tx_queue(local_port: int, remote_port: int) -> int:
 
 def _revoke_measurement(cas: CasProcess) -> int:
     r = cas.request("POST", "/v1/sessions/shop/revocations",
-                    json.dumps({"measurement": secrets.token_hex(48)}).encode(), admin=True)
+                    json.dumps({"measurement": secrets.token_hex(48), "mesh_wide": True}
+                               ).encode(), admin=True)
     assert r.status == 201, r.body
     return int(r.json()["epoch"])
 

@@ -208,3 +208,59 @@ security: {attestation: {tolerate: [simulation]}}
     svc = a.trust_snapshot("t3")["services"]
     assert list(svc) == ["web"]
     assert a.ca.keys_unsealed == unsealed
+
+
+def test_expired_revocations_leave_the_snapshot_but_stay_in_the_store(
+    world: tuple[Authority, FixedClock, Path]
+) -> None:
+    a, clock, root = world
+    serial = str(_attest(a, root)["serial"])  # valid for 1 h
+    a.revoke(ADMIN, "shop", {"serial": serial})
+    assert a.trust_snapshot("shop")["revoked_serials"] == [serial]
+    clock.advance(3600)
+    a.tick()
+    assert a.trust_snapshot("shop")["revoked_serials"] == []
+    assert [r.value for r in a.store.revocations()] == [serial]
+
+
+def test_a_policy_update_lists_certificates_that_no_longer_pass(
+    world: tuple[Authority, FixedClock, Path]
+) -> None:
+    a, _clock, root = world
+    api = str(_attest(a, root, "api")["serial"])
+    web = str(_attest(a, root, "web")["serial"])
+    rec = a.read_session(ADMIN, "shop")
+    text = rec.policy.decode().replace("predecessor: null", f'predecessor: "{rec.policy_hash}"')
+    head, _, _ = text.partition("  - name: web\n")
+    head = head.replace("allow_from: [web]", "allow_from: []")
+    a.update_session(ADMIN, "shop", (head + "security: {attestation: {tolerate: [simulation]}}\n"
+                                     ).encode())
+    assert a.trust_snapshot("shop")["revoked_serials"] == [web]  # web was removed
+    assert a.is_revoked_serial(web) and not a.is_revoked_serial(api)
+    a.delete_session(ADMIN, "shop")
+    assert a.trust_snapshot("other")["revoked_serials"] == sorted([api, web])  # mesh-wide
+    # Serials of the deleted session stay revocable; a stranger may not.
+    assert a.revoke(ADMIN, "shop", {"serial": api})["serial"] == api
+    with pytest.raises(MeshError) as e:
+        a.revoke("b" * 64, "shop", {"serial": web})
+    assert e.value.reason is Reason.FORBIDDEN
+
+
+def test_a_measurement_revoked_in_a_session_stays_in_it(
+    world: tuple[Authority, FixedClock, Path]
+) -> None:
+    a, _clock, root = world
+    m = measure_paths([root / "app"])
+    serial = str(_attest(a, root)["serial"])
+    r = a.revoke(ADMIN, "shop", {"measurement": m})
+    assert r["scope"] == "session"
+    snap = a.trust_snapshot("shop")
+    assert snap["revoked_measurements"] == [] and snap["revoked_serials"] == [serial]
+    with pytest.raises(MeshError) as e:
+        _attest(a, root)
+    assert e.value.reason is Reason.REVOKED
+    with pytest.raises(MeshError) as e:
+        a.revoke("b" * 64, "shop", {"measurement": m, "mesh_wide": True})
+    assert e.value.reason is Reason.FORBIDDEN
+    assert a.revoke(ADMIN, "shop", {"measurement": m, "mesh_wide": True})["scope"] == "mesh-wide"
+    assert a.trust_snapshot("shop")["revoked_measurements"] == [m]

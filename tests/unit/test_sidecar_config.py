@@ -76,3 +76,32 @@ def test_connection_budgets_from_file_and_defaults(tmp_path: Path) -> None:
     cfg = build_config(load_config_file(p))
     assert (cfg.max_connections, cfg.max_handshakes, cfg.max_handshakes_per_source) == (
         500, 200, 20)
+
+
+@pytest.mark.parametrize(("values", "idle", "lifetime"), [
+    ({}, 0.0, 0.0),  # both off by default: the peer certificate's expiry still bounds
+    ({"idle_timeout": "5m", "max_connection_lifetime": "1h"}, 300.0, 3600.0),
+    ({"idle_timeout": "off", "max_connection_lifetime": 0}, 0.0, 0.0),
+    ({"idle_timeout": "0.5s"}, 0.5, 0.0),
+])
+def test_connection_bounds(values: dict[str, Any], idle: float, lifetime: float) -> None:
+    cfg = build_config({**BASE, **values})
+    assert (cfg.idle_timeout, cfg.max_connection_lifetime) == (idle, lifetime)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("idle_timeout", "nan"), ("idle_timeout", "-5"), ("idle_timeout", "soon"),
+    ("max_connection_lifetime", "0.01s"), ("max_connection_lifetime", "inf"),
+])
+def test_bad_connection_bounds_name_the_setting(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        build_config({**BASE, key: value})
+
+
+def test_connection_bounds_from_a_config_file(tmp_path: Path) -> None:
+    p = tmp_path / "sidecar.yaml"
+    p.write_text("cas: https://cas:8443\ncas-bundle: b.pem\nsession: shop\nservice: web\n"
+                 "platform: sim\ninbound: ['0.0.0.0:15006=127.0.0.1:8080']\n"
+                 "idle-timeout: 90s\nmax-connection-lifetime: 2h\n")
+    cfg = build_config(load_config_file(p))
+    assert (cfg.idle_timeout, cfg.max_connection_lifetime) == (90.0, 7200.0)

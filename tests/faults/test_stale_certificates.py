@@ -1,0 +1,240 @@
+"""Certificates do not outlive the policy that allowed them.
+
+A policy update, or the deletion of a session, closes every live connection whose peer
+certificate's claims no longer pass the session's CURRENT policy (old build, service
+removed, session gone) and refuses new ones; the CAS refuses them on its own mesh
+endpoints too. Serials of a deleted session can still be revoked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from attested_peer import AttestedPeer, attested_peer, cut
+from harness import CasProcess, SidecarProcess
+from meshpeers import (
+    LOOPBACK,
+    LoopThread,
+    TcpBackend,
+    apply,
+    connect,
+    echo,
+    free_ports,
+    make_workload,
+    mesh_policy,
+    no_traceback,
+    refusals,
+    roundtrip,
+    start_mesh,
+    status,
+    wait_refusal,
+)
+
+TD = "spiffe://meshshield.local"
+
+
+@dataclass
+class Env:
+    cas: CasProcess
+    echo_port: int
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    cas = CasProcess.start(tmp_path_factory.mktemp("stale") / "mesh")
+    lt = LoopThread()
+    app = TcpBackend(lt, echo)
+    try:
+        yield Env(cas, app.port)
+    finally:
+        app.close()
+        lt.close()
+        cas.stop()
+
+
+def _successor(old: str, new: str) -> str:
+    """`new` as the update of `old` (predecessor set to old's hash)."""
+    h = hashlib.sha256(old.encode()).hexdigest()
+    return new.replace("predecessor: null", f'predecessor: "{h}"')
+
+
+def _cut_within(s: socket.socket, seconds: float, what: str) -> None:
+    s.settimeout(seconds)
+    assert cut(s), f"{what}: the connection was still open after {seconds:g} s"
+
+
+def _send_if_open(s: socket.socket, data: bytes) -> None:
+    """Send unless the peer has already cut the connection (a refusal can beat us)."""
+    with contextlib.suppress(OSError, ssl.SSLError):
+        s.sendall(data)
+
+
+def _refused_through(port: int) -> None:
+    with connect(port) as s:
+        s.sendall(b"hello?\n")
+        _cut_within(s, 10, "a new connection")
+
+
+def _backend_alone(cas: CasProcess, session: str, app_port: int,
+                   ) -> tuple[SidecarProcess, int]:
+    (port,) = free_ports(1)
+    sc = SidecarProcess.start(cas, session, "backend",
+                              inbound=[f"{LOOPBACK}:{port}={LOOPBACK}:{app_port}"])
+    return sc, port
+
+
+def test_policy_update_closes_live_connection_of_old_build(env: Env) -> None:
+    cas = env.cas
+    v1 = make_workload(cas, "frontend-v1")
+    v2 = make_workload(cas, "frontend-v2")
+    (v2 / "server.py").write_text("print('hello from frontend v2')\n")
+    bm = cas.measurement()
+    old = mesh_policy("shop", backend_m=bm, frontend_m=cas.measurement(v1))
+    apply(cas, old)
+    m = start_mesh(cas, "shop", {"echo": env.echo_port}, frontend_workload=v1)
+    try:
+        with connect(m.outbound["echo"]) as s:
+            assert roundtrip(s, b"v1 talking\n") == b"v1 talking\n"
+            n = len(refusals(m.backend))
+            # v2 is approved, v1 is not any more: the running v1 must be cut.
+            apply(cas, _successor(old, mesh_policy("shop", backend_m=bm,
+                                                    frontend_m=cas.measurement(v2))))
+            _cut_within(s, 5, "the live connection of the old build")
+        r = wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/shop/frontend")
+        assert status(m.frontend)["identity"]["serial"] in r["message"], r
+        n = len(refusals(m.backend))
+        _refused_through(m.outbound["echo"])
+        wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/shop/frontend")
+        assert m.backend.get("/connections").json()["connections"] == []
+        no_traceback(m.backend, m.frontend)
+    finally:
+        m.stop()
+
+
+def _star_policy(name: str, m: str, *, with_frontend: bool) -> str:
+    frontend = (f'  - name: frontend\n    tee: [{{platform: sim, measurement: "{m}"}}]\n'
+                if with_frontend else "")
+    return (f'name: {name}\nversion: "1"\npredecessor: null\nservices:\n'
+            f'  - name: backend\n    tee: [{{platform: sim, measurement: "{m}"}}]\n'
+            f'    allow_from: ["*"]\n{frontend}'
+            "security:\n  attestation:\n    tolerate: [simulation]\n")
+
+
+def test_removed_service_peer_is_cut_and_refused(env: Env) -> None:
+    """backend admits any service of its session ("*"); removing frontend from the
+    policy leaves the backend's allow_from as it was, yet frontend must be cut."""
+    cas = env.cas
+    m_ = cas.measurement()
+    old = _star_policy("cafe", m_, with_frontend=True)
+    apply(cas, old)
+    m = start_mesh(cas, "cafe", {"echo": env.echo_port})
+    try:
+        with connect(m.outbound["echo"]) as s:
+            assert roundtrip(s, b"still here\n") == b"still here\n"
+            apply(cas, _successor(old, _star_policy("cafe", m_, with_frontend=False)))
+            _cut_within(s, 5, "the live connection of the removed service")
+        wait_refusal(m.backend, "revoked", peer_spiffe_id=f"{TD}/cafe/frontend")
+        n = len(refusals(m.backend))
+        _refused_through(m.outbound["echo"])
+        wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/cafe/frontend")
+        no_traceback(m.backend, m.frontend)
+    finally:
+        m.stop()
+
+
+def _two_tenants(cas: CasProcess, mall: str, deli: str) -> str:
+    """mall/backend admits deli/frontend; deli is a session of its own."""
+    m_ = cas.measurement()
+    apply(cas, (f'name: {mall}\nversion: "1"\npredecessor: null\nservices:\n'
+                f'  - name: backend\n    tee: [{{platform: sim, measurement: "{m_}"}}]\n'
+                f'    allow_from: ["{deli}/frontend"]\n'
+                "security:\n  attestation:\n    tolerate: [simulation]\n"))
+    deli_policy = _star_policy(deli, m_, with_frontend=True)
+    apply(cas, deli_policy)
+    return deli_policy
+
+
+def _delete(cas: CasProcess, session: str) -> None:
+    r = cas.request("DELETE", f"/v1/sessions/{session}", admin=True)
+    assert r.status == 200, r.body
+
+
+def test_deleted_session_peer_is_cut_and_refused(env: Env) -> None:
+    cas = env.cas
+    _two_tenants(cas, "mall", "deli")
+    backend, port = _backend_alone(cas, "mall", env.echo_port)
+    try:
+        peer = attested_peer(cas, "deli", "frontend")
+        with peer.connect(port) as s:
+            assert roundtrip(s, b"from deli\n") == b"from deli\n"
+            _delete(cas, "deli")
+            _cut_within(s, 5, "the live connection from the deleted session")
+        r = wait_refusal(backend, "revoked", peer_spiffe_id=f"{TD}/deli/frontend")
+        assert peer.serial in r["message"], r
+        n = len(refusals(backend))
+        with peer.connect(port) as s:
+            _send_if_open(s, b"anyone?\n")
+            _cut_within(s, 10, "a new connection from the deleted session")
+        wait_refusal(backend, "revoked", after=n, peer_spiffe_id=f"{TD}/deli/frontend")
+        no_traceback(backend)
+    finally:
+        backend.stop()
+
+
+def test_deleted_session_serial_stays_revocable(env: Env) -> None:
+    cas = env.cas
+    deli_policy = _two_tenants(cas, "arcade", "bakery")
+    peer = attested_peer(cas, "bakery", "frontend")
+    _delete(cas, "bakery")
+    r = cas.cli("revoke", "bakery", "--serial", peer.serial)
+    assert r.returncode == 0, r.stderr
+    assert peer.serial in r.stdout, r.stdout
+    # The same name created again (the same build allowed) does not bring it back.
+    apply(cas, deli_policy)
+    backend, port = _backend_alone(cas, "arcade", env.echo_port)
+    try:
+        with peer.connect(port) as s:
+            _send_if_open(s, b"back again?\n")
+            _cut_within(s, 10, "a connection with the revoked serial")
+        r1 = wait_refusal(backend, "revoked", peer_spiffe_id=f"{TD}/bakery/frontend")
+        assert peer.serial in r1["message"], r1
+        fresh = attested_peer(cas, "bakery", "frontend")  # a new attestation is fine
+        with fresh.connect(port) as s:
+            assert roundtrip(s, b"new cert\n") == b"new cert\n"
+    finally:
+        backend.stop()
+
+
+def _mesh_get(cas: CasProcess, peer: AttestedPeer, method: str, path: str,
+              body: bytes | None = None) -> tuple[int, str | None]:
+    ctx = ssl.create_default_context(cafile=str(cas.bundle))
+    ctx.load_cert_chain(str(peer.cert), str(peer.key))
+    req = urllib.request.Request(cas.url + path, data=body, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return r.status, None
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["code"]
+
+
+def test_cas_refuses_events_and_reports_of_a_certificate_that_no_longer_passes(
+        env: Env) -> None:
+    cas = env.cas
+    _two_tenants(cas, "plaza", "diner")
+    peer = attested_peer(cas, "diner", "frontend")
+    report = json.dumps({"connections": []}).encode()
+    assert _mesh_get(cas, peer, "GET", "/v1/events")[0] == 200
+    assert _mesh_get(cas, peer, "POST", "/v1/reports", report)[0] == 202
+    _delete(cas, "diner")
+    assert _mesh_get(cas, peer, "GET", "/v1/events") == (403, "revoked")
+    assert _mesh_get(cas, peer, "POST", "/v1/reports", report) == (403, "revoked")
