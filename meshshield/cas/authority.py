@@ -313,9 +313,27 @@ class Authority:
             keys = frozenset(
                 fp for s in sessions.values()
                 for fp in s.policy.readers(s.record.creator) | s.policy.updaters(s.record.creator)
-            )
+            ) | self._deleted_session_updaters(sessions)
             self._actors = (self._epoch, id(sessions), keys)
         return self.is_admin(who) or who in self._actors[2]
+
+    def _deleted_session_updaters(self, sessions: Mapping[str, LoadedSession]) -> frozenset[str]:
+        """The updaters of the last version of every deleted session that still has
+        certificates in force: they may revoke those serials (`_authorise_revocation`),
+        so the replay guard must admit their signed requests."""
+        keys: set[str] = set()
+        for name in self.store.certificate_sessions(self.clock.now()):
+            if name in sessions:
+                continue
+            last = self.store.last_session(name)
+            if last is None:
+                continue
+            try:
+                pol = parse_policy(last.policy, f"session {name}", cas_dns=())
+            except PolicyInvalid:
+                continue
+            keys |= pol.updaters(last.creator)
+        return frozenset(keys)
 
     def admit_request(self, signed: SignedRequest) -> str:
         """The second half of admin authentication, after the signature verified: a key

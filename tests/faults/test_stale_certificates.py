@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from attested_peer import AttestedPeer, attested_peer, cut
@@ -38,6 +39,8 @@ from meshpeers import (
     status,
     wait_refusal,
 )
+
+from meshshield.adminauth import load_admin_key, write_admin_key
 
 TD = "spiffe://meshshield.local"
 
@@ -238,3 +241,26 @@ def test_cas_refuses_events_and_reports_of_a_certificate_that_no_longer_passes(
     _delete(cas, "diner")
     assert _mesh_get(cas, peer, "GET", "/v1/events") == (403, "revoked")
     assert _mesh_get(cas, peer, "POST", "/v1/reports", report) == (403, "revoked")
+
+
+def test_deleted_session_updater_who_is_named_nowhere_else_can_still_revoke(
+        env: Env, tmp_path: Path) -> None:
+    """The replay guard admits only keys that may act; the updater of a deleted session
+    whose certificates are still in force may act (it may revoke them)."""
+    cas = env.cas
+    _, tenant_fp = write_admin_key(tmp_path / "tenant")
+    tenant = load_admin_key(tmp_path / "tenant")
+    policy = cas.sim_policy("kiosk", extra=(
+        f'access_policy:\n  read: [CREATOR, "{tenant_fp}"]\n'
+        f'  update: [CREATOR, "{tenant_fp}"]\n'))
+    apply(cas, policy)
+    peer = attested_peer(cas, "kiosk", "frontend")
+    _delete(cas, "kiosk")
+    body = json.dumps({"serial": peer.serial}).encode()
+    r = cas.request("POST", "/v1/sessions/kiosk/revocations", body, admin=tenant)
+    assert r.status == 201, r.body
+    assert r.json()["serial"] == peer.serial
+    # A key named by no session, live or deleted, still may do nothing.
+    stranger = write_admin_key(tmp_path / "stranger")[0]
+    r2 = cas.request("POST", "/v1/sessions/kiosk/revocations", body, admin=stranger)
+    assert r2.status == 403 and r2.code == "forbidden", r2.body
