@@ -28,12 +28,14 @@ bench: $(STAMP)
 	$(PY) bench/cas_issue.py
 
 # Regenerate the Workload API modules from meshshield/sidecar/spiffe_workload/workload.proto
-# with grpcio-tools, in a virtual environment of its own (the project's protobuf stays).
+# and the Envoy SDS messages from meshshield/_proto/envoy/**/*.proto with grpcio-tools, in a virtual environment of its own (the project's protobuf stays).
 PROTO_VENV := .venv-proto
 proto:
 	$(PYTHON) -m venv $(PROTO_VENV)
 	$(PROTO_VENV)/bin/python -m pip install --quiet 'grpcio-tools==1.85.1'
 	$(PROTO_VENV)/bin/python tools/gen_workload_proto.py
+	$(PROTO_VENV)/bin/python -m pip install --quiet googleapis-common-protos
+	$(PROTO_VENV)/bin/python tools/gen_envoy_proto.py
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -566,6 +566,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "workload_api": args.workload_api, "workload_api_group": args.workload_api_group,
         "idle_timeout": args.idle_timeout,
         "max_connection_lifetime": args.max_connection_lifetime,
+        "sds": args.sds,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
@@ -796,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connection-lifetime", metavar="DURATION",
                    help="close every connection this long after it opened (default off; "
                         "each also ends at its peer certificate's expiry)")
+    p.add_argument("--sds", metavar="unix:///PATH",
+                   help="serve Envoy's Secret Discovery Service on this unix socket")
     p.set_defaults(func=cmd_sidecar)
 
     p = sub.add_parser("status", help="a sidecar's live connections, or the mesh's edges")

@@ -17,6 +17,7 @@ from meshshield.sidecar.caslink import CasLink
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.proxy import Proxy, SidecarMetrics
 from meshshield.sidecar.registry import ConnectionRegistry, rfc3339_from
+from meshshield.sidecar.sds import SdsServer
 
 
 class SidecarState:
@@ -31,6 +32,7 @@ class SidecarState:
         self.metrics = metrics
         self.listening = False
         self.draining = False
+        self.sds: SdsServer | None = None
         self.started = time.time()
         self.workload_api: Any = None  # sidecar/workloadapi.py, with --workload-api
         metrics.registry.register(_LoopCollector(identity, link))
@@ -74,6 +76,7 @@ class SidecarState:
                 {"route": name, "bound": bound} for name, bound in self.proxy.bound.items()
             ],
             "connections": len(self.registry.live),
+            "sds": None if self.sds is None else self.sds.status(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "runtime": runtime_counts(),
             "workload_api": None if self.workload_api is None else self.workload_api.status(),

@@ -71,6 +71,8 @@ class SidecarConfig:
     # 0 = off. Every connection also ends at its peer certificate's not_after.
     idle_timeout: float = 0.0
     max_connection_lifetime: float = 0.0
+    # Envoy SDS on this unix socket path (`--sds unix:///PATH`); None: not served.
+    sds: Path | None = None
 
 
 def parse_endpoint(text: str, what: str) -> Endpoint:
@@ -158,7 +160,7 @@ FILE_KEYS = {
     "max_handshakes", "max_handshakes_per_source",
     "handshake_timeout", "connect_timeout", "drain_timeout", "report_interval",
     "workload_api", "workload_api_group",
-    "idle_timeout", "max_connection_lifetime",
+    "idle_timeout", "max_connection_lifetime", "sds",
 }
 
 
@@ -188,8 +190,9 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
 
     inbound = tuple(parse_inbound(x) for x in _list("inbound"))
     outbound = tuple(parse_outbound(x) for x in _list("outbound"))
-    if not inbound and not outbound:
-        raise ConfigError("give at least one --inbound or --outbound route")
+    sds = _unix_socket(values.get("sds"), "--sds")
+    if not inbound and not outbound and sds is None:
+        raise ConfigError("give at least one --inbound or --outbound route (or --sds)")
     listens = [str(r.listen) for r in inbound] + [str(r.listen) for r in outbound]
     dup = {x for x in listens if listens.count(x) > 1}
     if dup:
@@ -226,6 +229,7 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
         idle_timeout=_bound(values.get("idle_timeout"), "idle_timeout"),
         max_connection_lifetime=_bound(values.get("max_connection_lifetime"),
                                        "max_connection_lifetime"),
+        sds=sds,
     )
 
 

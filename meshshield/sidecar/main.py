@@ -18,6 +18,7 @@ from meshshield.sidecar.config import Endpoint, SidecarConfig
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.proxy import Proxy, SidecarMetrics
 from meshshield.sidecar.registry import ConnectionRegistry
+from meshshield.sidecar.sds import SdsCollector, SdsServer, identity_material
 
 log = logging.getLogger("meshshield.sidecar")
 
@@ -68,6 +69,16 @@ async def run_sidecar(config: SidecarConfig) -> int:
         # Serves at once; its streams answer as soon as a certificate is held.
         print(f"workload-api listening {await workload_api.start()}", flush=True)
 
+    sds: SdsServer | None = None
+    if config.sds is not None:
+        sds = SdsServer(config.sds, lambda: identity_material(identity),
+                        f"{config.session}/{config.service}")
+        await sds.start()  # serves at once; streams are answered once a certificate is held
+        identity.tls_listeners.append(sds.refresh)
+        state.sds = sds
+        metrics.registry.register(SdsCollector(sds))
+        print(f"sds listening unix://{config.sds}", flush=True)
+
     connector = aiohttp.TCPConnector(limit=8)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -109,6 +120,8 @@ async def run_sidecar(config: SidecarConfig) -> int:
             await mesh_http.close()
         if workload_api is not None:
             await workload_api.stop()
+        if sds is not None:
+            await sds.stop()
     for r in runners:
         await r.cleanup()
     print("stopped", flush=True)

@@ -1,0 +1,496 @@
+"""Envoy's Secret Discovery Service (SDS) on a unix socket: the sidecar's identity for Envoy.
+
+`--sds unix:///PATH` serves `envoy.service.secret.v3.SecretDiscoveryService` over gRPC
+(`StreamSecrets`, `FetchSecrets`; `DeltaSecrets` answers UNIMPLEMENTED) with two
+secrets, each under either of two names:
+
+- the workload's certificate (`tls_certificate`: chain and private key, inline), named
+  by the sidecar's SPIFFE ID (`spiffe://<trust-domain>/<session>/<service>`) or `default`;
+- the mesh trust (`validation_context`): Envoy's SPIFFE certificate validator
+  (`envoy.tls.cert_validator.spiffe`) with the trust domain and its CA bundle, named
+  `spiffe://<trust-domain>` or `ROOTCA`.
+
+Every renewal and every bundle change is pushed on each open stream as a new version.
+The xDS rules (state of the world): a request with an empty nonce opens a subscription
+and is answered at once; one whose nonce is not the last one sent is stale and ignored;
+one carrying the last nonce is an ACK, or a NACK when `error_detail` is set (logged with
+Envoy's message and counted; the stream goes on, and the next change is pushed as
+usual); a changed list of names is answered with the resources now named.
+
+The protocol logic (`SdsStream`) is pure and driven by the gRPC shell (`SdsServer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meshshield._proto.envoy.config.core.v3 import base_pb2, extension_pb2
+from meshshield._proto.envoy.extensions.transport_sockets.tls.v3 import (
+    common_pb2,
+    secret_pb2,
+    tls_spiffe_validator_config_pb2,
+)
+from meshshield._proto.envoy.service.discovery.v3 import discovery_pb2
+from meshshield.pki.spiffe import parse_spiffe_id
+from meshshield.sidecar.identity import Identity
+
+log = logging.getLogger("meshshield.sidecar")
+
+SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
+SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105
+SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
+SPIFFE_VALIDATOR_TYPE_URL = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
+)
+CERT_ALIAS = "default"
+BUNDLE_ALIAS = "ROOTCA"
+MAX_STREAMS = 64
+MAX_MESSAGE = 1 << 20
+MAX_DETAIL = 500
+
+
+def _clean(text: str, limit: int = MAX_DETAIL) -> str:
+    """Text from Envoy, fit for one log line: control characters escaped, bounded."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@dataclass(frozen=True)
+class SdsSnapshot:
+    """What the sidecar serves at one moment; `version` changes with any of it."""
+
+    spiffe_id: str
+    trust_domain: str
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: str
+    version: str
+
+    @property
+    def bundle_name(self) -> str:
+        return f"spiffe://{self.trust_domain}"
+
+    def names(self) -> tuple[str, str]:
+        """The canonical names of the two secrets."""
+        return self.spiffe_id, self.bundle_name
+
+    def secret(self, name: str) -> secret_pb2.Secret | None:
+        """The secret served under `name`, or None for a name this sidecar does not serve."""
+        if name in (self.spiffe_id, CERT_ALIAS):
+            return secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
+                certificate_chain=base_pb2.DataSource(inline_bytes=self.chain_pem),
+                private_key=base_pb2.DataSource(inline_bytes=self.key_pem)))
+        if name in (self.bundle_name, BUNDLE_ALIAS):
+            spiffe = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig(trust_domains=[
+                tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig.TrustDomain(
+                    name=self.trust_domain,
+                    trust_bundle=base_pb2.DataSource(inline_bytes=self.bundle_pem.encode()))])
+            typed = any_pb2.Any(type_url=SPIFFE_VALIDATOR_TYPE_URL,
+                                value=spiffe.SerializeToString())
+            return secret_pb2.Secret(
+                name=name, validation_context=common_pb2.CertificateValidationContext(
+                    custom_validator_config=extension_pb2.TypedExtensionConfig(
+                        name=SPIFFE_VALIDATOR, typed_config=typed)))
+        return None
+
+
+@dataclass(frozen=True)
+class SdsMaterial:
+    """The identity to serve, as read from the sidecar at one moment."""
+
+    spiffe_id: str
+    trust_domain: str
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: str
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.chain_pem + b"\0" + self.bundle_pem.encode()).hexdigest()
+
+
+def make_snapshot(m: SdsMaterial, generation: int) -> SdsSnapshot:
+    """Version `<generation>-<digest>`: grows with each change, unique to its content."""
+    return SdsSnapshot(m.spiffe_id, m.trust_domain, m.chain_pem, m.key_pem, m.bundle_pem,
+                       f"{generation}-{m.digest()[:12]}")
+
+
+def identity_material(identity: Identity) -> SdsMaterial | None:
+    """The sidecar's current certificate, key and bundle; None before it holds one."""
+    held, creds = identity.held, identity.credentials
+    if held is None or creds is None:
+        return None
+    trust_domain = parse_spiffe_id(held.spiffe_id).trust_domain
+    return SdsMaterial(held.spiffe_id, trust_domain, creds[0], creds[1],
+                       identity.tls.bundle_pem)
+
+
+def build_response(snap: SdsSnapshot, names: tuple[str, ...],
+                   nonce: str) -> tuple[discovery_pb2.DiscoveryResponse, list[str]]:
+    """The response for `names` (all canonical names when empty), and the unknown names."""
+    resources, unknown = [], []
+    for name in names or snap.names():
+        secret = snap.secret(name)
+        if secret is None:
+            unknown.append(name)
+            continue
+        resources.append(any_pb2.Any(type_url=SECRET_TYPE_URL,
+                                     value=secret.SerializeToString()))
+    return discovery_pb2.DiscoveryResponse(
+        version_info=snap.version, resources=resources, type_url=SECRET_TYPE_URL,
+        nonce=nonce), unknown
+
+
+@dataclass
+class Outcome:
+    """What one request or change did: a response to send, and what to log."""
+
+    kind: str  # "subscribe", "ack", "nack", "stale", "resubscribe", "push", "none"
+    response: discovery_pb2.DiscoveryResponse | None = None
+    unknown: list[str] = field(default_factory=list)
+    detail: str = ""
+    version: str = ""
+
+
+class ProtocolError(ValueError):
+    """A request this server cannot answer (wrong type_url, unparsable)."""
+
+
+@dataclass
+class SdsStream:
+    """The xDS state of one StreamSecrets stream; pure, fed requests and snapshots."""
+
+    id: int
+    names: tuple[str, ...] | None = None  # None: no request yet
+    node: str = ""
+    sent_nonce: str = ""
+    sent_version: str = ""
+    acked_version: str = ""
+    nacks: int = 0
+    _nonces: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def _respond(self, kind: str, snap: SdsSnapshot | None) -> Outcome:
+        if snap is None or self.names is None:
+            return Outcome(kind)
+        nonce = f"{self.id}-{next(self._nonces)}"
+        response, unknown = build_response(snap, self.names, nonce)
+        self.sent_nonce, self.sent_version = nonce, snap.version
+        return Outcome(kind, response, unknown, version=snap.version)
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest,
+                   snap: SdsSnapshot | None) -> Outcome:
+        if req.type_url and req.type_url != SECRET_TYPE_URL:
+            raise ProtocolError(f"type_url {_clean(req.type_url, 200)!r}: this server "
+                                f"serves only {SECRET_TYPE_URL}")
+        if req.HasField("node") and req.node.id:
+            self.node = _clean(req.node.id, 200)
+        names = tuple(req.resource_names)
+        if not req.response_nonce:
+            self.names = names
+            return self._respond("subscribe", snap)
+        if req.response_nonce != self.sent_nonce:
+            return Outcome("stale")
+        if req.HasField("error_detail"):
+            self.nacks += 1
+            detail = _clean(req.error_detail.message) or f"code {req.error_detail.code}"
+            return Outcome("nack", detail=detail, version=self.sent_version)
+        self.acked_version = req.version_info
+        if names != self.names:
+            self.names = names
+            return self._respond("resubscribe", snap)
+        return Outcome("ack", version=req.version_info)
+
+    def on_change(self, snap: SdsSnapshot | None) -> Outcome:
+        """Push `snap` if this stream has subscribed and has not been sent it yet."""
+        if snap is None or self.names is None or snap.version == self.sent_version:
+            return Outcome("none")
+        return self._respond("push", snap)
+
+
+def _parse_request(data: bytes) -> discovery_pb2.DiscoveryRequest | None:
+    try:
+        return discovery_pb2.DiscoveryRequest.FromString(data)
+    except DecodeError:
+        return None
+
+
+def _socket_error(message: str) -> OSError:
+    return OSError(errno.EPERM, message)
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make `path`'s directory safe to hold the socket, or refuse with OSError.
+
+    The directory is created (mode 0700) if missing; an existing one must be a real
+    directory owned by this user and writable by no one else (anyone who could write
+    there could replace the socket). A stale socket of ours at `path` is removed;
+    anything else there is refused."""
+    directory = path.parent
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise _socket_error(f"--sds {path}: cannot create its directory {directory}: "
+                            f"{e.strerror}") from None
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise _socket_error(f"--sds {path}: {directory} is not a directory "
+                            "(a symbolic link is refused)")
+    if st.st_uid != os.geteuid():
+        raise _socket_error(f"--sds {path}: {directory} belongs to uid {st.st_uid}, not to "
+                            f"this sidecar (uid {os.geteuid()}); give it a directory of its own")
+    if st.st_mode & 0o022:
+        raise _socket_error(f"--sds {path}: {directory} is writable by others (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}); use a directory only its "
+                            "owner can write, e.g. mode 0700")
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(existing.st_mode) or existing.st_uid != os.geteuid():
+        raise _socket_error(f"--sds {path}: something other than a socket of this user is "
+                            "there; remove it or choose another path")
+    os.unlink(path)
+
+
+MaterialSource = Callable[[], SdsMaterial | None]
+
+
+class SdsServer:
+    """The gRPC server: one `SdsStream` per open StreamSecrets call, pushed on change."""
+
+    def __init__(self, path: Path, source: MaterialSource, who: str) -> None:
+        self.path = path
+        self.source = source
+        self.who = who  # "session/service", for every log line
+        self.snapshot: SdsSnapshot | None = None
+        self.server: grpc.aio.Server | None = None
+        self.listening = False
+        self.streams: dict[int, tuple[SdsStream, asyncio.Event]] = {}
+        self._ids = itertools.count(1)
+        self.generation = 0
+        self._digest: str | None = None
+        self.pushes = 0
+        self.fetches = 0
+        self.nacks = 0
+        self.refused = 0
+        self.last_nack: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        prepare_socket_path(self.path)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_concurrent_streams", MAX_STREAMS),
+        ])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            "StreamSecrets": grpc.stream_stream_rpc_method_handler(
+                self._stream_secrets, request_deserializer=_parse_request,
+                response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString),
+            "FetchSecrets": grpc.unary_unary_rpc_method_handler(
+                self._fetch_secrets, request_deserializer=_parse_request,
+                response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString),
+            "DeltaSecrets": grpc.stream_stream_rpc_method_handler(
+                self._delta_secrets, request_deserializer=lambda b: b,
+                response_serializer=lambda b: b),
+        }),))
+        # The socket is created by the bind below: no moment with a wider mode.
+        old = os.umask(0o177)
+        try:
+            server.add_insecure_port(f"unix:{self.path}")
+        except RuntimeError as e:
+            raise _socket_error(f"--sds {self.path}: cannot listen: {e}") from None
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        await server.start()
+        self.server = server
+        self.listening = True
+        self.refresh()
+        log.info("%s: SDS listening on unix://%s", self.who, self.path)
+
+    async def stop(self) -> None:
+        self.listening = False
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+            self.server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def refresh(self) -> None:
+        """Re-read the identity; if what is served changed, wake every stream to push it."""
+        try:
+            material = self.source()
+        except Exception as e:  # noqa: BLE001 - a bad read must not stop the sidecar
+            self._error(f"cannot build the secrets: {type(e).__name__}: {e}")
+            return
+        if material is None or material.digest() == self._digest:
+            return
+        self._digest = material.digest()
+        self.generation += 1
+        self.snapshot = make_snapshot(material, self.generation)
+        for _stream, wake in self.streams.values():
+            wake.set()
+
+    def _error(self, message: str) -> None:
+        self.last_error, self.last_error_at = message, time.time()
+        log.warning("%s: SDS: %s", self.who, message)
+
+    # -- RPCs -----------------------------------------------------------------------
+    async def _stream_secrets(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest | None],
+                              context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if len(self.streams) >= MAX_STREAMS:
+            self.refused += 1
+            self._error(f"refused a stream: {MAX_STREAMS} already open")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"at most {MAX_STREAMS} SDS streams")
+        stream = SdsStream(next(self._ids))
+        wake = asyncio.Event()
+        self.streams[stream.id] = (stream, wake)
+        pending: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue(4)
+        ended = asyncio.Event()
+
+        async def read() -> None:
+            try:
+                async for req in requests:
+                    await pending.put(req)
+                    wake.set()
+            except Exception as e:  # noqa: BLE001 - a stream that breaks just ends
+                log.debug("%s: SDS stream %d read ended: %s", self.who, stream.id, e)
+            finally:
+                ended.set()
+                wake.set()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while not pending.empty():
+                    req = pending.get_nowait()
+                    if req is None:
+                        self._error(f"stream {stream.id}: a request that does not parse")
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            "DiscoveryRequest does not parse")
+                    try:
+                        outcome = stream.on_request(req, self.snapshot)
+                    except ProtocolError as e:
+                        self._error(f"stream {stream.id} (node {stream.node!r}): {e}")
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    await self._apply(stream, outcome, context)
+                await self._apply(stream, stream.on_change(self.snapshot), context)
+                if ended.is_set() and pending.empty():
+                    return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self.streams.pop(stream.id, None)
+            log.info("%s: SDS stream %d (node %r) closed", self.who, stream.id, stream.node)
+
+    async def _apply(self, stream: SdsStream, outcome: Outcome,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        tag = f"SDS stream {stream.id} (node {stream.node!r})"
+        if outcome.kind == "nack":
+            self.nacks += 1
+            self.last_nack = {"at": time.time(), "node": stream.node, "stream": stream.id,
+                              "version": outcome.version, "error_detail": outcome.detail}
+            log.warning("%s: %s rejected secrets version %s: %s", self.who, tag,
+                        outcome.version, outcome.detail)
+        elif outcome.kind == "stale":
+            log.debug("%s: %s: a request with a stale nonce, ignored", self.who, tag)
+        elif outcome.kind == "ack":
+            log.debug("%s: %s acknowledged version %s", self.who, tag, outcome.version)
+        if outcome.unknown:
+            self._error(f"{tag} asked for secrets this sidecar does not serve: "
+                        f"{[_clean(n, 200) for n in outcome.unknown]}; it serves "
+                        f"{list(self.snapshot.names()) if self.snapshot else []} "
+                        f"(or {CERT_ALIAS!r}, {BUNDLE_ALIAS!r})")
+        if outcome.response is not None:
+            await context.write(outcome.response)
+            self.pushes += 1
+            log.info("%s: %s: sent secrets version %s (%s)", self.who, tag, outcome.version,
+                     outcome.kind)
+
+    async def _fetch_secrets(self, req: discovery_pb2.DiscoveryRequest | None,
+                             context: grpc.aio.ServicerContext[Any, Any]
+                             ) -> discovery_pb2.DiscoveryResponse:
+        if req is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "DiscoveryRequest does not parse")
+        assert req is not None
+        if req.type_url and req.type_url != SECRET_TYPE_URL:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"this server serves only {SECRET_TYPE_URL}")
+        snap = self.snapshot
+        if snap is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "no certificate yet: the sidecar has not attested")
+        assert snap is not None
+        self.fetches += 1
+        response, unknown = build_response(snap, tuple(req.resource_names), "")
+        if unknown:
+            self._error(f"FetchSecrets asked for secrets this sidecar does not serve: "
+                        f"{[_clean(n, 200) for n in unknown]}")
+        return response
+
+    async def _delta_secrets(self, _requests: AsyncIterator[bytes],
+                             context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "DeltaSecrets is not served; use StreamSecrets (SotW)")
+
+    # -- reporting ------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        snap = self.snapshot
+        return {
+            "listening": self.listening,
+            "path": str(self.path),
+            "secrets": [] if snap is None else list(snap.names()),
+            "version": None if snap is None else snap.version,
+            "streams": [
+                {"id": s.id, "node": s.node, "names": list(s.names or ()),
+                 "sent_version": s.sent_version, "acked_version": s.acked_version,
+                 "nacks": s.nacks}
+                for s, _wake in self.streams.values()
+            ],
+            "pushes": self.pushes,
+            "fetches": self.fetches,
+            "nacks": self.nacks,
+            "last_nack": self.last_nack,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+        }
+
+
+class SdsCollector(Collector):
+    def __init__(self, server: SdsServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("meshshield_sidecar_sds_streams", "Open SDS streams",
+                                value=len(self.server.streams))
+        yield CounterMetricFamily("meshshield_sidecar_sds_pushes",
+                                  "SDS responses sent on streams", value=self.server.pushes)
+        yield CounterMetricFamily("meshshield_sidecar_sds_nacks",
+                                  "SDS responses Envoy rejected (NACK)",
+                                  value=self.server.nacks)
