@@ -155,3 +155,57 @@ def test_socket_directory_checks(tmp_path: Path) -> None:
     link.symlink_to(d)
     with pytest.raises(OSError, match="not a directory"):
         prepare_socket_path(link / "x.sock")
+
+
+BASE = {"cas": "https://cas:8443", "cas_bundle": "b.pem", "session": "shop",
+        "service": "web", "platform": "sim"}
+
+
+def test_sds_setting_from_flag_or_file(tmp_path: Path) -> None:
+    from meshshield.sidecar.config import ConfigError, build_config, load_config_file
+
+    # SDS alone is enough: an Envoy beside the app may carry all the traffic.
+    assert build_config({**BASE, "sds": "unix:///run/ms/sds.sock"}).sds == Path(
+        "/run/ms/sds.sock")
+    p = tmp_path / "sidecar.yaml"
+    p.write_text("cas: https://cas:8443\ncas-bundle: b.pem\nsession: shop\nservice: web\n"
+                 "platform: sim\nsds: unix:///run/ms/sds.sock\n")
+    assert build_config(load_config_file(p)).sds == Path("/run/ms/sds.sock")
+    for bad in ("/run/sds.sock", "unix://relative.sock", "tcp://127.0.0.1:1",
+                "unix:///" + "a" * 120, "unix:///run/dir/"):
+        with pytest.raises(ConfigError, match="--sds"):
+            build_config({**BASE, "sds": bad})
+    with pytest.raises(ConfigError, match="at least one"):
+        build_config(BASE)
+
+
+def test_sidecar_refuses_a_socket_directory_writable_by_others(tmp_path: Path) -> None:
+    import datetime
+    import subprocess
+    import sys
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    r = subprocess.run(
+        [sys.executable, "-m", "meshshield.cli", "sidecar", "--cas", "https://127.0.0.1:1",
+         "--cas-bundle", str(bundle), "--session", "shop", "--service", "web",
+         "--platform", "sim", "--admin-listen", "127.0.0.1:0",
+         "--sds", f"unix://{shared}/sds.sock"],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "writable by others" in r.stderr and "Traceback" not in r.stderr
+    assert not (shared / "sds.sock").exists()
