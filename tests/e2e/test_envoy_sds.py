@@ -12,6 +12,7 @@ forced) with connections working after the forced one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -30,7 +31,6 @@ from meshpeers import (
     LoopThread,
     TcpBackend,
     apply,
-    closing_all,
     connect,
     echo,
     free_ports,
@@ -174,26 +174,26 @@ def test_envoy_takes_identity_from_sds_across_renewals_and_ca_rotation(
         tmp_path: Path, lt: LoopThread) -> None:
     binary = envoy_binary()
     cas = CasProcess.start(tmp_path / "cas", "--max-cert-ttl", "10s")
-    stack: list[Any] = []
-    with closing_all(stack):
-        stack.append(type("C", (), {"close": staticmethod(cas.stop)})())
+    with contextlib.ExitStack() as stack:
+        stack.callback(cas.stop)
         m = cas.measurement()
         apply(cas, mesh_policy("shop", backend_m=m, frontend_m=m))
         to_backend_app = TcpBackend(lt, echo)
         behind_envoy_app = TcpBackend(lt, echo)
-        stack += [to_backend_app, behind_envoy_app]
+        stack.callback(to_backend_app.close)
+        stack.callback(behind_envoy_app.close)
         admin_port, envoy_out, envoy_in, backend_in, backend_out = free_ports(5)
 
         backend = SidecarProcess.start(
             cas, "shop", "backend",
             inbound=[f"{LOOPBACK}:{backend_in}={LOOPBACK}:{to_backend_app.port}"],
             outbound=[f"{LOOPBACK}:{backend_out}=frontend@{LOOPBACK}:{envoy_in}"])
-        stack.append(type("C", (), {"close": staticmethod(backend.stop)})())
+        stack.callback(backend.stop)
         sds_dir = tmp_path / "sds"
         sock = sds_dir / "sds.sock"
         frontend = SidecarProcess.start(cas, "shop", "frontend",
                                         extra=("--sds", f"unix://{sock}"))
-        stack.append(type("C", (), {"close": staticmethod(frontend.stop)})())
+        stack.callback(frontend.stop)
         assert (sock.stat().st_mode & 0o777) == 0o600
         assert (sds_dir.stat().st_mode & 0o777) == 0o700
 
@@ -205,7 +205,7 @@ def test_envoy_takes_identity_from_sds_across_renewals_and_ca_rotation(
             "port_value: 8080": f"port_value: {behind_envoy_app.port}",
             "/run/meshshield/sds.sock": str(sock),
         }, admin_port)
-        stack.append(type("C", (), {"close": staticmethod(envoy.stop)})())
+        stack.callback(envoy.stop)
         version = envoy.admin("/server_info")[1]
         print("envoy", json.loads(version)["version"])
 
