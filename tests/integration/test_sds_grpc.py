@@ -15,7 +15,8 @@ from google.rpc import status_pb2
 from meshshield._proto.envoy.config.core.v3 import base_pb2
 from meshshield._proto.envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from meshshield._proto.envoy.service.discovery.v3 import discovery_pb2
-from meshshield.sidecar.sds import SECRET_TYPE_URL, SERVICE, SdsMaterial, SdsServer
+from meshshield.sidecar.sds import SdsMaterial, SdsServer
+from meshshield.sidecar.sdsprotocol import SECRET_TYPE_URL, SERVICE
 
 ID = "spiffe://meshshield.local/shop/frontend"
 TD = "spiffe://meshshield.local"

@@ -14,7 +14,8 @@ from meshshield._proto.envoy.extensions.transport_sockets.tls.v3 import (
     tls_spiffe_validator_config_pb2,
 )
 from meshshield._proto.envoy.service.discovery.v3 import discovery_pb2
-from meshshield.sidecar.sds import (
+from meshshield.sidecar.sds import prepare_socket_path
+from meshshield.sidecar.sdsprotocol import (
     SECRET_TYPE_URL,
     SPIFFE_VALIDATOR,
     SPIFFE_VALIDATOR_TYPE_URL,
@@ -22,7 +23,6 @@ from meshshield.sidecar.sds import (
     SdsMaterial,
     SdsStream,
     make_snapshot,
-    prepare_socket_path,
 )
 
 ID = "spiffe://meshshield.local/shop/frontend"
