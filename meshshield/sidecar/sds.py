@@ -62,7 +62,7 @@ log = logging.getLogger("meshshield.sidecar")
 
 def identity_material(identity: Identity) -> SdsMaterial | None:
     """The sidecar's current certificate, key and bundle; None before it holds one."""
-    held, creds = identity.held, identity.credentials
+    held, creds = identity.held, identity.credentials()
     if held is None or creds is None:
         return None
     trust_domain = parse_spiffe_id(held.spiffe_id).trust_domain

@@ -172,7 +172,7 @@ def test_sds_setting_from_flag_or_file(tmp_path: Path) -> None:
                  "platform: sim\nsds: unix:///run/ms/sds.sock\n")
     assert build_config(load_config_file(p)).sds == Path("/run/ms/sds.sock")
     for bad in ("/run/sds.sock", "unix://relative.sock", "tcp://127.0.0.1:1",
-                "unix:///" + "a" * 120, "unix:///run/dir/"):
+                "unix:///" + "a" * 120):
         with pytest.raises(ConfigError, match="--sds"):
             build_config({**BASE, "sds": bad})
     with pytest.raises(ConfigError, match="at least one"):
