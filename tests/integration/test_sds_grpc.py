@@ -66,6 +66,9 @@ def test_ack_nack_and_pushes_on_one_stream(tmp_path: Path,
         assert names(first) == {ID, TD} and first.version_info.startswith("1-")
         await call.write(Req(resource_names=[ID, TD], type_url=SECRET_TYPE_URL,
                              response_nonce=first.nonce, version_info=first.version_info))
+        # (A change pushed before the ACK is read would make that ACK stale, rightly.)
+        await until(lambda: any(st.acked_version == first.version_info
+                                for st, _wake in server.streams.values()))
         # A renewal is pushed.
         current[0] = SdsMaterial(ID, "meshshield.local", b"CHAIN-2", b"KEY-2", "BUNDLE-1")
         server.refresh()
