@@ -53,6 +53,9 @@ class Reason(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     INTERNAL = "internal"
+    # The CAS's database cannot be reached or used right now (PostgreSQL down or
+    # restarting): retry shortly; sidecars keep serving with the certificates they hold.
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 # HTTP status for each reason when it ends a request to the CAS.
@@ -95,6 +98,7 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.NOT_FOUND: 404,
     Reason.CONFLICT: 409,
     Reason.INTERNAL: 500,
+    Reason.STORE_UNAVAILABLE: 503,
 }
 
 

@@ -4,6 +4,9 @@ Durability: WAL with `synchronous=NORMAL` makes a committed transaction survive 
 death of the CAS process (SIGKILL, OOM kill) because the commit has been written to the
 WAL file before the call returns; only an operating-system crash or power loss can roll
 back the last few commits. `--sqlite-sync full` trades throughput for that last case.
+
+Schema versions and migrations: `meshshield.cas.schema`; version 1 is the schema every
+earlier release wrote (`meta.schema` = 1), read as such without a rewrite.
 """
 
 from __future__ import annotations
@@ -11,13 +14,25 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from meshshield.cas.schema import (
+    ID_TABLES,
+    TABLES,
+    TIME,
+    Migration,
+    check_version,
+    latest,
+    pending,
+    split_sql,
+)
 from meshshield.cas.store import (
     AlreadyExists,
     AuditRecord,
+    CaSetChanged,
     CaStoredRecord,
     HistoryRecord,
     IssuedCertificate,
@@ -29,9 +44,7 @@ from meshshield.cas.store import (
     StoreUnavailable,
 )
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ca (
     fingerprint TEXT PRIMARY KEY, cert_pem TEXT NOT NULL, sealed_key BLOB NOT NULL,
@@ -66,7 +79,18 @@ CREATE TABLE IF NOT EXISTS jwt_keys (
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, session TEXT, detail TEXT NOT NULL);
+INSERT INTO meta VALUES ('epoch', '0') ON CONFLICT(key) DO NOTHING
 """
+
+# Forward migrations, in order. Append only: a released migration never changes.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", split_sql(_SCHEMA_V1)),
+)
+
+_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+    " description TEXT NOT NULL, applied_at REAL NOT NULL)"
+)
 
 
 def _ts(t: datetime) -> float:
@@ -84,7 +108,9 @@ def _dt_req(x: float) -> datetime:
 class SqliteStore:
     """The default store: `DIR/cas.db` under `--data`."""
 
-    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: str = "NORMAL", migrate: bool = False
+    ) -> None:
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = path
@@ -102,7 +128,7 @@ class SqliteStore:
             raise StoreUnavailable(f"cannot open the CAS database {path}: {e}") from None
         try:
             self._adopt(db)
-            self._open()
+            self._open(migrate)
         except sqlite3.DatabaseError as e:
             self.close()
             raise StoreUnavailable(
@@ -115,19 +141,81 @@ class SqliteStore:
             self.close()
             raise
 
-    def _open(self) -> None:
+    engine = "sqlite"
+
+    def _open(self, migrate: bool) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        with self._tx() as c:
+        found = self.schema_version()
+        check_version(found, MIGRATIONS, str(self.path),
+                      migrate_hint=f"--data {self.path.parent}", migrating=migrate)
+        self.applied: list[int] = []
+        if found == 0 or (migrate and found < latest(MIGRATIONS)):
+            self.applied = self._migrate()
+        elif found == 1 and set(TABLES) - self._tables():
+            # A version 1 file from before admin_request_nonces: its statements are
+            # idempotent, and every release until now ran them at each open.
+            with self._tx() as c:
+                for stmt in MIGRATIONS[0].statements:
+                    c.execute(stmt)
+
+    def _tables(self) -> set[str]:
+        return {
+            r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+
+    def schema_version(self) -> int:
+        """The database's schema version; 0 for an empty file."""
+        c = self._db
+        tables = self._tables() - {"sqlite_sequence"}
+        if "schema_version" in tables:
+            row = c.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            if row[0] is not None:
+                return int(row[0])
+        if "meta" in tables:
             row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                c.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                c.execute("INSERT INTO meta VALUES ('epoch', '0')")
-            elif row[0] != str(SCHEMA_VERSION):
-                raise StoreUnavailable(
-                    f"{self.path}: database schema version {str(row[0])[:20]!r}, this CAS "
-                    f"understands {SCHEMA_VERSION}; use a matching meshshield release"
-                )
+            if row is not None:
+                try:
+                    return int(row[0])
+                except (TypeError, ValueError):
+                    raise StoreUnavailable(
+                        f"{self.path}: database schema version {str(row[0])[:20]!r} is not a "
+                        "number; expected the SQLite file a CAS wrote: restore cas.db from "
+                        "a backup"
+                    ) from None
+        if tables - {"schema_version"}:
+            raise StoreUnavailable(
+                f"{self.path} holds tables ({', '.join(sorted(tables)[:5])}) but no CAS "
+                "schema version: it is not a CAS database; point --data at the CAS's "
+                "folder, or move this file aside"
+            )
+        return 0
+
+    def _migrate(self) -> list[int]:
+        """Apply every migration this database lacks, in one transaction; the versions
+        applied (none if another process did meanwhile)."""
+        with self._tx() as c:
+            found = self.schema_version()
+            check_version(found, MIGRATIONS, str(self.path), migrate_hint="",
+                          migrating=True)
+            todo = pending(found, MIGRATIONS)
+            if not todo:
+                return []
+            now = datetime.now(UTC).timestamp()
+            c.execute(_VERSION_TABLE)
+            if found and c.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
+                # A database from before the version table: record the version it has.
+                c.execute("INSERT INTO schema_version VALUES (?, ?, ?)",
+                          (found, "recorded from meta.schema", now))
+            for m in todo:
+                for stmt in m.statements:
+                    c.execute(stmt)
+                c.execute("INSERT INTO schema_version VALUES (?, ?, ?)",
+                          (m.version, m.description, now))
+                # Releases before the version table read meta.schema: a newer number
+                # there makes them refuse this database instead of misreading it.
+                c.execute("INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE"
+                          " SET value=excluded.value", (str(m.version),))
+            return [m.version for m in todo]
 
     _COUNTED = {
         "CA": "ca", "session": "sessions", "policy version": "policy_history",
@@ -220,6 +308,9 @@ class SqliteStore:
 
     def save_cas(self, records: Sequence[CaStoredRecord], actor: str, at: datetime) -> int:
         with self._tx() as c:
+            stored = {r[0] for r in c.execute("SELECT fingerprint FROM ca")}
+            if stored - {r.fingerprint for r in records}:
+                raise CaSetChanged("the stored CA set changed meanwhile")
             for r in records:
                 c.execute(
                     "INSERT INTO ca (fingerprint, cert_pem, sealed_key, state, activate_at,"
@@ -508,3 +599,47 @@ class SqliteStore:
             (limit,),
         ).fetchall()
         return [AuditRecord(r[0], _dt_req(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+    # -- backup & restore ---------------------------------------------------------------
+    def export_tables(self) -> tuple[int, dict[str, list[tuple[Any, ...]]]]:
+        """(epoch, rows of every table in `schema.TABLES`), read in one transaction."""
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        self._db.execute("BEGIN")
+        try:
+            epoch = self.epoch()
+            for table, cols in TABLES.items():
+                names = ", ".join(c.name for c in cols)
+                order = "id" if table in ID_TABLES else cols[0].name
+                rows = self._db.execute(f"SELECT {names} FROM {table} ORDER BY {order}")  # noqa: S608 - fixed names
+                out[table] = [
+                    tuple(
+                        _dt(v) if c.kind == TIME else bytes(v) if isinstance(v, bytes) else v
+                        for c, v in zip(cols, r, strict=True)
+                    )
+                    for r in rows
+                ]
+        finally:
+            self._db.execute("COMMIT")
+        return epoch, out
+
+    def import_tables(self, tables: Mapping[str, Sequence[tuple[Any, ...]]], epoch: int) -> None:
+        """Write a backup's rows into this empty store, in one transaction, and set the
+        epoch. Refuses (`AlreadyExists`) if the store holds any record."""
+        with self._tx() as c:
+            held = {k: n for k, n in self.record_counts().items() if n}
+            if held:
+                raise AlreadyExists(", ".join(f"{n} {k}(s)" for k, n in held.items()))
+            for table, cols in TABLES.items():
+                marks = ", ".join("?" for _ in cols)
+                names = ", ".join(col.name for col in cols)
+                c.executemany(
+                    f"INSERT INTO {table} ({names}) VALUES ({marks})",  # noqa: S608 - fixed names
+                    [
+                        tuple(
+                            None if v is None else _ts(v) if col.kind == TIME else v
+                            for col, v in zip(cols, row, strict=True)
+                        )
+                        for row in tables.get(table, ())
+                    ],
+                )
+            c.execute("UPDATE meta SET value=? WHERE key='epoch'", (str(epoch),))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from meshshield.errors import MeshError, Reason
+
 
 class StoreError(Exception):
     """Base of the store's refusals."""
@@ -30,9 +32,19 @@ class NotFound(StoreError):
     pass
 
 
-class StoreUnavailable(StoreError):
-    """The store cannot be opened or read (a corrupt file, a newer schema): the message
-    says what was found and what to do."""
+class StoreUnavailable(StoreError, MeshError):
+    """The store cannot be opened or used: a corrupt file, a schema this release does not
+    know, a database that is down or restarting. The message says what was found and
+    what to do. It is a MeshError (`store_unavailable`, HTTP 503), so a request that
+    meets it gets a 503 with that reason, never a 500."""
+
+    def __init__(self, message: str) -> None:
+        MeshError.__init__(self, Reason.STORE_UNAVAILABLE, message)
+
+
+class CaSetChanged(StoreError):
+    """`save_cas` was given a CA set that does not include every stored CA: another
+    process (a replica) created or rotated a CA meanwhile. Reload and decide again."""
 
 
 class PredecessorMismatch(StoreError):
@@ -132,7 +144,12 @@ class Store(Protocol):
     def load_cas(self) -> list[CaStoredRecord]: ...
 
     def save_cas(self, records: Sequence[CaStoredRecord], actor: str, at: datetime) -> int:
-        """Replace the CA set (insert new rows, update states); bumps the epoch."""
+        """Replace the CA set (insert new rows, update states); bumps the epoch.
+
+        `records` must name every stored CA (the caller's whole view of the set): if the
+        store holds one it does not name, the set changed since the caller read it and
+        nothing is written (`CaSetChanged`). Writers are serialised, so of two replicas
+        creating the first CA, or planning a rotation, at once exactly one succeeds."""
         ...
 
     # -- JWT-SVID signing keys (cas/jwt.py) -----------------------------------

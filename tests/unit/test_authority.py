@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from meshshield.attestation.measure import measure_paths
 from meshshield.attestation.sim import generate_sim_platform_key
 from meshshield.attestclient import AttestRequest, build_attest_body
 from meshshield.cas.authority import Authority, CasConfig
-from meshshield.cas.sqlite_store import SqliteStore
+from meshshield.cas.stores import open_store
 from meshshield.clock import FixedClock
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.keys import generate_p256, spki_fingerprint
@@ -22,7 +23,7 @@ ADMIN = "a" * 64
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> tuple[Authority, FixedClock, Path]:
+def world(tmp_path: Path, store_location: str) -> Iterator[tuple[Authority, FixedClock, Path]]:
     sim = generate_sim_platform_key()
     from meshshield.attestation.sim import write_sim_platform_key
 
@@ -36,7 +37,7 @@ def world(tmp_path: Path) -> tuple[Authority, FixedClock, Path]:
         sim_platform_keys=(sim.public_key(),), nonce_ttl=30, kek=b"k" * 32, clock=clock,
     )
     cfg.data_dir.mkdir()
-    a = Authority(cfg, SqliteStore(cfg.data_dir / "cas.db"))
+    a = Authority(cfg, open_store(store_location or None, cfg.data_dir))
     a.start()
     m = measure_paths([app])
     a.create_session(ADMIN, f"""name: shop
@@ -51,7 +52,8 @@ services:
     tee: [{{platform: sim, measurement: "{m}"}}]
 security: {{attestation: {{tolerate: [simulation]}}}}
 """.encode())
-    return a, clock, tmp_path
+    yield a, clock, tmp_path
+    a.store.close()
 
 
 def _req(root: Path, service: str) -> AttestRequest:

@@ -1,19 +1,24 @@
 """The CAS store's replay guard for signed admin requests: one (key, nonce) once, until
-its window ends, kept across reopening the store."""
+its window ends, kept across reopening the store; on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from meshshield.cas.sqlite_store import SqliteStore
+from meshshield.cas.store import Store
+from meshshield.cas.stores import open_store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 WINDOW = timedelta(seconds=300)
 
 
-def test_a_nonce_is_accepted_once_until_it_expires(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "cas.db")
+def _open(location: str, tmp_path: Path) -> Store:
+    return open_store(location or None, tmp_path)
+
+
+def test_a_nonce_is_accepted_once_until_it_expires(store_location: str, tmp_path: Path) -> None:
+    store = _open(store_location, tmp_path)
     assert store.remember_request_nonce("fp", "n1", T0 + WINDOW, T0)
     assert not store.remember_request_nonce("fp", "n1", T0 + WINDOW, T0 + timedelta(seconds=1))
     # Another key may use the same nonce; it is its own request.
@@ -23,12 +28,14 @@ def test_a_nonce_is_accepted_once_until_it_expires(tmp_path: Path) -> None:
     store.close()
 
 
-def test_seen_nonces_survive_reopening_and_are_purged_after_the_window(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "cas.db")
+def test_seen_nonces_survive_reopening_and_are_purged_after_the_window(
+    store_location: str, tmp_path: Path
+) -> None:
+    store = _open(store_location, tmp_path)
     for i in range(5):
         assert store.remember_request_nonce("fp", f"n{i}", T0 + WINDOW, T0)
     store.close()
-    store = SqliteStore(tmp_path / "cas.db")
+    store = _open(store_location, tmp_path)
     assert not store.remember_request_nonce("fp", "n3", T0 + WINDOW, T0)
     assert store.purge_request_nonces(T0 + WINDOW - timedelta(seconds=1)) == 0
     assert store.purge_request_nonces(T0 + WINDOW) == 5
