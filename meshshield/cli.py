@@ -327,12 +327,12 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     from meshshield.attestation.sim import SimKeyError, load_sim_public_key
     from meshshield.cas.authority import CasConfig
     from meshshield.cas.server import default_kek_path, serve, state_files
+    from meshshield.cas.stores import check_database_flag, is_postgres
     from meshshield.pki.seal import SealedKeyError, load_kek, load_or_create_kek
 
-    if args.database and not args.database.startswith("sqlite"):
-        _err(f"--database {args.database.split(':')[0]}: only the built-in SQLite store is "
-             "available in this release; omit --database to use DIR/cas.db")
-        return 2
+    problem = check_database_flag(args.database)
+    if problem:
+        raise UsageError(problem)
     host, port = _listen(args.listen)
     nonce_ttl = _duration_flag(args.nonce_ttl, "--nonce-ttl", minimum=1, maximum=3600)
     max_ttl = (_duration_flag(args.max_cert_ttl, "--max-cert-ttl", minimum=1,
@@ -359,20 +359,33 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     )
     # The KEK is created on a first start only: with state present, a new one could
     # never open the sealed CA key, so a missing one is restored, never replaced.
-    found = state_files(data) if data.is_dir() else []
+    # With PostgreSQL the state is the database's records (and a bundle.pem in --data).
+    holder = str(data)
+    if is_postgres(args.database):
+        from meshshield.cas.stores import where
+
+        holder = f"{data} and the database {where(args.database, data)}"
+        try:
+            found = [*(["bundle.pem"] if (data / "bundle.pem").is_file() else []),
+                     *_database_records(args.database, data)]
+        except MeshError as e:
+            _err(e.message)
+            return 1
+    else:
+        found = state_files(data) if data.is_dir() else []
     explicit_kek = bool(args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE"))
     if not found and not explicit_kek and kek_path.exists():
         # A KEK the CAS made itself beside its data folder outlives only a lost data
         # folder: initialising now would silently start a new mesh. A KEK provisioned
         # by the operator (--kek-file, a Kubernetes secret) is expected before a first start.
-        _err(f"{data} holds no CAS state, but the key-encryption secret {kek_path} this "
+        _err(f"{holder} holds no CAS state, but the key-encryption secret {kek_path} this "
              "CAS created beside it exists: the data folder was lost or moved. Restore it "
              f"from its backup, or, to start a new mesh on purpose, remove {kek_path}")
         return 1
     try:
         kek = load_kek(kek_path) if found else load_or_create_kek(kek_path)
     except FileNotFoundError:
-        _err(f"key-encryption secret {kek_path} is missing, but {data} holds CAS state "
+        _err(f"key-encryption secret {kek_path} is missing, but {holder} holds CAS state "
              f"({', '.join(found)}) sealed under it; restore the KEK file from its backup "
              "or secret store (or point --kek-file / MESHSHIELD_CAS_KEK_FILE at it) and "
              "start again. A new KEK cannot open the existing CA key, so none is created")
@@ -390,6 +403,7 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         nonce_ttl=nonce_ttl,
         max_cert_ttl=max_ttl,
         kek=kek,
+        database=args.database if is_postgres(args.database) else None,
     )
     if sim_keys:
         print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
@@ -408,6 +422,98 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     except MeshError as e:
         _err(e.message)
         return 1
+    return 0
+
+
+def _database_records(database: str, data: Path) -> list[str]:
+    """What the database holds ("2 sessions", ...): empty for a first start."""
+    from meshshield.cas.stores import open_store
+
+    store = open_store(database, data)
+    try:
+        counts = store.record_counts()
+    finally:
+        store.close()
+    return [f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in counts.items() if n]
+
+
+def _store_flags(args: argparse.Namespace) -> tuple[str | None, Path]:
+    from meshshield.cas.stores import check_database_flag
+
+    problem = check_database_flag(args.database)
+    if problem:
+        raise UsageError(problem)
+    return args.database, Path(args.data or ".")
+
+
+def cmd_cas_migrate(args: argparse.Namespace) -> int:
+    from meshshield.cas.stores import open_store, where
+
+    database, data = _store_flags(args)
+    store = open_store(database, data, migrate=True, create=False)
+    try:
+        applied: list[int] = getattr(store, "applied", [])
+        version: int = store.schema_version()  # type: ignore[attr-defined]
+    finally:
+        store.close()
+    done = f"applied {', '.join(map(str, applied))}" if applied else "already current"
+    print(f"{where(database, data)}: schema version {version} ({done})")
+    return 0
+
+
+def cmd_cas_backup(args: argparse.Namespace) -> int:
+    from meshshield.cas.backup import make_backup, write_backup
+    from meshshield.cas.stores import open_store, where
+
+    database, data = _store_flags(args)
+    out = Path(args.out)
+    if out.exists():
+        _err(f"--out {out} exists; a backup never replaces a file: choose another name")
+        return 1
+    store = open_store(database, data, create=False)
+    try:
+        doc = make_backup(store, datetime.now(UTC))  # type: ignore[arg-type]
+    finally:
+        store.close()
+    try:
+        write_backup(doc, out)
+    except OSError as e:
+        _err(f"cannot write the backup to {out}: {e.strerror or e}")
+        return 1
+    counts = {name: len(t["rows"]) for name, t in doc["tables"].items()}
+    print(f"backed up {where(database, data)} (epoch {doc['epoch']}, CA "
+          f"{', '.join('sha256:' + fp for fp in doc['ca_fingerprints'])}; "
+          f"{counts['sessions']} sessions, {counts['policy_history']} policy versions, "
+          f"{counts['certificates']} certificates, {counts['revocations']} revocations) to "
+          f"{out}. The CA key in it is sealed under the CAS's key-encryption secret: keep "
+          "that secret's backup apart from this file")
+    return 0
+
+
+def cmd_cas_restore(args: argparse.Namespace) -> int:
+    from meshshield.cas.backup import MAX_BACKUP_BYTES, parse_backup, restore
+    from meshshield.cas.stores import is_postgres, open_store, where
+
+    database, data = _store_flags(args)
+    try:
+        raw = _read_input(args.input, "--in", MAX_BACKUP_BYTES)
+    except OSError as e:
+        _err(f"cannot read {args.input}: {e.strerror}")
+        return 1
+    doc, rows = parse_backup(raw, args.input)
+    if not is_postgres(database):
+        if data.exists() and not data.is_dir():
+            raise UsageError(f"--data {data}: not a folder")
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(database, data)
+    try:
+        epoch = restore(store, doc, rows, datetime.now(UTC))  # type: ignore[arg-type]
+    finally:
+        store.close()
+    print(f"restored {args.input} into {where(database, data)} (CA "
+          f"{', '.join('sha256:' + fp for fp in doc['ca_fingerprints'])}; epoch {epoch}). "
+          "Start the CAS with the key-encryption secret (--kek-file) of the CAS this backup "
+          "came from: the CA key is sealed under it")
     return 0
 
 
@@ -718,6 +824,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cert-ttl", help="cap every certificate's lifetime (testing)")
     _connection_flags(p)
     p.set_defaults(func=cmd_cas_serve)
+
+    def store_flags(p: argparse.ArgumentParser) -> None:
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--database", metavar="URL", help="postgresql://USER@HOST/DBNAME")
+        g.add_argument("--data", metavar="DIR", help="a CAS data folder (SQLite DIR/cas.db)")
+
+    p = csub.add_parser("migrate", help="bring the CAS database's schema to this release")
+    store_flags(p)
+    p.set_defaults(func=cmd_cas_migrate)
+    p = csub.add_parser("backup", help="write the CAS's state to a JSON file (CA key sealed)")
+    store_flags(p)
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.set_defaults(func=cmd_cas_backup)
+    p = csub.add_parser("restore", help="write a backup into an empty CAS database")
+    p.add_argument("--in", dest="input", required=True, metavar="FILE")
+    store_flags(p)
+    p.set_defaults(func=cmd_cas_restore)
     p = csub.add_parser("rotate-ca", help="publish a new CA now; it signs after a delay")
     _cas_flags(p)
     p.add_argument("--activate-after", default="1h")

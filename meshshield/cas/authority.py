@@ -77,6 +77,7 @@ class CasConfig:
     max_cert_ttl: float | None = None
     kek: bytes = b""
     clock: Clock = field(default_factory=SystemClock)
+    database: str | None = None  # postgresql://...; None: SQLite in data_dir
 
 
 @dataclass(frozen=True)

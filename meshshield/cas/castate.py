@@ -10,13 +10,18 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshshield.cas.store import CaStoredRecord, Store
+from meshshield.cas.store import CaSetChanged, CaStoredRecord, Store
 from meshshield.clock import rfc3339
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import CaRecord, CaSet, cert_pem, generate_ca
 from meshshield.pki.seal import seal_private_key, unseal_private_key
 
 log = logging.getLogger("meshshield.cas")
+
+
+class CaSetConflict(ValueError):
+    """The CA set changed in the store since this process read it (another replica
+    created or rotated a CA); the set has been reloaded: decide again."""
 
 
 def _context(fingerprint: str) -> bytes:
@@ -53,9 +58,12 @@ class CaState:
         if self._store.load_cas():
             self.reload(now)
             return False
+        counts = self._store.record_counts()
+        if counts.get("CA"):  # another replica made the first CA just now
+            self.reload(now)
+            return False
         found = [*found, *(
-            f"{n} {kind}{'' if n == 1 else 's'}"
-            for kind, n in self._store.record_counts().items() if n
+            f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in counts.items() if n
         )]
         if found:
             raise MeshError(
@@ -64,11 +72,17 @@ class CaState:
                 "record in the database (was cas.db deleted, truncated or emptied?). "
                 "Refusing to create a new CA, which would silently replace the mesh's trust "
                 "and lose its sessions, history and revocations. Stop the CAS and restore "
-                "cas.db from a backup of the data folder; to start a new mesh on purpose, "
-                "move the data folder aside and start with an empty one",
+                "cas.db from a backup of the data folder (or the database with `meshshield "
+                "cas restore`); to start a new mesh on purpose, move the data folder aside "
+                "and start with an empty one (and an empty database)",
             )
         cert, key = generate_ca(self._trust_domain, now)
-        self._save([CaRecord(cert, key, "active")], now, "cas")
+        try:
+            self._save([CaRecord(cert, key, "active")], now, "cas")
+        except CaSetConflict:
+            # Replicas starting at once on an empty database: another one's CA was
+            # stored first (the store serialises CA writes), so this one serves that CA.
+            return False
         return True
 
     def reload(self, now: datetime) -> bool:
@@ -110,7 +124,14 @@ class CaState:
                     created_at=self._created.get(r.fingerprint, now),
                 )
             )
-        epoch = self._store.save_cas(rows, actor, now)
+        try:
+            epoch = self._store.save_cas(rows, actor, now)
+        except CaSetChanged:
+            self.reload(now)
+            raise CaSetConflict(
+                "the CA set changed meanwhile (a CA was created or rotated through another "
+                "CAS replica); nothing was changed here: see GET /v1/bundle and decide again"
+            ) from None
         self._keys.update({r.fingerprint: r.key for r in records if r.key is not None})
         self._set = CaSet(records)
         self._loaded = None  # the next reload rebuilds from the rows, unsealing nothing
@@ -146,7 +167,10 @@ class CaState:
     def tick(self, now: datetime) -> bool:
         """Promote a due CA; True if the CA set changed."""
         before = self.set.active.fingerprint
-        self._maybe_promote(now)
+        try:
+            self._maybe_promote(now)
+        except CaSetConflict:
+            pass  # reloaded: another replica changed the set; the next tick decides again
         return self.set.active.fingerprint != before
 
     def bundle_pem(self, now: datetime) -> str:

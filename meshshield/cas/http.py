@@ -297,8 +297,11 @@ async def ready(request: web.Request) -> web.Response:
     authority = request.app[AUTHORITY]
     try:
         epoch = await off_loop(request, authority.store.epoch)
+    except MeshError as e:  # store_unavailable: the database is down or restarting
+        return _error(e.reason, e.message, status=503)
     except Exception as e:  # noqa: BLE001 - readiness reports, it does not raise
-        return _error(Reason.INTERNAL, f"store unavailable: {type(e).__name__}", status=503)
+        return _error(Reason.STORE_UNAVAILABLE, f"store unavailable: {type(e).__name__}",
+                      status=503)
     return web.json_response({"status": "ready", "epoch": epoch})
 
 

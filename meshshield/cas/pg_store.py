@@ -63,6 +63,9 @@ from meshshield.cas.store import (
 )
 
 log = logging.getLogger("meshshield.cas")
+# The pool logs every failed reconnection attempt (about once a second while the
+# database is down); this store logs the outage once, and its end.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -398,6 +401,10 @@ class PostgresStore:
                 " ORDER BY name"
             ).fetchall()
         return [self._session(r) for r in rows]
+
+    def session_hashes(self) -> dict[str, str]:
+        with self._tx() as c:
+            return {r[0]: r[1] for r in c.execute("SELECT name, policy_hash FROM sessions")}
 
     def update_session(
         self,

@@ -17,9 +17,8 @@ from cryptography.hazmat.primitives import serialization
 
 from meshshield.cas.authority import Authority, CasConfig
 from meshshield.cas.http import METRICS, create_app
-from meshshield.cas.sqlite_store import SqliteStore
 from meshshield.cas.store import StoreUnavailable
-from meshshield.errors import MeshError, Reason
+from meshshield.cas.stores import open_store, where
 from meshshield.httpserver import BudgetCollector, ConnectionLimits, bound_port, start_site
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert
@@ -48,14 +47,13 @@ class CasServer:
     def __init__(self, config: CasConfig) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.config = config
-        try:
-            self.store = SqliteStore(config.data_dir / "cas.db")
-        except StoreUnavailable as e:
-            raise MeshError(Reason.INTERNAL, str(e)) from None
+        self.store = open_store(config.database, config.data_dir)
         try:
             self.authority = Authority(config, self.store)
             found = ["bundle.pem"] if (config.data_dir / "bundle.pem").exists() else []
-            self.authority.start(found, str(config.data_dir))
+            self.authority.start(
+                found, str(config.data_dir) if config.database is None
+                else f"{config.data_dir} and {where(config.database, config.data_dir)}")
         except BaseException:
             self.store.close()
             raise
@@ -156,6 +154,8 @@ class CasServer:
                 # Store calls and a due CA promotion run off the event loop.
                 await asyncio.to_thread(self.authority.tick)
                 self.refresh_tls()
+            except StoreUnavailable:
+                pass  # the store logged it once; requests answer 503 until it is back
             except Exception:  # noqa: BLE001 - keep serving; the next tick retries
                 log.exception("housekeeping failed")
 

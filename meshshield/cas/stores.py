@@ -47,8 +47,8 @@ def open_store(
         except ImportError as e:
             raise StoreUnavailable(
                 f"--database postgresql:// needs the psycopg driver ({e.name} is not "
-                "installed): pip install 'meshshield[postgresql]' (psycopg[binary], "
-                "psycopg-pool)"
+                "installed, though meshshield depends on it): reinstall meshshield, or "
+                "pip install 'psycopg[binary]>=3.1' 'psycopg-pool>=3.2'"
             ) from None
         return PostgresStore(str(database), migrate=migrate)
     problem = check_database_flag(database)
