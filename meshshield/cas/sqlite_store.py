@@ -167,21 +167,25 @@ class SqliteStore:
         """The database's schema version; 0 for an empty file."""
         c = self._db
         tables = self._tables() - {"sqlite_sequence"}
+        found = 0
         if "schema_version" in tables:
             row = c.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            if row[0] is not None:
-                return int(row[0])
+            found = int(row[0] or 0)
         if "meta" in tables:
+            # Kept equal to the table's version; a release that predates the table (or a
+            # later one) may have written only this.
             row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is not None:
                 try:
-                    return int(row[0])
+                    found = max(found, int(row[0]))
                 except (TypeError, ValueError):
                     raise StoreUnavailable(
                         f"{self.path}: database schema version {str(row[0])[:20]!r} is not a "
                         "number; expected the SQLite file a CAS wrote: restore cas.db from "
                         "a backup"
                     ) from None
+        if found:
+            return found
         if tables - {"schema_version"}:
             raise StoreUnavailable(
                 f"{self.path} holds tables ({', '.join(sorted(tables)[:5])}) but no CAS "
