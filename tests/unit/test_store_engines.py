@@ -69,6 +69,7 @@ def test_sessions_history_and_predecessors(store: Store) -> None:
     assert store.get_session("shop").policy_hash == "h2"  # type: ignore[union-attr]
     store.create_session("blog", b"b", "hb", "admin", T0)
     assert [s.name for s in store.list_sessions()] == ["blog", "shop"]
+    assert store.session_hashes() == {"blog": "hb", "shop": "h2"}
     assert store.delete_session("shop", "admin", T0) == 4
     with pytest.raises(NotFound):
         store.delete_session("shop", "admin", T0)
