@@ -475,6 +475,10 @@ def cmd_cas_backup(args: argparse.Namespace) -> int:
         doc = make_backup(store, datetime.now(UTC))  # type: ignore[arg-type]
     finally:
         store.close()
+    if not doc["ca_fingerprints"]:
+        _err(f"{where(database, data)} holds no CA: it is not the store of a CAS that has "
+             "started, so there is nothing to back up; check --database / --data")
+        return 1
     try:
         write_backup(doc, out)
     except OSError as e:

@@ -255,6 +255,8 @@ class PostgresStore:
                     with conn.cursor() as cur:
                         yield cur
                 finally:
+                    if len(self._used) > 1000:  # connections replaced over many outages
+                        self._used.clear()
                     self._used[id(conn)] = time.monotonic()
         except _UNAVAILABLE as e:
             self._went_down(e)

@@ -130,6 +130,12 @@ def test_cli_backup_restore_and_migrate_on_sqlite(tmp_path: Path) -> None:
     over = run_cli("cas", "restore", "--in", str(out), "--data", str(tmp_path / "data"))
     assert over.returncode == 1 and "refusing to restore" in over.stderr
     assert "Traceback" not in over.stderr
+    (tmp_path / "empty").mkdir()
+    open_store(None, tmp_path / "empty").close()
+    nothing = run_cli("cas", "backup", "--data", str(tmp_path / "empty"), "--out",
+                      str(tmp_path / "e.json"))
+    assert nothing.returncode == 1 and "holds no CA" in nothing.stderr, nothing.stderr
+    assert not (tmp_path / "e.json").exists()
     bad = run_cli("cas", "backup", "--database", "mysql://x/y", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "expected postgresql://" in bad.stderr
 
