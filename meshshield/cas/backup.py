@@ -17,12 +17,14 @@ The format (version 1), the same from either engine and into either engine:
 
 Every table of `meshshield.cas.schema.TABLES` is present with exactly its columns, in
 that order: `ca`, `sessions`, `policy_history`, `certificates`, `revocations`,
-`reports`, `audit`, `nonces`, `admin_request_nonces` (the replay guard, so a signed
-request captured before the backup stays refused after a restore). Values by column
+`reports`, `jwt_keys` (the JWT-SVID signing key, sealed like the CA's), `audit`,
+`nonces`, `admin_request_nonces` (the replay guard, so a signed request captured
+before the backup stays refused after a restore). Values by column
 kind: text as a JSON string, int as a JSON number, bytes as standard base64, times as
 RFC 3339 in UTC with microseconds (`...T12:00:00.123456Z`); a missing value is null.
 
-The CA private keys are in `ca.sealed_key` as the store holds them: encrypted under
+The CA private keys are in `ca.sealed_key` (and the JWT signing key in
+`jwt_keys.sealed_key`) as the store holds them: encrypted under
 the CAS's key-encryption secret (KEK) and bound to their CA's fingerprint. The backup
 never holds a plain key, and a restored store serves only under the KEK it was sealed
 with: keep the KEK's backup apart from this file. The file holds the policies and the

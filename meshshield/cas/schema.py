@@ -101,6 +101,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "revocations": _cols("id:int", "session:text", "kind:text", "value:text", "actor:text",
                          "at:time"),
     "reports": _cols("reporter:text", "body:text", "at:time"),
+    "jwt_keys": _cols("kid:text", "sealed_key:bytes", "created_at:time"),
     "audit": _cols("id:int", "at:time", "actor:text", "action:text", "session:text?",
                    "detail:text"),
     "nonces": _cols("nonce:bytes", "expires_at:time"),

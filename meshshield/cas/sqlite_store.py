@@ -151,9 +151,11 @@ class SqliteStore:
         self.applied: list[int] = []
         if found == 0 or (migrate and found < latest(MIGRATIONS)):
             self.applied = self._migrate()
-        elif found == 1 and set(TABLES) - self._tables():
-            # A version 1 file from before admin_request_nonces: its statements are
-            # idempotent, and every release until now ran them at each open.
+        elif found == 1:
+            # Version 1 grew while it was the only one (admin_request_nonces, jwt_keys,
+            # an index): its statements are idempotent and every release until the
+            # version table ran them at each open, so a file written by any of them
+            # gets what it lacks. Later changes are numbered migrations.
             with self._tx() as c:
                 for stmt in MIGRATIONS[0].statements:
                     c.execute(stmt)

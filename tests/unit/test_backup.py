@@ -35,6 +35,7 @@ def _fill(s: Store) -> None:
     s.put_report("spiffe://d/shop/api", "{}", T0)
     s.put_nonce(b"n" * 32, T0)
     s.remember_request_nonce("fp", "nonce-1", T0 + timedelta(minutes=5), T0)
+    s.add_jwt_key("kid1", b"\x01sealed-jwt", T0)
 
 
 def _open(kind: str, tmp: Path, pg: PgServer | None) -> Store:

@@ -99,6 +99,31 @@ def test_the_ca_set_and_a_stale_view_of_it(store: Store) -> None:
     assert store.epoch() == 2 and store.record_counts()["CA"] == 2
 
 
+def test_unexpired_certificates_revoked_serials_deleted_sessions_and_jwt_keys(
+        store: Store) -> None:
+    store.record_certificate(_cert("0a", hours=1))
+    store.record_certificate(_cert("0b", hours=3))
+    later = T0 + timedelta(hours=2)
+    assert [c.serial for c in store.certificates_of("shop", later)] == ["0b"]
+    assert store.certificates_of("blog", T0) == []
+    assert store.certificate_sessions(later) == ["shop"]
+    assert store.certificate_sessions(T0 + timedelta(hours=4)) == []
+    store.add_revocation("shop", "serial", "0a", "admin", T0)
+    store.add_revocation("shop", "serial", "0b", "admin", T0)
+    assert store.revoked_serials(later) == {"0b": T0 + timedelta(hours=3)}
+    store.create_session("shop", b"v1", "h1", "admin", T0)
+    store.update_session("shop", b"v2", "h2", "h1", "other", T0 + timedelta(1))
+    store.delete_session("shop", "admin", T0 + timedelta(2))
+    last = store.last_session("shop")
+    assert last is not None and (last.policy, last.policy_hash, last.creator) == (
+        b"v2", "h2", "admin")
+    assert store.last_session("never") is None
+    assert store.load_jwt_keys() == []
+    assert store.add_jwt_key("kid1", b"sealed1", T0)
+    assert not store.add_jwt_key("kid2", b"sealed2", T0)
+    assert store.load_jwt_keys() == [("kid1", b"sealed1")]
+
+
 def test_nonces_are_single_use_and_expire(store: Store) -> None:
     store.put_nonce(b"n" * 32, T0 + timedelta(seconds=30))
     store.put_nonce(b"m" * 32, T0 + timedelta(seconds=30))
