@@ -394,9 +394,10 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     if sim_keys:
         print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
               "guarantee; use it for development only", file=sys.stderr, flush=True)
+    self_attest = _cas_self_attest(args)
     _install_uvloop()
     try:
-        asyncio.run(serve(config, host, port, limits))
+        asyncio.run(serve(config, host, port, limits, self_attest))
     except OSError as e:
         _err(f"cannot serve on {args.listen}: {e.strerror or e}")
         return 1
@@ -409,6 +410,45 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         _err(e.message)
         return 1
     return 0
+
+
+def _cas_self_attest(args: argparse.Namespace) -> Any:
+    """`cas serve`'s own evidence flags (the sidecar's), or None for an unattested CAS."""
+    from meshshield.attestation.claims import Platform
+    from meshshield.cas.selfattest import SelfAttestConfig
+
+    if args.platform is None:
+        if args.workload or args.sim_key or args.evidence_source or args.coco_aa_url:
+            raise UsageError("--workload, --sim-key, --evidence-source and --coco-aa-url "
+                             "are the CAS's own evidence settings; they need --platform")
+        print("WARNING: this CAS is not attested (no --platform): clients cannot verify "
+              "what it runs, and `meshshield cas verify` refuses it", file=sys.stderr,
+              flush=True)
+        return None
+    if args.platform == "sim":
+        if not args.sim_key or not args.workload:
+            raise UsageError("--platform sim needs --sim-key FILE and --workload PATH")
+        print("WARNING: the CAS's own attestation is SIMULATED (--platform sim): no "
+              "hardware guarantee; development only", file=sys.stderr, flush=True)
+    return SelfAttestConfig(
+        platform=Platform(args.platform), workload=tuple(args.workload or ()),
+        sim_key=Path(args.sim_key) if args.sim_key else None,
+        evidence_source=args.evidence_source, coco_aa_url=args.coco_aa_url,
+    )
+
+
+def _cas_evidence_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the CAS's own attestation (as the sidecar's evidence flags)")
+    g.add_argument("--platform", choices=["sim", "sev-snp", "tdx", "sgx"],
+                   help="the TEE this CAS runs in; without it the CAS is not attested")
+    g.add_argument("--workload", action="append", metavar="PATH",
+                   help="sim: the files whose measurement the CAS attests")
+    g.add_argument("--sim-key", metavar="FILE", help="sim: sim-platform.key")
+    g.add_argument("--evidence-source", choices=["configfs-tsm", "coco-aa", "gramine"],
+                   help="hardware evidence source (default: as MESHSHIELD_EVIDENCE_SOURCE, "
+                   "else chosen by platform)")
+    g.add_argument("--coco-aa-url", metavar="URL",
+                   help="the CoCo attestation agent (default: MESHSHIELD_COCO_AA_URL)")
 
 
 def cmd_cas_rotate(args: argparse.Namespace) -> int:
@@ -717,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kek-file", help="key-encryption secret (default: DATA/../.NAME.kek)")
     p.add_argument("--max-cert-ttl", help="cap every certificate's lifetime (testing)")
     _connection_flags(p)
+    _cas_evidence_flags(p)
     p.set_defaults(func=cmd_cas_serve)
     p = csub.add_parser("rotate-ca", help="publish a new CA now; it signs after a delay")
     _cas_flags(p)
