@@ -451,6 +451,62 @@ def _cas_evidence_flags(p: argparse.ArgumentParser) -> None:
                    help="the CoCo attestation agent (default: MESHSHIELD_COCO_AA_URL)")
 
 
+def cmd_cas_verify(args: argparse.Namespace) -> int:
+    """Verify the CAS's own attestation against --expect; only then write its bundle."""
+    from meshshield.attestation.collateral import load_collateral
+    from meshshield.attestation.sim import SimKeyError
+    from meshshield.attestation.verify import VerifierConfig
+    from meshshield.casverify import load_expectation, sim_keys, split_url, verify_cas
+    from meshshield.policy import PolicyInvalid
+
+    try:
+        split_url(args.cas)
+        keys = sim_keys(args.trust_sim_platform or [])
+    except (ValueError, SimKeyError) as e:
+        raise UsageError(str(e)) from None
+    if args.collateral and not Path(args.collateral).is_dir():
+        raise UsageError(f"--collateral {args.collateral}: not a folder")
+    timeout = _duration_flag(args.timeout, "--timeout", minimum=0.1, maximum=300)
+    try:
+        expect = load_expectation(args.expect)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except PolicyInvalid as e:
+        for p in e.problems:
+            print(str(p), file=sys.stderr)
+        return 1
+    collateral = load_collateral(Path(args.collateral)) if args.collateral else None
+    verifier = VerifierConfig(sim_platform_keys=keys, collateral=collateral)
+    try:
+        result = verify_cas(args.cas, expect, verifier, timeout=timeout)
+    except MeshError as e:
+        if args.json:
+            print(json.dumps({"cas": args.cas, "verified": False, "reason": e.reason.value,
+                              "message": e.message}, sort_keys=True))
+        _err(f"refused the CAS at {args.cas}: {e.reason.value}: {e.message}")
+        return 1
+    doc = result.to_json()
+    if args.out:
+        from meshshield.attestclient import write_public_file
+
+        try:
+            write_public_file(Path(args.out), result.bundle_pem.encode())
+        except OSError as e:
+            _err(f"cannot write {args.out}: {e.strerror}")
+            return 1
+        doc["out"] = args.out
+    if args.json:
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        print(result.summary())
+        if result.simulated:
+            print("WARNING: the CAS's attestation is SIMULATED: no hardware guarantee",
+                  file=sys.stderr)
+        if args.out:
+            print(f"wrote {args.out}: the attested CAS's bundle")
+    return 0
+
+
 def cmd_cas_rotate(args: argparse.Namespace) -> int:
     after = _duration_flag(args.activate_after, "--activate-after", minimum=1,
                            maximum=30 * 86400)
@@ -759,6 +815,18 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(p)
     _cas_evidence_flags(p)
     p.set_defaults(func=cmd_cas_serve)
+    p = csub.add_parser("verify", help="verify the CAS's own attestation before trusting "
+                        "it; write its bundle")
+    p.add_argument("--cas", required=True, help="CAS URL, e.g. https://cas:8443")
+    p.add_argument("--expect", required=True, metavar="FILE",
+                   help="YAML: the tee list and security.attestation the CAS must satisfy")
+    p.add_argument("--out", metavar="bundle.pem", help="write the attested bundle here")
+    p.add_argument("--trust-sim-platform", action="append", metavar="PUB.pem",
+                   help="a sim platform key whose SIMULATED evidence may be verified")
+    p.add_argument("--collateral", metavar="DIR", help="Intel TCB info / QE identity / CRLs")
+    p.add_argument("--timeout", default="10s", metavar="DURATION")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cas_verify)
     p = csub.add_parser("rotate-ca", help="publish a new CA now; it signs after a delay")
     _cas_flags(p)
     p.add_argument("--activate-after", default="1h")
