@@ -663,13 +663,17 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "idle_timeout": args.idle_timeout,
         "max_connection_lifetime": args.max_connection_lifetime,
         "sds": args.sds,
+        "cas_expect": args.cas_expect, "cas_trust_sim_platform": args.cas_trust_sim_platform,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
         values.update({k: v for k, v in flags.items() if v is not None})
         config = build_config(values)
-        if not config.cas_bundle.is_file():
+        if config.cas_bundle is not None and not config.cas_bundle.is_file():
             raise ConfigError(f"--cas-bundle {config.cas_bundle}: no such file")
+        from meshshield.sidecar.castrust import check_trust_settings
+
+        check_trust_settings(config)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     _install_uvloop()
@@ -880,6 +884,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML with the same settings as the flags")
     p.add_argument("--cas")
     p.add_argument("--cas-bundle")
+    p.add_argument("--cas-expect", metavar="FILE",
+                   help="verify the CAS's own attestation against this expect file on every "
+                   "(re)connect; instead of, or beside, --cas-bundle")
+    p.add_argument("--cas-trust-sim-platform", action="append", metavar="PUB.pem",
+                   help="sim platform key for a CAS whose attestation is SIMULATED")
     p.add_argument("--session")
     p.add_argument("--service")
     p.add_argument("--platform", choices=["sim", "sev-snp", "tdx", "sgx"])
