@@ -104,8 +104,14 @@ def cert_spki_sha256(cert_der: bytes) -> str:
 
 def decide_cas(expect: CasExpectation, claims: Claims, who: str = "the CAS") -> TeeEntry:
     """The expect file's decision on verified claims (the service decision, reused)."""
-    return decide_tee(expect.tee, expect.tolerate, expect.ignore_advisories, claims,
-                      who=who, where=f"the expect file {expect.source}")
+    try:
+        return decide_tee(expect.tee, expect.tolerate, expect.ignore_advisories, claims,
+                          who=who, where=f"the expect file {expect.source}")
+    except PolicyError as e:
+        # The decision's words are a policy's; here the rules come from the expect file.
+        message = (e.message.replace(" and apply it", "")
+                   .replace("the policy", f"the expect file {expect.source}"))
+        raise PolicyError(e.reason, message) from None
 
 
 def check_cas_answer(
@@ -179,13 +185,7 @@ def check_cas_answer(
                         f"{who}'s TLS certificate is not issued by a CA of the bundle it "
                         "attested; do not trust this CAS")
     # 4. what it runs
-    try:
-        entry = decide_cas(expect, claims, who)
-    except PolicyError as e:
-        # The decision's words are a policy's; here the rules come from the expect file.
-        message = (e.message.replace(" and apply it", "")
-                   .replace("the policy", f"the expect file {expect.source}"))
-        raise PolicyError(e.reason, message) from None
+    entry = decide_cas(expect, claims, who)
     return CasAttestation(
         url=url, claims=claims, entry=entry, tls_spki_sha256=spki_here,
         bundle_pem=bundle_pem,
