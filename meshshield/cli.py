@@ -708,8 +708,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.sidecar:
                 doc, text = status.render_sidecar(base, timeout=timeout)
             else:
-                doc = _client(args).request("GET", "/v1/edges", sign=True).json()
+                client = _client(args)
+                doc = client.request("GET", "/v1/edges", sign=True).json()
                 text = status.table(status.EDGE_HEADERS, status.edge_rows(doc))
+                cas_line, cas_doc = _cas_attestation_line(client)
+                text = f"{cas_line}\n{text}"
+                doc = {**doc, "cas_attestation": cas_doc} if isinstance(doc, dict) else doc
         except (urllib.error.URLError, OSError, ValueError, status.StatusError) as e:
             _err(f"cannot read {base}: {status.fetch_error(e)}")
             return 1
@@ -720,6 +724,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not args.watch:
             return 0
         time.sleep(interval)
+
+
+def _cas_attestation_line(client: Any) -> tuple[str, dict[str, Any]]:
+    """What the CAS says it runs (platform, measurement, TCB status, simulated), as one
+    line and as JSON; self-reported here, checked by `meshshield cas verify`."""
+    import base64
+
+    try:
+        doc = client.post_json("/v1/cas/attestation",
+                               {"nonce": base64.b64encode(os.urandom(32)).decode()})
+        me = doc.get("self_reported") if isinstance(doc, dict) else None
+    except MeshError as e:
+        if e.reason.value == "cas_not_attested":
+            return "CAS: NOT ATTESTED (started without --platform)", {"attested": False}
+        return f"CAS: attestation unavailable ({e.reason.value})", {"attested": None}
+    if not isinstance(me, dict):
+        return "CAS: attestation answer without self_reported", {"attested": None}
+    from meshshield.status import clean
+
+    out = {k: me.get(k) for k in ("platform", "measurement", "tcb_status", "simulated",
+                                  "debug")}
+    label = " SIMULATED (no hardware guarantee)" if me.get("simulated") else ""
+    line = (f"CAS: platform {clean(str(out['platform']))}{label}, measurement "
+            f"{clean(str(out['measurement']))}, tcb_status {clean(str(out['tcb_status']))} "
+            "(self-reported; `meshshield cas verify --expect FILE` checks it)")
+    return line, {"attested": True, **out, "verified": False}
 
 
 def cmd_dev_up(args: argparse.Namespace) -> int:

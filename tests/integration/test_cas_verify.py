@@ -207,3 +207,13 @@ def test_expect_file_problems_and_usage_errors(cas: CasProcess, tmp_path: Path) 
     assert f"{bad}:3: tee[0].measurement: expected 64 hex digits" in r.stderr
     assert verify(cas, "--expect", str(tmp_path / "missing.yaml")).returncode == 2
     assert verify(cas, "--expect", str(bad), url="http://x").returncode == 2
+
+
+def test_status_shows_what_the_cas_runs(cas: CasProcess) -> None:
+    r = cas.cli("status")
+    assert r.returncode == 0, r.stderr
+    m = measure_paths([cas.root / "cas-app"])
+    assert f"CAS: platform sim SIMULATED (no hardware guarantee), measurement {m}" in r.stdout
+    doc = json.loads(cas.cli("status", "--json").stdout)
+    assert doc["cas_attestation"]["simulated"] is True
+    assert doc["cas_attestation"]["tcb_status"] == "unknown"
