@@ -81,6 +81,20 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def write_public_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (a temporary file beside it, then renamed), 0644:
+    a bundle is public, but a half-written one must never be read as trusted."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_attest_output(out: Path, result: AttestResult) -> list[Path]:
     """key.pem, cert.pem, bundle.pem, claims.json, each mode 0600 (SPEC §7)."""
     out.mkdir(parents=True, exist_ok=True, mode=0o700)

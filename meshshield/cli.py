@@ -408,9 +408,10 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     if sim_keys:
         print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
               "guarantee; use it for development only", file=sys.stderr, flush=True)
+    self_attest = _cas_self_attest(args)
     _install_uvloop()
     try:
-        asyncio.run(serve(config, host, port, limits))
+        asyncio.run(serve(config, host, port, limits, self_attest))
     except OSError as e:
         _err(f"cannot serve on {args.listen}: {e.strerror or e}")
         return 1
@@ -518,6 +519,101 @@ def cmd_cas_restore(args: argparse.Namespace) -> int:
           f"{', '.join('sha256:' + fp for fp in doc['ca_fingerprints'])}; epoch {epoch}). "
           "Start the CAS with the key-encryption secret (--kek-file) of the CAS this backup "
           "came from: the CA key is sealed under it")
+    return 0
+
+
+def _cas_self_attest(args: argparse.Namespace) -> Any:
+    """`cas serve`'s own evidence flags (the sidecar's), or None for an unattested CAS."""
+    from meshshield.attestation.claims import Platform
+    from meshshield.cas.selfattest import SelfAttestConfig
+
+    if args.platform is None:
+        if args.workload or args.sim_key or args.evidence_source or args.coco_aa_url:
+            raise UsageError("--workload, --sim-key, --evidence-source and --coco-aa-url "
+                             "are the CAS's own evidence settings; they need --platform")
+        print("WARNING: this CAS is not attested (no --platform): clients cannot verify "
+              "what it runs, and `meshshield cas verify` refuses it", file=sys.stderr,
+              flush=True)
+        return None
+    if args.platform == "sim":
+        if not args.sim_key or not args.workload:
+            raise UsageError("--platform sim needs --sim-key FILE and --workload PATH")
+        print("WARNING: the CAS's own attestation is SIMULATED (--platform sim): no "
+              "hardware guarantee; development only", file=sys.stderr, flush=True)
+    return SelfAttestConfig(
+        platform=Platform(args.platform), workload=tuple(args.workload or ()),
+        sim_key=Path(args.sim_key) if args.sim_key else None,
+        evidence_source=args.evidence_source, coco_aa_url=args.coco_aa_url,
+    )
+
+
+def _cas_evidence_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the CAS's own attestation (as the sidecar's evidence flags)")
+    g.add_argument("--platform", choices=["sim", "sev-snp", "tdx", "sgx"],
+                   help="the TEE this CAS runs in; without it the CAS is not attested")
+    g.add_argument("--workload", action="append", metavar="PATH",
+                   help="sim: the files whose measurement the CAS attests")
+    g.add_argument("--sim-key", metavar="FILE", help="sim: sim-platform.key")
+    g.add_argument("--evidence-source", choices=["configfs-tsm", "coco-aa", "gramine"],
+                   help="hardware evidence source (default: as MESHSHIELD_EVIDENCE_SOURCE, "
+                   "else chosen by platform)")
+    g.add_argument("--coco-aa-url", metavar="URL",
+                   help="the CoCo attestation agent (default: MESHSHIELD_COCO_AA_URL)")
+
+
+def cmd_cas_verify(args: argparse.Namespace) -> int:
+    """Verify the CAS's own attestation against --expect; only then write its bundle."""
+    from meshshield.attestation.collateral import load_collateral
+    from meshshield.attestation.sim import SimKeyError
+    from meshshield.attestation.verify import VerifierConfig
+    from meshshield.casverify import load_expectation, sim_keys, split_url, verify_cas
+    from meshshield.policy import PolicyInvalid
+
+    try:
+        split_url(args.cas)
+        keys = sim_keys(args.trust_sim_platform or [])
+    except (ValueError, SimKeyError) as e:
+        raise UsageError(str(e)) from None
+    if args.collateral and not Path(args.collateral).is_dir():
+        raise UsageError(f"--collateral {args.collateral}: not a folder")
+    timeout = _duration_flag(args.timeout, "--timeout", minimum=0.1, maximum=300)
+    try:
+        expect = load_expectation(args.expect)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except PolicyInvalid as e:
+        for p in e.problems:
+            print(str(p), file=sys.stderr)
+        return 1
+    collateral = load_collateral(Path(args.collateral)) if args.collateral else None
+    verifier = VerifierConfig(sim_platform_keys=keys, collateral=collateral)
+    try:
+        result = verify_cas(args.cas, expect, verifier, timeout=timeout)
+    except MeshError as e:
+        if args.json:
+            print(json.dumps({"cas": args.cas, "verified": False, "reason": e.reason.value,
+                              "message": e.message}, sort_keys=True))
+        _err(f"refused the CAS at {args.cas}: {e.reason.value}: {e.message}")
+        return 1
+    doc = result.to_json()
+    if args.out:
+        from meshshield.attestclient import write_public_file
+
+        try:
+            write_public_file(Path(args.out), result.bundle_pem.encode())
+        except OSError as e:
+            _err(f"cannot write {args.out}: {e.strerror}")
+            return 1
+        doc["out"] = args.out
+    if args.json:
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        print(result.summary())
+        if result.simulated:
+            print("WARNING: the CAS's attestation is SIMULATED: no hardware guarantee",
+                  file=sys.stderr)
+        if args.out:
+            print(f"wrote {args.out}: the attested CAS's bundle")
     return 0
 
 
@@ -677,13 +773,17 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "idle_timeout": args.idle_timeout,
         "max_connection_lifetime": args.max_connection_lifetime,
         "sds": args.sds,
+        "cas_expect": args.cas_expect, "cas_trust_sim_platform": args.cas_trust_sim_platform,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
         values.update({k: v for k, v in flags.items() if v is not None})
         config = build_config(values)
-        if not config.cas_bundle.is_file():
+        if config.cas_bundle is not None and not config.cas_bundle.is_file():
             raise ConfigError(f"--cas-bundle {config.cas_bundle}: no such file")
+        from meshshield.sidecar.castrust import check_trust_settings
+
+        check_trust_settings(config)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     _install_uvloop()
@@ -718,8 +818,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.sidecar:
                 doc, text = status.render_sidecar(base, timeout=timeout)
             else:
-                doc = _client(args).request("GET", "/v1/edges", sign=True).json()
+                client = _client(args)
+                doc = client.request("GET", "/v1/edges", sign=True).json()
                 text = status.table(status.EDGE_HEADERS, status.edge_rows(doc))
+                cas_line, cas_doc = _cas_attestation_line(client)
+                text = f"{cas_line}\n{text}"
+                doc = {**doc, "cas_attestation": cas_doc} if isinstance(doc, dict) else doc
         except (urllib.error.URLError, OSError, ValueError, status.StatusError) as e:
             _err(f"cannot read {base}: {status.fetch_error(e)}")
             return 1
@@ -730,6 +834,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not args.watch:
             return 0
         time.sleep(interval)
+
+
+def _cas_attestation_line(client: Any) -> tuple[str, dict[str, Any]]:
+    """What the CAS says it runs (platform, measurement, TCB status, simulated), as one
+    line and as JSON; self-reported here, checked by `meshshield cas verify`."""
+    import base64
+
+    try:
+        doc = client.post_json("/v1/cas/attestation",
+                               {"nonce": base64.b64encode(os.urandom(32)).decode()})
+        me = doc.get("self_reported") if isinstance(doc, dict) else None
+    except MeshError as e:
+        if e.reason.value == "cas_not_attested":
+            return "CAS: NOT ATTESTED (started without --platform)", {"attested": False}
+        return f"CAS: attestation unavailable ({e.reason.value})", {"attested": None}
+    if not isinstance(me, dict):
+        return "CAS: attestation answer without self_reported", {"attested": None}
+    from meshshield.status import clean
+
+    out = {k: me.get(k) for k in ("platform", "measurement", "tcb_status", "simulated",
+                                  "debug")}
+    label = " SIMULATED (no hardware guarantee)" if me.get("simulated") else ""
+    line = (f"CAS: platform {clean(str(out['platform']))}{label}, measurement "
+            f"{clean(str(out['measurement']))}, tcb_status {clean(str(out['tcb_status']))} "
+            "(self-reported; `meshshield cas verify --expect FILE` checks it)")
+    return line, {"attested": True, **out, "verified": False}
 
 
 def cmd_dev_up(args: argparse.Namespace) -> int:
@@ -827,6 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kek-file", help="key-encryption secret (default: DATA/../.NAME.kek)")
     p.add_argument("--max-cert-ttl", help="cap every certificate's lifetime (testing)")
     _connection_flags(p)
+    _cas_evidence_flags(p)
     p.set_defaults(func=cmd_cas_serve)
 
     def store_flags(p: argparse.ArgumentParser) -> None:
@@ -845,6 +976,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", required=True, metavar="FILE")
     store_flags(p)
     p.set_defaults(func=cmd_cas_restore)
+    p = csub.add_parser("verify", help="verify the CAS's own attestation before trusting "
+                        "it; write its bundle")
+    p.add_argument("--cas", required=True, help="CAS URL, e.g. https://cas:8443")
+    p.add_argument("--expect", required=True, metavar="FILE",
+                   help="YAML: the tee list and security.attestation the CAS must satisfy")
+    p.add_argument("--out", metavar="bundle.pem", help="write the attested bundle here")
+    p.add_argument("--trust-sim-platform", action="append", metavar="PUB.pem",
+                   help="a sim platform key whose SIMULATED evidence may be verified")
+    p.add_argument("--collateral", metavar="DIR", help="Intel TCB info / QE identity / CRLs")
+    p.add_argument("--timeout", default="10s", metavar="DURATION")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cas_verify)
     p = csub.add_parser("rotate-ca", help="publish a new CA now; it signs after a delay")
     _cas_flags(p)
     p.add_argument("--activate-after", default="1h")
@@ -898,6 +1041,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML with the same settings as the flags")
     p.add_argument("--cas")
     p.add_argument("--cas-bundle")
+    p.add_argument("--cas-expect", metavar="FILE",
+                   help="verify the CAS's own attestation against this expect file on every "
+                   "(re)connect; instead of, or beside, --cas-bundle")
+    p.add_argument("--cas-trust-sim-platform", action="append", metavar="PUB.pem",
+                   help="sim platform key for a CAS whose attestation is SIMULATED")
     p.add_argument("--session")
     p.add_argument("--service")
     p.add_argument("--platform", choices=["sim", "sev-snp", "tdx", "sgx"])

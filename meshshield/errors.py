@@ -48,6 +48,8 @@ class Reason(StrEnum):
     CERTIFICATE_EXPIRED = "certificate_expired"
     IDLE_TIMEOUT = "idle_timeout"
     MAX_CONNECTION_LIFETIME = "max_connection_lifetime"
+    # A CAS started without --platform has no evidence of its own to show (SPEC §6).
+    CAS_NOT_ATTESTED = "cas_not_attested"
     # Not refusals of a peer but of a request; still part of the error JSON vocabulary.
     BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
@@ -94,6 +96,7 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.CERTIFICATE_EXPIRED: 403,
     Reason.IDLE_TIMEOUT: 408,
     Reason.MAX_CONNECTION_LIFETIME: 408,
+    Reason.CAS_NOT_ATTESTED: 404,
     Reason.BAD_REQUEST: 400,
     Reason.NOT_FOUND: 404,
     Reason.CONFLICT: 409,

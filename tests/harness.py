@@ -288,8 +288,11 @@ class SidecarProcess:
         cls, cas: CasProcess, session: str, service: str, *,
         inbound: list[str] = (), outbound: list[str] = (),  # type: ignore[assignment]
         workload: Path | None = None, extra: tuple[str, ...] = (), wait_ready: bool = True,
+        cas_bundle: bool = True,
     ) -> SidecarProcess:
-        args = [*MESHSHIELD, "sidecar", "--cas", cas.url, "--cas-bundle", str(cas.bundle),
+        # cas_bundle=False: the CAS is trusted only through --cas-expect (in `extra`).
+        trust = ["--cas-bundle", str(cas.bundle)] if cas_bundle else []
+        args = [*MESHSHIELD, "sidecar", "--cas", cas.url, *trust,
                 "--session", session, "--service", service, "--platform", "sim",
                 "--workload", str(workload or cas.workload),
                 "--sim-key", str(cas.sim_dir / "sim-platform.key"),

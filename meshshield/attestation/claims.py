@@ -112,3 +112,27 @@ def expected_report_data(nonce: bytes, spki_der: bytes) -> bytes:
     if len(nonce) != NONCE_SIZE:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
     return hashlib.sha512(REPORT_DATA_DOMAIN + nonce + spki_der).digest()
+
+
+CAS_REPORT_DATA_DOMAIN = b"meshshield/cas/v1"
+
+
+def cas_report_data(nonce: bytes, tls_spki_sha256: bytes, ca_sha256s: list[bytes]) -> bytes:
+    """The CAS's own report_data (its self-attestation, `POST /v1/cas/attestation`):
+
+        SHA-512(b"meshshield/cas/v1" || nonce (32 bytes)
+                || SHA-256(SPKI DER of the CAS's TLS key)
+                || SHA-256(DER of CA certificate 1) || ... || SHA-256(DER of CA n))
+
+    with the CA certificates in the order of the bundle returned beside the evidence.
+    Every item after the domain is fixed-size, so the concatenation is unambiguous; the
+    domain keeps it apart from a service's report_data (`expected_report_data`).
+    """
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+    if len(tls_spki_sha256) != 32 or any(len(d) != 32 for d in ca_sha256s):
+        raise ValueError("the TLS key and CA digests must be SHA-256 (32 bytes each)")
+    h = hashlib.sha512(CAS_REPORT_DATA_DOMAIN + nonce + tls_spki_sha256)
+    for digest in ca_sha256s:
+        h.update(digest)
+    return h.digest()

@@ -9,6 +9,7 @@ import logging
 import signal
 import ssl
 import sys
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,13 +17,14 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from meshshield.cas.authority import Authority, CasConfig
-from meshshield.cas.http import METRICS, create_app
+from meshshield.cas.http import METRICS, create_app, off_loop
+from meshshield.cas.selfattest import SelfAttestation, SelfAttestConfig, add_routes
 from meshshield.cas.store import StoreUnavailable
 from meshshield.cas.stores import open_store, where
 from meshshield.httpserver import BudgetCollector, ConnectionLimits, bound_port, start_site
 from meshshield.httpserver import runner as json_error_runner
-from meshshield.pki.ca import cert_pem, issue_server_cert
-from meshshield.pki.keys import generate_p256
+from meshshield.pki.ca import cert_pem, issue_server_cert, load_pem_chain
+from meshshield.pki.keys import generate_p256, spki_der
 from meshshield.pki.spiffe import cas_spiffe_id
 from meshshield.tlsutil import load_chain_from_memory
 
@@ -44,7 +46,7 @@ def _server_context() -> ssl.SSLContext:
 class CasServer:
     """One CAS process: the authority, its HTTPS identity and the HTTP app."""
 
-    def __init__(self, config: CasConfig) -> None:
+    def __init__(self, config: CasConfig, self_attest: SelfAttestConfig | None = None) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.config = config
         self.store = open_store(config.database, config.data_dir)
@@ -71,6 +73,17 @@ class CasServer:
         self._key_pem = b""
         self._cert_not_after = self.authority.clock.now()
         self._served_by = ""
+        # Each context's (SPKI DER of its key, bundle): the CAS's own evidence binds the
+        # key of the connection it answers on (selfattest.py).
+        self._tls_of: weakref.WeakKeyDictionary[ssl.SSLContext, tuple[bytes, str]] = (
+            weakref.WeakKeyDictionary())
+        self.self_attestation: SelfAttestation | None = None
+        if self_attest is not None:
+            try:
+                self.self_attestation = SelfAttestation(self_attest, self.authority.verifier)
+            except BaseException:
+                self.store.close()
+                raise
         self.refresh_tls()
         self.write_bundle()
         self.authority.listeners.append(lambda _e: self.on_change())
@@ -136,6 +149,8 @@ class CasServer:
             # The listener needs a certificate of its own to be a valid server context;
             # it never verifies a client (it trusts no CA), the callback swaps first.
             load_chain_from_memory(self.ssl, chain_pem, key_pem)
+        self._tls_of[ctx] = (spki_der(load_pem_chain(chain_pem.decode())[0].public_key()),
+                             bundle)
         self._current = ctx
         self._bundle, self._chain_pem, self._key_pem = bundle, chain_pem, key_pem
 
@@ -160,17 +175,22 @@ class CasServer:
                 log.exception("housekeeping failed")
 
     def app(self) -> web.Application:
-        return create_app(self.authority)
+        app = create_app(self.authority)
+        add_routes(app, self.self_attestation, self._tls_of.get, off_loop)
+        return app
 
     def close(self) -> None:
         self.store.close()
 
 
 async def serve(
-    config: CasConfig, host: str, port: int, limits: ConnectionLimits | None = None
+    config: CasConfig, host: str, port: int, limits: ConnectionLimits | None = None,
+    self_attest: SelfAttestConfig | None = None,
 ) -> None:
-    server = CasServer(config)
+    server = CasServer(config, self_attest)
     print(f"ca-fingerprint sha256:{server.ca_fingerprint}", flush=True)
+    if server.self_attestation is not None:
+        print(server.self_attestation.describe(), flush=True)
     app = server.app()
     runner = json_error_runner(app, limits)
     await runner.setup()

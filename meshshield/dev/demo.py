@@ -118,6 +118,12 @@ security:
 """
 
 
+def _expect(measurement: str) -> str:
+    """An expect file (`cas verify --expect`, `sidecar --cas-expect`) for a sim CAS."""
+    return (f'tee:\n  - platform: sim\n    measurement: "{measurement}"\n'
+            "security:\n  attestation:\n    tolerate: [simulation]\n")
+
+
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback admin API
         return json.loads(r.read())
@@ -145,10 +151,21 @@ def run_demo() -> int:
         n.detail(f"orders-api measures {m_api}  (`meshshield measure`)")
         n.detail(f"web        measures {m_web}")
 
-        n.say("Starting the CAS and uploading the session policy")
-        cas, url = start_cas(root, admin_fp=admin_fp,
-                             sim_pub=root / "sim" / "sim-platform.pub.pem",
-                             timeout=START_TIMEOUT)
+        n.say("Starting the CAS, which attests itself too, and uploading the session policy")
+        # The CAS runs "in a TEE" as well (simulated here): sidecars verify its evidence
+        # against an expect file before they trust it, instead of trusting a bundle.
+        cas_build = root / "cas-build"
+        cas_build.mkdir()
+        (cas_build / "cas.bin").write_text("the approved CAS build\n")
+        sim_pub = root / "sim" / "sim-platform.pub.pem"
+        m_cas = measure_paths([cas_build])
+        expect = root / "cas.expect.yaml"
+        expect.write_text(_expect(m_cas))
+        cas_trust = ["--cas-expect", str(expect), "--cas-trust-sim-platform", str(sim_pub)]
+        cas, url = start_cas(root, admin_fp=admin_fp, sim_pub=sim_pub,
+                             timeout=START_TIMEOUT,
+                             extra=["--platform", "sim", "--workload", str(cas_build),
+                                    "--sim-key", str(sim_key)])
         children.append(cas)
         policy = _policy(m_api, m_web)
         (root / "demo.policy.yaml").write_text(policy)
@@ -157,6 +174,8 @@ def run_demo() -> int:
                           content_type="application/yaml", sign=True).json()
         n.detail(f"CAS at {url}; session demo, policy sha256:{r['policy_hash'][:16]}…")
         n.detail("orders-api may be called by web only; both must run their measured code")
+        n.detail(f"the CAS measures {m_cas} (SIMULATED); every sidecar checks that against "
+                 f"{expect.name} before it talks to the CAS")
 
         n.say("Starting orders-api and both sidecars; each sidecar attests before it listens")
         # Everything starts at once: the ports that link them are chosen up front.
@@ -167,12 +186,13 @@ def run_demo() -> int:
         children.append(app)
         api_sc = start_sidecar(root, cas_url=url, session="demo", service="orders-api",
                                workload=[str(api)], sim_key=sim_key,
-                               inbound=[f"{mesh_in}={app_at}"], wait=False, announce=False)
+                               inbound=[f"{mesh_in}={app_at}"], wait=False, announce=False,
+                               extra=cas_trust)
         children.append(api_sc)
         web_sc = start_sidecar(root, cas_url=url, session="demo", service="web",
                                workload=[str(web)], sim_key=sim_key,
                                outbound=[f"127.0.0.1:0=orders-api@{mesh_in}"], wait=False,
-                               announce=False)
+                               announce=False, extra=cas_trust)
         children.append(web_sc)
         app.wait_for(lambda x: "listening" in x, START_TIMEOUT, "listen")
         for sc in (api_sc, web_sc):
@@ -239,11 +259,43 @@ def run_demo() -> int:
         n.detail(f"what to do: {message.split('. ', 1)[-1]}")
         bad_sc.stop()
 
+        n.say("A sidecar that expects another CAS build refuses this CAS")
+        other = root / "other.expect.yaml"
+        other.write_text(_expect(measure_paths([api])))  # any measurement but the CAS's
+        doubt_sc = start_sidecar(root, cas_url=url, session="demo", service="web",
+                                 workload=[str(web)], sim_key=sim_key,
+                                 outbound=["127.0.0.1:0=orders-api@" + mesh_in], wait=False,
+                                 extra=["--cas-expect", str(other), "--cas-trust-sim-platform",
+                                        str(sim_pub)])
+        children.append(doubt_sc)
+        deadline = time.monotonic() + START_TIMEOUT
+        verification: dict[str, Any] = {}
+        while time.monotonic() < deadline and verification.get("state") != "refused":
+            verification = _get_json(announced(doubt_sc, "admin") + "/status")["cas"][
+                "verification"] or {}
+            if verification.get("state") != "refused":
+                time.sleep(0.05)
+        why = str(verification.get("last_error") or "")
+        if not why.startswith("measurement_not_allowed"):
+            raise DemoFailed(f"the sidecar did not refuse the unexpected CAS: {why}")
+        try:
+            _get_json(announced(doubt_sc, "admin") + "/ready")
+            raise DemoFailed("the sidecar that refused its CAS reports ready")
+        except urllib.error.HTTPError as e:
+            if e.code != 503:
+                raise DemoFailed(f"/ready of the refusing sidecar answered {e.code}") from None
+        n.ok("refused the CAS: measurement_not_allowed; it sent the CAS no evidence, holds "
+             "no certificate, and /ready is 503")
+        n.detail(f"expected {measure_paths([api])} ({other.name})")
+        n.detail(f"found    {m_cas} (the CAS's own attested measurement)")
+        doubt_sc.stop()
+
         total = time.monotonic() - n.started
         first = (n.first_request or n.started) - n.started
         print(f"\nDemo complete in {total:.1f} s (first request through the mesh after "
               f"{first:.1f} s): attested identities, mutual TLS between them, and a "
-              "tampered workload refused. (SIMULATED attestation.)")
+              "tampered workload refused, and a CAS that is not the expected one refused. "
+              "(SIMULATED attestation.)")
         return 0
     except (DemoFailed, ChildFailed, MeshError, CasUnreachable, OSError, ValueError) as e:
         print(f"\nDEMO FAILED: {e}", file=sys.stderr)

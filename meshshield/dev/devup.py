@@ -152,7 +152,9 @@ class DevUp:
         print(f"meshshield dev up: session {self.dev.session}, {len(self.dev.services)} "
               f"services; SIMULATED attestation (no hardware guarantee)", flush=True)
         print(f"policy (generated, read it): {policy_path}", flush=True)
-        cas, url = start_cas(self.state, admin_fp=fp, sim_pub=sim / PUBLIC_KEY_FILE)
+        cas_self, cas_trust = self._cas_attestation(sim)
+        cas, url = start_cas(self.state, admin_fp=fp, sim_pub=sim / PUBLIC_KEY_FILE,
+                             extra=cas_self)
         self.children.append(cas)
         CasClient(url, self.state / "cas-data" / "bundle.pem", load_admin_key(
             self.state / "admin")).request("POST", "/v1/sessions", policy.encode(),
@@ -167,7 +169,7 @@ class DevUp:
             sc = start_sidecar(self.state, cas_url=url, session=self.dev.session,
                                service=s.name, workload=[str(w) for w in s.workload],
                                sim_key=sim / PRIVATE_KEY_FILE, inbound=inbound,
-                               outbound=outbound, wait=False)
+                               outbound=outbound, wait=False, extra=cas_trust)
             self.children.append(sc)
             sidecars[s.name] = sc
         for name, sc in sidecars.items():
@@ -178,6 +180,26 @@ class DevUp:
         apps = self._start_apps(plan)
         self._print_table(url, plan, sidecars, apps)
         return self._wait()
+
+    def _cas_attestation(self, sim: Path) -> tuple[list[str], list[str]]:
+        """The dev CAS attests itself (SIMULATED, over a stand-in of its build) and every
+        sidecar verifies it against the expect file written here: (CAS flags, sidecar
+        flags)."""
+        from meshshield import __version__
+
+        build = self.state / "cas-build"
+        shutil.rmtree(build, ignore_errors=True)
+        build.mkdir(mode=0o700)
+        (build / "meshshield-cas").write_text(f"meshshield {__version__} dev CAS\n")
+        expect = self.state / "cas.expect.yaml"
+        write_private(expect, (
+            f'tee:\n  - platform: sim\n    measurement: "{measure_paths([build])}"\n'
+            "security:\n  attestation:\n    tolerate: [simulation]\n").encode())
+        print(f"CAS expect file (sidecars verify the CAS against it): {expect}", flush=True)
+        return (["--platform", "sim", "--workload", str(build), "--sim-key",
+                 str(sim / PRIVATE_KEY_FILE)],
+                ["--cas-expect", str(expect), "--cas-trust-sim-platform",
+                 str(sim / PUBLIC_KEY_FILE)])
 
     def _start_apps(self, plan: dict[str, dict[str, int]]) -> dict[str, Child]:
         apps: dict[str, Child] = {}

@@ -117,7 +117,8 @@ def start_cas(state: Path, *, admin_fp: str, sim_pub: Path, listen: str = "127.0
 def start_sidecar(state: Path, *, cas_url: str, session: str, service: str,
                   workload: Sequence[str], sim_key: Path, inbound: Sequence[str] = (),
                   outbound: Sequence[str] = (), timeout: float = 30.0,
-                  wait: bool = True, announce: bool = True) -> Child:
+                  wait: bool = True, announce: bool = True,
+                  extra: Sequence[str] = ()) -> Child:
     argv = [*MESHSHIELD, "sidecar", "--cas", cas_url,
             "--cas-bundle", str(state / "cas-data" / "bundle.pem"), "--session", session,
             "--service", service, "--platform", "sim", "--sim-key", str(sim_key),
@@ -128,6 +129,7 @@ def start_sidecar(state: Path, *, cas_url: str, session: str, service: str,
         argv += ["--inbound", i]
     for o in outbound:
         argv += ["--outbound", o]
+    argv += list(extra)
     sc = Child(f"sidecar of {service}", argv, state / "logs" / f"sidecar-{service}.log")
     if announce or wait:
         sc.wait_for(lambda x: x.startswith("admin http://"), timeout, "open its admin API")

@@ -23,6 +23,9 @@ INBOUND = PREFIX + "inbound"
 OUTBOUND = PREFIX + "outbound"
 STATUS = PREFIX + "status"
 WORKLOAD_API = PREFIX + "workload-api"
+# "CONFIGMAP/KEY": the sidecar verifies the CAS's attestation against that expect file.
+CAS_EXPECT = PREFIX + "cas-expect"
+_CONFIGMAP_KEY_RE = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 # Labels a service name falls back to when meshshield.io/service is absent.
 SERVICE_LABELS = ("app.kubernetes.io/name", "app")
@@ -96,6 +99,7 @@ class MeshAnnotations:
     inbound: tuple[InboundRoute, ...]
     outbound: tuple[OutboundRoute, ...]
     workload_api: bool = False  # serve the SPIFFE Workload API to the app's containers
+    cas_expect: tuple[str, str] | None = None  # (ConfigMap, key) of the CAS expect file
 
 
 def injection_requested(annotations: Mapping[str, object]) -> bool:
@@ -145,7 +149,24 @@ def parse_mesh_annotations(
     if workload_api not in ("true", "false"):
         raise AnnotationError(WORKLOAD_API, 'the string "true" or "false"', workload_api)
     return MeshAnnotations(session, service, platform, inbound, outbound,
-                           workload_api=workload_api == "true")
+                           workload_api=workload_api == "true",
+                           cas_expect=_cas_expect(annotations.get(CAS_EXPECT)))
+
+
+def _cas_expect(value: object) -> tuple[str, str] | None:
+    """`meshshield.io/cas-expect: "CONFIGMAP/KEY"` (a ConfigMap of the pod's namespace)."""
+    if value is None:
+        return None
+    expected = 'a ConfigMap and its key holding the CAS expect file, e.g. "cas-expect/cas.yaml"'
+    if not isinstance(value, str):
+        raise AnnotationError(CAS_EXPECT, expected, value)
+    name, slash, key = value.partition("/")
+    labels = name.split(".")
+    if (not slash or len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(x) for x in labels)
+            or name != name.lower() or not _CONFIGMAP_KEY_RE.fullmatch(key)
+            or key in (".", "..")):
+        raise AnnotationError(CAS_EXPECT, expected, value)
+    return name, key
 
 
 def _name(annotations: Mapping[str, object], annotation: str) -> str:

@@ -49,7 +49,10 @@ VOLUME_CAS_BUNDLE = "meshshield-cas-bundle"
 VOLUME_TMP = "meshshield-tmp"
 VOLUME_SIM_KEY = "meshshield-sim-key"
 VOLUME_WORKLOAD_API = "meshshield-workload-api"
-OUR_VOLUMES = (VOLUME_CAS_BUNDLE, VOLUME_TMP, VOLUME_SIM_KEY, VOLUME_WORKLOAD_API)
+VOLUME_CAS_EXPECT = "meshshield-cas-expect"
+OUR_VOLUMES = (VOLUME_CAS_BUNDLE, VOLUME_TMP, VOLUME_SIM_KEY, VOLUME_WORKLOAD_API,
+               VOLUME_CAS_EXPECT)
+CAS_EXPECT_DIR = "/etc/meshshield/cas-expect"
 # The Workload API, as SPIRE's agent is set up: an emptyDir shared by the sidecar
 # (writable) and the app's containers (read-only), SPIFFE_ENDPOINT_SOCKET naming the
 # socket. The emptyDir itself is writable by all, so the sidecar makes a directory of
@@ -305,6 +308,8 @@ def _sidecar_container(mesh: MeshAnnotations, config: InjectConfig) -> Manifest:
     ]
     if mesh.platform == "sim":
         args += ["--sim-key", f"{SIM_KEY_DIR}/{SIM_KEY_FILE}"]
+    if mesh.cas_expect is not None:
+        args += ["--cas-expect", f"{CAS_EXPECT_DIR}/{mesh.cas_expect[1]}"]
     for route in mesh.inbound:
         args += ["--inbound", route.flag(config.listen_host)]
     for out_route in mesh.outbound:
@@ -329,6 +334,9 @@ def _sidecar_container(mesh: MeshAnnotations, config: InjectConfig) -> Manifest:
     ]
     if mesh.platform == "sim":
         mounts.append({"name": VOLUME_SIM_KEY, "mountPath": SIM_KEY_DIR, "readOnly": True})
+    if mesh.cas_expect is not None:
+        mounts.append({"name": VOLUME_CAS_EXPECT, "mountPath": CAS_EXPECT_DIR,
+                       "readOnly": True})
     if mesh.workload_api:
         args += ["--workload-api", WORKLOAD_API_SOCKET,
                  "--workload-api-group", str(config.workload_api_group)]
@@ -393,6 +401,10 @@ def _volumes(mesh: MeshAnnotations, config: InjectConfig) -> list[Manifest]:
             "name": VOLUME_SIM_KEY,
             "secret": {"secretName": config.sim_key_secret, "defaultMode": 0o400},
         })
+    if mesh.cas_expect is not None:
+        name, key = mesh.cas_expect
+        volumes.append({"name": VOLUME_CAS_EXPECT,
+                        "configMap": {"name": name, "items": [{"key": key, "path": key}]}})
     if mesh.workload_api:
         volumes.append({"name": VOLUME_WORKLOAD_API,
                         "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})

@@ -8,6 +8,7 @@ from meshshield.policy.decide import (
     certificate_standing,
     check_tolerances,
     decide_issuance,
+    decide_tee,
 )
 from meshshield.policy.model import (
     CERT_TTL_DEFAULT_SECONDS,
@@ -57,6 +58,7 @@ __all__ = [
     "certificate_standing",
     "check_tolerances",
     "decide_issuance",
+    "decide_tee",
     "parse_policy",
     "policy_hash",
 ]

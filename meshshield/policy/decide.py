@@ -26,7 +26,8 @@ from meshshield.policy.model import (
     Tolerance,
 )
 
-__all__ = ["allows_inbound", "certificate_standing", "check_tolerances", "decide_issuance"]
+__all__ = ["allows_inbound", "certificate_standing", "check_tolerances", "decide_issuance",
+           "decide_tee"]
 
 _OUTDATED = frozenset(
     {TcbStatus.OUT_OF_DATE, TcbStatus.SW_HARDENING_NEEDED, TcbStatus.CONFIGURATION_NEEDED}
@@ -58,16 +59,38 @@ def decide_issuance(
             f"session {policy.name!r} has no service {service_name!r} (its services: "
             f"{known}); check the service name, or add the service to the policy and apply it",
         )
+    decide_tee(service.tee, policy.tolerate, policy.ignore_advisories, claims, who=who,
+               revoked_measurements=revoked_measurements)
+    return service
+
+
+def decide_tee(
+    tee: tuple[TeeEntry, ...],
+    tolerate: frozenset[Tolerance],
+    ignore_advisories: IgnoreAdvisories,
+    claims: Claims,
+    *,
+    who: str,
+    revoked_measurements: Collection[str] = (),
+    where: str = "the service's tee list",
+) -> TeeEntry:
+    """The `tee:` entry `claims` satisfy under these tolerances, or PolicyError saying
+    why none does. The service decision (`decide_issuance`) and the check of the CAS's
+    own evidence against an `--expect` file (`casverify`) are both this function.
+
+    Checks, in order: platform, simulation, revoked, measurement, workload, signer, svn,
+    debug, tcb, advisories.
+    """
     platform = claims.platform
-    entries = [entry for entry in service.tee if entry.platform == platform]
+    entries = [entry for entry in tee if entry.platform == platform]
     if not entries:
-        allowed = ", ".join(p.value for p in service.platforms)
+        allowed = ", ".join(dict.fromkeys(e.platform.value for e in tee)) or "nothing"
         raise PolicyError(
             Reason.PLATFORM_NOT_ALLOWED,
             f"{who} may run on {allowed}; the evidence is from {platform.value}. Run it on an "
-            f"allowed platform, or add a {platform.value} entry to the service's tee list",
+            f"allowed platform, or add a {platform.value} entry to {where}",
         )
-    _check_simulation(policy.tolerate, claims, who)
+    _check_simulation(tolerate, claims, who)
 
     measurement = claims.measurement.lower()
     if measurement in {m.lower() for m in revoked_measurements}:
@@ -100,8 +123,8 @@ def decide_issuance(
         # max() keeps the first of equals, so policy order breaks ties.
         raise max(failures, key=lambda f: f[0])[1]
 
-    check_tolerances(policy.tolerate, policy.ignore_advisories, claims, who=who)
-    return service
+    check_tolerances(tolerate, ignore_advisories, claims, who=who)
+    return entry
 
 
 def certificate_standing(

@@ -102,6 +102,19 @@ class _LoopCollector(Collector):
             "meshshield_sidecar_stale_events_ignored",
             "Trust events older than the current view, ignored",
             value=self.link.events_stale)
+        trust = self.identity.cas_trust
+        if trust is not None:
+            verifications = CounterMetricFamily(
+                "meshshield_sidecar_cas_verifications",
+                "Verifications of the CAS's own attestation (--cas-expect), by result "
+                "(verified or the refusal reason code)", labels=["result"])
+            for result, n in sorted(trust.results.items()):
+                verifications.add_metric([result], n)
+            yield verifications
+            yield GaugeMetricFamily(
+                "meshshield_sidecar_cas_verified",
+                "1 if the CAS's attestation passed its last verification",
+                value=1.0 if trust.state == "verified" else 0.0)
         yield GaugeMetricFamily(
             "meshshield_sidecar_last_event_timestamp_seconds",
             "Unix time of the last trust event from the CAS (0: none yet)",
@@ -116,6 +129,10 @@ async def ready(request: web.Request) -> web.Response:
     if st.ready:
         return web.json_response({"ready": True})
     held = st.identity.held
+    trust = st.identity.cas_trust
+    if held is None and trust is not None and trust.state in ("refused", "unreachable"):
+        return web.json_response({"ready": False, "reason": "the CAS failed verification: "
+                                  f"{trust.last_error}"}, status=503)
     why = ("draining" if st.draining else "no certificate yet" if held is None
            else "certificate expired; the CAS is needed to renew it"
            if held.not_after.timestamp() <= time.time() else "listeners not up")

@@ -122,7 +122,11 @@ class CasLink:
                     return
                 continue
             self.state = "connecting"
+            trust = self.identity.cas_trust
             try:
+                if trust is not None:
+                    self.state = "verifying"
+                    await trust.verify()
                 async with session.get(
                     cfg.cas + "/v1/events", ssl=self.identity.cas_ctx,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60),
@@ -222,6 +226,8 @@ class CasLink:
             "failures": self.failures,
             "events": self.events_seen,
             "stale_events_ignored": self.events_stale,
+            "verification": None if self.identity.cas_trust is None
+            else self.identity.cas_trust.status(),
         }
 
     async def report(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:

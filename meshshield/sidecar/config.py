@@ -45,7 +45,7 @@ class OutboundRoute:
 @dataclass(frozen=True)
 class SidecarConfig:
     cas: str
-    cas_bundle: Path
+    cas_bundle: Path | None
     session: str
     service: str
     platform: str
@@ -73,6 +73,10 @@ class SidecarConfig:
     max_connection_lifetime: float = 0.0
     # Envoy SDS on this unix socket path (`--sds unix:///PATH`); None: not served.
     sds: Path | None = None
+    # --cas-expect: the CAS's own attestation must pass this file on every (re)connect
+    # (sidecar/castrust.py); sim evidence of it verifies against these public keys.
+    cas_expect: Path | None = None
+    cas_trust_sim_platform: tuple[Path, ...] = ()
 
 
 def parse_endpoint(text: str, what: str) -> Endpoint:
@@ -161,6 +165,7 @@ FILE_KEYS = {
     "handshake_timeout", "connect_timeout", "drain_timeout", "report_interval",
     "workload_api", "workload_api_group",
     "idle_timeout", "max_connection_lifetime", "sds",
+    "cas_expect", "cas_trust_sim_platform",
 }
 
 
@@ -169,9 +174,12 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
     unknown = sorted(set(values) - FILE_KEYS)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(FILE_KEYS)}")
-    for key in ("cas", "cas_bundle", "session", "service", "platform"):
+    for key in ("cas", "session", "service", "platform"):
         if not values.get(key):
             raise ConfigError(f"--{key.replace('_', '-')} is required")
+    if not values.get("cas_bundle") and not values.get("cas_expect"):
+        raise ConfigError("--cas-bundle PEM or --cas-expect FILE is required: the CAS is "
+                          "trusted by a bundle you were given, or by its verified attestation")
     if not str(values["cas"]).startswith("https://"):
         raise ConfigError(f"--cas {values['cas']!r}: expected an https:// URL")
     for key in ("session", "service"):
@@ -206,7 +214,7 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
                           f"max_handshakes ({max_hs})")
     return SidecarConfig(
         cas=str(values["cas"]).rstrip("/"),
-        cas_bundle=Path(str(values["cas_bundle"])),
+        cas_bundle=Path(str(values["cas_bundle"])) if values.get("cas_bundle") else None,
         session=str(values["session"]),
         service=str(values["service"]),
         platform=str(values["platform"]),
@@ -230,6 +238,8 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
         max_connection_lifetime=_bound(values.get("max_connection_lifetime"),
                                        "max_connection_lifetime"),
         sds=sds,
+        cas_expect=Path(str(values["cas_expect"])) if values.get("cas_expect") else None,
+        cas_trust_sim_platform=tuple(Path(p) for p in _list("cas_trust_sim_platform")),
     )
 
 

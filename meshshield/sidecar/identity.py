@@ -38,6 +38,7 @@ from meshshield.attestclient import AttestRequest, build_attest_body
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import issued_by_bundle, load_pem_chain, serial_hex
 from meshshield.pki.keys import generate_p256, spki_der
+from meshshield.sidecar.castrust import CasTrust
 from meshshield.sidecar.config import SidecarConfig
 from meshshield.sidecar.peercheck import TrustView
 from meshshield.tlsutil import load_chain_from_memory
@@ -141,7 +142,8 @@ def build_contexts(
         if bundle_pem:
             ctx.load_verify_locations(cadata=bundle_pem)
     for ctx in (cas, anonymous):
-        ctx.load_verify_locations(cadata=cas_trust_pem)
+        if cas_trust_pem:  # empty with --cas-expect alone, until the CAS is verified
+            ctx.load_verify_locations(cadata=cas_trust_pem)
     if chain_pem is not None and key_pem is not None:
         for ctx in (server, client, cas):
             load_chain_from_memory(ctx, chain_pem, key_pem)
@@ -225,8 +227,10 @@ class Identity:
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
         # Until the CAS hands out the mesh bundle, the configured one is all we trust.
-        self.cas_bundle = config.cas_bundle.read_text()
+        self.cas_bundle = config.cas_bundle.read_text() if config.cas_bundle else ""
         self.tls = build_contexts("", self.cas_bundle, None, None)
+        # --cas-expect: the CAS is verified before every attestation (castrust.py).
+        self.cas_trust: CasTrust | None = CasTrust(config) if config.cas_expect else None
         self._chain_pem: bytes | None = None
         self._key_pem: bytes | None = None
         self.held: Held | None = None
@@ -285,6 +289,11 @@ class Identity:
         return self._chain_pem, self._key_pem
 
     async def attest(self, session: aiohttp.ClientSession) -> Held:
+        if self.cas_trust is not None:
+            att = await self.cas_trust.verify()
+            if self.held is None and self.tls.cas_trust_pem != self.cas_bundle + att.bundle_pem:
+                # No mesh bundle yet: the CAS's certificate chains to the attested one.
+                self.tls = build_contexts("", self.cas_bundle + att.bundle_pem, None, None)
         key = generate_p256()
         req = AttestRequest(
             session=self.config.session,

@@ -33,6 +33,7 @@ from meshshield.pki.jwt import (
     validate_jwt_svid,
 )
 from meshshield.pki.spiffe import parse_spiffe_id
+from meshshield.sidecar.castrust import cas_connector
 from meshshield.sidecar.config import SidecarConfig
 from meshshield.sidecar.identity import Identity, describe_error, wait_any
 from meshshield.sidecar.spiffe_workload import workload_pb2 as pb
@@ -76,7 +77,7 @@ class JwtSvids:
         # Closed after every request: a pooled connection would keep presenting the
         # certificate it was opened with, after a renewal.
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True, limit=4),
+            connector=cas_connector(self.identity.cas_trust, force_close=True, limit=4),
             timeout=aiohttp.ClientTimeout(total=CAS_TIMEOUT))
         self._task = asyncio.ensure_future(self._follow_keys())
 

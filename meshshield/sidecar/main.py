@@ -14,6 +14,7 @@ from meshshield.httpserver import ConnectionLimits, bound_port, start_site
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.sidecar.admin import SidecarState, create_admin_app
 from meshshield.sidecar.caslink import CasLink
+from meshshield.sidecar.castrust import cas_connector
 from meshshield.sidecar.config import Endpoint, SidecarConfig
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.proxy import Proxy, SidecarMetrics
@@ -79,7 +80,7 @@ async def run_sidecar(config: SidecarConfig) -> int:
         metrics.registry.register(SdsCollector(sds))
         print(f"sds listening unix://{config.sds}", flush=True)
 
-    connector = aiohttp.TCPConnector(limit=8)
+    connector = cas_connector(identity.cas_trust, limit=8)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as http:
         renewals = asyncio.ensure_future(identity.run_renewals(http, stop))
@@ -97,7 +98,7 @@ async def run_sidecar(config: SidecarConfig) -> int:
             # Its own connections: a pooled one from before the certificate was held
             # would carry no client certificate, and the CAS requires one here.
             mesh_http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True),
+                connector=cas_connector(identity.cas_trust, force_close=True),
                 timeout=aiohttp.ClientTimeout(total=30),
             )
             tasks.append(asyncio.ensure_future(link.follow(mesh_http, stop)))

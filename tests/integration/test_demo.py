@@ -21,6 +21,7 @@ def test_demo_runs_every_step_and_cleans_up() -> None:
     assert "web got 200" in out and '"item": "scones"' in out
     assert "TLSv1.3" in out  # the live connection, from the sidecar's admin API
     assert "refused by the CAS: measurement_not_allowed" in out
+    assert "refused the CAS: measurement_not_allowed" in out  # a sidecar doubting its CAS
     assert "expected " in out and "found " in out and "what to do:" in out
     assert "Demo complete" in out
     after = set(Path(tempfile.gettempdir()).glob("meshshield-demo-*"))

@@ -541,3 +541,34 @@ def test_workload_api_reversal_without_a_pod_security_context() -> None:
     assert spec["securityContext"] == {"supplementalGroups": [1338]}
     meta["annotations"]["meshshield.io/workload-api"] = "false"
     assert inject_pod_spec(meta, spec)[1] == plain[1]
+
+
+def test_cas_expect_annotation_mounts_the_expect_file_and_passes_it() -> None:
+    pod = patched_pod(review_with({"meshshield.io/cas-expect": "cas-expect/cas.yaml"}))
+    spec = pod["spec"]
+    sidecar = sidecar_of(spec)
+    assert flags(sidecar)["--cas-expect"] == ["/etc/meshshield/cas-expect/cas.yaml"]
+    assert {"name": "meshshield-cas-expect", "mountPath": "/etc/meshshield/cas-expect",
+            "readOnly": True} in sidecar["volumeMounts"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["meshshield-cas-expect"]["configMap"] == {
+        "name": "cas-expect", "items": [{"key": "cas.yaml", "path": "cas.yaml"}]}
+
+
+def test_cas_expect_injection_is_idempotent_and_reversible() -> None:
+    pod = load_review()["request"]["object"]
+    plain = inject_pod_spec(pod["metadata"], pod["spec"])
+    pod["metadata"]["annotations"]["meshshield.io/cas-expect"] = "cas-expect/cas.yaml"
+    once = inject_pod_spec(pod["metadata"], pod["spec"])
+    assert inject_pod_spec(*once) == once
+    meta, spec = copy.deepcopy(once)
+    del meta["annotations"]["meshshield.io/cas-expect"]
+    assert inject_pod_spec(meta, spec)[1] == plain[1]
+
+
+@pytest.mark.parametrize("value", ["nokey", "/k", "Bad/k", "cm/", "cm/a/b", "cm/..", 7])
+def test_cas_expect_annotation_is_checked(value: object) -> None:
+    pod = load_review()["request"]["object"]
+    pod["metadata"]["annotations"]["meshshield.io/cas-expect"] = value
+    with pytest.raises(AnnotationError, match="meshshield.io/cas-expect"):
+        inject_pod_spec(pod["metadata"], pod["spec"])
