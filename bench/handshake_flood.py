@@ -25,6 +25,8 @@ for sub in ("tests", "tests/e2e", "tests/faults"):
     sys.path.insert(0, str(HERE.parent / sub))
 
 from flood import FloodMesh, handshake_flood, rss_kib  # noqa: E402
+from harness import CasProcess  # noqa: E402
+from meshpeers import LoopThread, TcpBackend, echo  # noqa: E402
 
 
 def main() -> int:
@@ -41,8 +43,12 @@ def main() -> int:
 
     print(f"meshshield from {Path(meshshield.__file__).parent}")
     with tempfile.TemporaryDirectory() as tmp:
-        mesh = FloodMesh.start(Path(tmp))
+        cas = CasProcess.start(Path(tmp) / "mesh")
+        lt = LoopThread()
+        app = TcpBackend(lt, echo)
+        mesh: FloodMesh | None = None
         try:
+            mesh = FloodMesh.start(cas, app.port)
             pid = mesh.target.proc.pid
             rss_idle = rss_kib(pid)
             started = time.monotonic()
@@ -58,7 +64,11 @@ def main() -> int:
             print(f"sidecar RSS: {rss_idle / 1024:.0f} MiB idle, {rss_flood / 1024:.0f} MiB "
                   "during the flood")
         finally:
-            mesh.stop()
+            if mesh is not None:
+                mesh.stop()
+            app.close()
+            lt.close()
+            cas.stop()
     return 0
 
 

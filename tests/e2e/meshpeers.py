@@ -230,8 +230,9 @@ class UploadServer:
 # -- policies and the mesh ----------------------------------------------------------------
 
 def mesh_policy(name: str, *, backend_m: str, frontend_m: str, extra_services: str = "",
-                cert_ttl: str = "30m") -> str:
-    """backend [allow_from: frontend] and frontend, each with its own sim measurement."""
+                cert_ttl: str = "30m", frontend_allow_from: str = "[]") -> str:
+    """backend [allow_from: frontend] and frontend [allow_from: `frontend_allow_from`],
+    each with its own sim measurement."""
     return f"""name: {name}
 version: "1"
 predecessor: null
@@ -246,7 +247,7 @@ services:
     tee:
       - platform: sim
         measurement: "{frontend_m}"
-    allow_from: []
+    allow_from: {frontend_allow_from}
     cert_ttl: {cert_ttl}
 {extra_services}security:
   attestation:
