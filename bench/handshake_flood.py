@@ -26,7 +26,7 @@ for sub in ("tests", "tests/e2e", "tests/faults"):
 
 from flood import FloodMesh, handshake_flood, rss_kib  # noqa: E402
 from harness import CasProcess  # noqa: E402
-from meshpeers import LoopThread, TcpBackend, echo  # noqa: E402
+from meshpeers import echo_server  # noqa: E402
 
 
 def main() -> int:
@@ -42,13 +42,11 @@ def main() -> int:
     import meshshield
 
     print(f"meshshield from {Path(meshshield.__file__).parent}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, echo_server() as app_port:
         cas = CasProcess.start(Path(tmp) / "mesh")
-        lt = LoopThread()
-        app = TcpBackend(lt, echo)
         mesh: FloodMesh | None = None
         try:
-            mesh = FloodMesh.start(cas, app.port)
+            mesh = FloodMesh.start(cas, app_port)
             pid = mesh.target.proc.pid
             rss_idle = rss_kib(pid)
             started = time.monotonic()
@@ -66,8 +64,6 @@ def main() -> int:
         finally:
             if mesh is not None:
                 mesh.stop()
-            app.close()
-            lt.close()
             cas.stop()
     return 0
 

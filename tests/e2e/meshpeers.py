@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -122,6 +123,18 @@ class TcpBackend:
 
         with contextlib.suppress(Exception):
             self.lt.run(stop(), timeout=10)
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """An `echo` TCP backend on its own loop thread, for the block; yields its port."""
+    lt = LoopThread()
+    app = TcpBackend(lt, echo)
+    try:
+        yield app.port
+    finally:
+        app.close()
+        lt.close()
 
 
 async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -348,6 +361,20 @@ def no_traceback(*scs: SidecarProcess) -> None:
 
 
 # -- clients ------------------------------------------------------------------------------
+
+def client_hello() -> bytes:
+    """The bytes of a real TLS ClientHello (a handshake record), as a client sends it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="backend")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read()
+    assert hello[:1] == b"\x16", hello[:8]
+    return hello
+
 
 def connect(port: int, timeout: float = 10.0) -> socket.socket:
     s = socket.create_connection((LOOPBACK, port), timeout=timeout)

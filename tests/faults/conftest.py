@@ -19,6 +19,8 @@ and it offers these fixtures:
 - ``meshes``: ``meshes(cas, session, {"echo": port}, **start_mesh_kwargs) -> Mesh``
   starts a backend and a frontend sidecar; all are stopped at teardown, and a
   traceback in any sidecar's log fails the test.
+- ``shop_mesh``: ``shop_mesh(**start_mesh_kwargs) -> Mesh``, the common case: the sim
+  policy "shop" applied on fault_cas and a mesh of it in front of echo_port.
 - ``sidecar``: ``sidecar(cas, session, service, **SidecarProcess.start_kwargs)``, one
   sidecar on its own, stopped and checked for tracebacks the same way.
 - ``cas_front``: ``cas_front(cas) -> CasFront`` (casfront.py), a CAS front whose
@@ -39,9 +41,8 @@ readings).
 A scenario:
 
     def test_many_short_connections_leave_nothing_behind(
-            fault_cas, echo_port, meshes, leak_check):
-        apply(fault_cas, fault_cas.sim_policy("shop"))
-        m = meshes(fault_cas, "shop", {"echo": echo_port})
+            fault_cas, shop_mesh, leak_check):
+        m = shop_mesh()
         warm_up(m.outbound["echo"])       # one connection: lazy state is built now
         for p in (fault_cas, m.backend, m.frontend):
             leak_check.watch(p)
@@ -86,8 +87,7 @@ from meshpeers import (  # noqa: E402
     LOOPBACK,
     LoopThread,
     Mesh,
-    TcpBackend,
-    echo,
+    echo_server,
     free_ports,
     no_traceback,
     start_mesh,
@@ -288,13 +288,8 @@ def fault_cas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CasPro
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    lt = LoopThread()
-    app = TcpBackend(lt, echo)
-    try:
-        yield app.port
-    finally:
-        app.close()
-        lt.close()
+    with echo_server() as port:
+        yield port
 
 
 @pytest.fixture
@@ -311,6 +306,20 @@ def meshes() -> Iterator[Callable[..., Mesh]]:
         m.stop()
     for m in started:
         no_traceback(m.backend, m.frontend)
+
+
+@pytest.fixture
+def shop_mesh(fault_cas: CasProcess, echo_port: int,
+              meshes: Callable[..., Mesh]) -> Callable[..., Mesh]:
+    """``shop_mesh(**start_mesh_kwargs) -> Mesh``: the harness's sim policy "shop"
+    applied on fault_cas, and a mesh of it with one route, "echo", to echo_port."""
+
+    def start(**kw: Any) -> Mesh:
+        r = fault_cas.apply_policy(fault_cas.sim_policy("shop"))
+        assert r.returncode == 0, f"policy apply failed: {r.stdout}{r.stderr}"
+        return meshes(fault_cas, "shop", {"echo": echo_port}, **kw)
+
+    return start
 
 
 @pytest.fixture

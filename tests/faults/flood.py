@@ -8,27 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from faultlib import rss_kib
 from harness import CasProcess, SidecarProcess
-from meshpeers import LOOPBACK, apply, free_ports, mesh_policy, roundtrip
+from meshpeers import LOOPBACK, apply, client_hello, free_ports, mesh_policy, roundtrip
 
 __all__ = ["FloodMesh", "call", "client_hello_prefix", "handshake_flood", "rss_kib"]
 
 
 def client_hello_prefix() -> bytes:
     """The first half of a real ClientHello: the sidecar must wait for the rest."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="backend")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = out.read()
+    hello = client_hello()
     return hello[: len(hello) // 2]
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 from faultlib import metric, warm_up
 from harness import CasProcess, SidecarProcess
-from meshpeers import Mesh, apply, connect, roundtrip, wait_refusal, wait_until
+from meshpeers import Mesh, connect, roundtrip, wait_refusal, wait_until
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
@@ -71,11 +71,9 @@ def _metric(sc: SidecarProcess, direction: str, reason: str) -> float:
 
 @pytest.mark.cas_args("--max-cert-ttl", "10s")
 def test_connection_closed_at_peer_certificate_expiry(
-        fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
-        leak_check: LeakCheck) -> None:
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     cas = fault_cas
-    apply(cas, cas.sim_policy("shop"))
-    m = meshes(cas, "shop", {"echo": echo_port})
+    m = shop_mesh()
     warm_up(m.outbound["echo"])
     # The CAS is not watched: it is killed on purpose below.
     for sc in (m.backend, m.frontend):
@@ -104,10 +102,8 @@ def test_connection_closed_at_peer_certificate_expiry(
 
 
 def test_idle_timeout_closes_quiet_connection(
-        fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
-        leak_check: LeakCheck) -> None:
-    apply(fault_cas, fault_cas.sim_policy("shop"))
-    m = meshes(fault_cas, "shop", {"echo": echo_port}, backend_extra=("--idle-timeout", "1s"))
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
+    m = shop_mesh(backend_extra=("--idle-timeout", "1s"))
     warm_up(m.outbound["echo"])  # lazy state is not a leak
     wait_until(lambda: not m.backend.get("/connections").json()["connections"], 5,
                "the warm-up connection to end")
@@ -132,12 +128,11 @@ def test_idle_timeout_closes_quiet_connection(
 
 
 def test_max_connection_lifetime_closes_busy_connection(
-        fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
-        tmp_path: Path, leak_check: LeakCheck) -> None:
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], tmp_path: Path,
+        leak_check: LeakCheck) -> None:
     config = tmp_path / "frontend.yaml"
     config.write_text("max-connection-lifetime: 2s\n")
-    apply(fault_cas, fault_cas.sim_policy("shop"))
-    m = meshes(fault_cas, "shop", {"echo": echo_port}, frontend_extra=("--config", str(config)))
+    m = shop_mesh(frontend_extra=("--config", str(config)))
     warm_up(m.outbound["echo"])
     for p in (fault_cas, m.backend, m.frontend):
         leak_check.watch(p)

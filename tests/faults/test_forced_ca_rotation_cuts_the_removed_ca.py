@@ -20,7 +20,6 @@ from harness import CasProcess
 from meshpeers import (
     LOOPBACK,
     Mesh,
-    apply,
     closed_by_peer,
     connect,
     roundtrip,
@@ -47,11 +46,9 @@ def _handshake(port: int, ctx: ssl.SSLContext) -> str:
 
 
 def test_forced_ca_rotation_cuts_connections_and_refuses_the_removed_ca(
-        fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
-        leak_check: LeakCheck) -> None:
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     cas = fault_cas
-    apply(cas, cas.sim_policy("shop"))
-    mesh = meshes(cas, "shop", {"echo": echo_port})
+    mesh = shop_mesh()
     sidecars = (mesh.frontend, mesh.backend)
     old = attested_peer(cas, "shop", "frontend")  # a frontend certificate of the old CA
     old_cert, old_key = old.cert, old.key

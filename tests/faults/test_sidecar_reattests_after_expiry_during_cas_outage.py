@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 from faultlib import warm_up
 from harness import CasProcess
-from meshpeers import Mesh, apply, connect, roundtrip, status, wait_until
+from meshpeers import Mesh, connect, roundtrip, status, wait_until
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
@@ -22,11 +22,9 @@ if TYPE_CHECKING:
 
 @pytest.mark.cas_args("--max-cert-ttl", "10s")
 def test_sidecar_reattests_after_expiry_during_cas_outage(
-        fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
-        leak_check: LeakCheck) -> None:
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     cas = fault_cas
-    apply(cas, cas.sim_policy("shop"))
-    mesh = meshes(cas, "shop", {"echo": echo_port})
+    mesh = shop_mesh()
     sidecars = (mesh.frontend, mesh.backend)
     warm_up(mesh.outbound["echo"])
     # The CAS is not watched: it is killed below, and its relaunch ends the scenario.
