@@ -25,6 +25,8 @@ for sub in ("tests", "tests/e2e", "tests/faults"):
     sys.path.insert(0, str(HERE.parent / sub))
 
 from flood import FloodMesh, handshake_flood, rss_kib  # noqa: E402
+from harness import CasProcess  # noqa: E402
+from meshpeers import echo_server  # noqa: E402
 
 
 def main() -> int:
@@ -40,9 +42,11 @@ def main() -> int:
     import meshshield
 
     print(f"meshshield from {Path(meshshield.__file__).parent}")
-    with tempfile.TemporaryDirectory() as tmp:
-        mesh = FloodMesh.start(Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp, echo_server() as app_port:
+        cas = CasProcess.start(Path(tmp) / "mesh")
+        mesh: FloodMesh | None = None
         try:
+            mesh = FloodMesh.start(cas, app_port)
             pid = mesh.target.proc.pid
             rss_idle = rss_kib(pid)
             started = time.monotonic()
@@ -58,7 +62,9 @@ def main() -> int:
             print(f"sidecar RSS: {rss_idle / 1024:.0f} MiB idle, {rss_flood / 1024:.0f} MiB "
                   "during the flood")
         finally:
-            mesh.stop()
+            if mesh is not None:
+                mesh.stop()
+            cas.stop()
     return 0
 
 

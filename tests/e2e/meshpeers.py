@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -124,6 +125,18 @@ class TcpBackend:
             self.lt.run(stop(), timeout=10)
 
 
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """An `echo` TCP backend on its own loop thread, for the block; yields its port."""
+    lt = LoopThread()
+    app = TcpBackend(lt, echo)
+    try:
+        yield app.port
+    finally:
+        app.close()
+        lt.close()
+
+
 async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     """Echo every byte back as it arrives; pass EOF back."""
     while data := await r.read(65536):
@@ -230,8 +243,9 @@ class UploadServer:
 # -- policies and the mesh ----------------------------------------------------------------
 
 def mesh_policy(name: str, *, backend_m: str, frontend_m: str, extra_services: str = "",
-                cert_ttl: str = "30m") -> str:
-    """backend [allow_from: frontend] and frontend, each with its own sim measurement."""
+                cert_ttl: str = "30m", frontend_allow_from: str = "[]") -> str:
+    """backend [allow_from: frontend] and frontend [allow_from: `frontend_allow_from`],
+    each with its own sim measurement."""
     return f"""name: {name}
 version: "1"
 predecessor: null
@@ -246,7 +260,7 @@ services:
     tee:
       - platform: sim
         measurement: "{frontend_m}"
-    allow_from: []
+    allow_from: {frontend_allow_from}
     cert_ttl: {cert_ttl}
 {extra_services}security:
   attestation:
@@ -347,6 +361,20 @@ def no_traceback(*scs: SidecarProcess) -> None:
 
 
 # -- clients ------------------------------------------------------------------------------
+
+def client_hello() -> bytes:
+    """The bytes of a real TLS ClientHello (a handshake record), as a client sends it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="backend")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read()
+    assert hello[:1] == b"\x16", hello[:8]
+    return hello
+
 
 def connect(port: int, timeout: float = 10.0) -> socket.socket:
     s = socket.create_connection((LOOPBACK, port), timeout=timeout)

@@ -13,7 +13,6 @@ import re
 import resource
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from meshpeers import (
     TcpBackend,
     apply,
     can_connect,
+    client_hello,
     closed_by_peer,
     closing_all,
     connect,
@@ -93,21 +93,6 @@ def _served(env: Env, tag: str) -> float:
     return time.monotonic() - started
 
 
-def _client_hello() -> bytes:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="backend")
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello = out.read()
-    assert hello[:1] == b"\x16", hello[:8]
-    return hello
-
-
 def _name(s: socket.socket) -> str:
     host, port = s.getsockname()[:2]
     return f"{host}:{port}"
@@ -120,7 +105,7 @@ def _over_capacity(sc: SidecarProcess) -> float:
 
 
 def test_slowloris_handshakes_do_not_block_others(env: Env) -> None:
-    hello = _client_hello()
+    hello = client_hello()
     inbound = env.mesh.inbound["echo"]
     with closing_all([connect(inbound) for _ in range(8)]) as slow:
         names = {_name(s) for s in slow}

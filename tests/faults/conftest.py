@@ -9,29 +9,41 @@ conftest puts both folders on sys.path, so a scenario imports them by name:
     from harness import CasProcess
     from meshpeers import connect, roundtrip, status, wait_until
 
-and it offers four fixtures:
+and it offers these fixtures:
 
 - ``fault_cas``: a CAS on a fixed loopback port (a relaunch on the same data comes
   back at the same URL, where the sidecars look for it); stopped at teardown. More
-  `cas serve` flags with a marker: ``@pytest.mark.cas_args("--max-cert-ttl", "20s")``.
+  `cas serve` flags with a marker: ``@pytest.mark.cas_args("--max-cert-ttl", "20s")``;
+  a small descriptor limit for it with ``@pytest.mark.cas_fd_limit(1024)``.
 - ``echo_port``: an echo TCP backend (every byte back, EOF passed on).
 - ``meshes``: ``meshes(cas, session, {"echo": port}, **start_mesh_kwargs) -> Mesh``
   starts a backend and a frontend sidecar; all are stopped at teardown, and a
   traceback in any sidecar's log fails the test.
+- ``shop_mesh``: ``shop_mesh(**start_mesh_kwargs) -> Mesh``, the common case: the sim
+  policy "shop" applied on fault_cas and a mesh of it in front of echo_port.
+- ``sidecar``: ``sidecar(cas, session, service, **SidecarProcess.start_kwargs)``, one
+  sidecar on its own, stopped and checked for tracebacks the same way.
+- ``cas_front``: ``cas_front(cas) -> CasFront`` (casfront.py), a CAS front whose
+  answers and event stream the scenario writes; closed at teardown.
+- ``onpath_mesh`` (one per module): onpath.py's ``OnPathMesh``, two sidecars with an
+  on-path host between them.
 - ``leak_check``: ``leak_check.watch(proc)`` takes a baseline of a long-lived process
-  (a ``CasProcess`` or a ``SidecarProcess``): its open descriptors (``/proc/PID/fd``)
-  and its asyncio tasks (the sidecar's ``GET /status`` ``runtime.tasks``, the CAS's
-  ``meshshield_cas_tasks`` gauge). After the scenario every watched process must come
-  back to its baseline within a tolerance, polled against a deadline, as ghostunnel's
-  churn test does; the failure lists the descriptors that appeared.
+  (a ``CasProcess``, a ``SidecarProcess``, or any other subprocess, counted by its
+  descriptors only): its open descriptors (``/proc/PID/fd``) and its asyncio tasks
+  (the sidecar's ``GET /status`` ``runtime.tasks``, the CAS's ``meshshield_cas_tasks``
+  gauge). After the scenario every watched process must come back to its baseline
+  within a tolerance, polled against a deadline, as ghostunnel's churn test does; the
+  failure lists the descriptors that appeared.
+
+faultlib.py has the small helpers (``warm_up``, ``metric``, descriptor limits, /proc
+readings).
 
 A scenario:
 
     def test_many_short_connections_leave_nothing_behind(
-            fault_cas, echo_port, meshes, leak_check):
-        apply(fault_cas, fault_cas.sim_policy("shop"))
-        m = meshes(fault_cas, "shop", {"echo": echo_port})
-        warm_up(m)                        # one connection: lazy state is built now
+            fault_cas, shop_mesh, leak_check):
+        m = shop_mesh()
+        warm_up(m.outbound["echo"])       # one connection: lazy state is built now
         for p in (fault_cas, m.backend, m.frontend):
             leak_check.watch(p)
         ... the fault ...
@@ -50,8 +62,10 @@ wait polls a condition with a deadline (``wait_until``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -66,17 +80,19 @@ for _folder in (_TESTS, _TESTS / "e2e"):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
+from casfront import CasFront, FrontCas  # noqa: E402
+from faultlib import soft_fd_limit  # noqa: E402
 from harness import CasProcess, SidecarProcess  # noqa: E402
 from meshpeers import (  # noqa: E402
     LOOPBACK,
     LoopThread,
     Mesh,
-    TcpBackend,
-    echo,
+    echo_server,
     free_ports,
     no_traceback,
     start_mesh,
 )
+from onpath import OnPathMesh  # noqa: E402
 
 LEAK_DEADLINE = 20.0  # seconds for counts to come back to their baseline
 FD_TOLERANCE = 4
@@ -86,6 +102,8 @@ TASK_TOLERANCE = 3
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cas_args(*flags): extra `meshshield cas serve` flags for fault_cas")
+    config.addinivalue_line(
+        "markers", "cas_fd_limit(n): fault_cas starts with a soft descriptor limit of n")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -100,9 +118,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 _TASKS_GAUGE = re.compile(r"^meshshield_cas_tasks(?:\{\})? ([0-9.eE+]+)$", re.M)
 
+# A plain subprocess (the webhook) is watched by its descriptors only.
+Watchable = CasProcess | SidecarProcess | subprocess.Popen[Any]
 
-def _pid(proc: CasProcess | SidecarProcess) -> int | None:
-    p = proc.proc
+
+def _pid(proc: Watchable) -> int | None:
+    p = proc if isinstance(proc, subprocess.Popen) else proc.proc
     return None if p is None or p.poll() is not None else p.pid
 
 
@@ -117,8 +138,11 @@ def fd_targets(pid: int) -> list[str]:
     return sorted(out)
 
 
-def task_count(proc: CasProcess | SidecarProcess) -> int:
-    """asyncio tasks on the process's event loop, as it reports them."""
+def task_count(proc: Watchable) -> int:
+    """asyncio tasks on the process's event loop, as it reports them (0 for a process
+    that does not report them)."""
+    if isinstance(proc, subprocess.Popen):
+        return 0
     if isinstance(proc, SidecarProcess):
         r = proc.get("/status")
         assert r.status == 200, r.body
@@ -136,7 +160,7 @@ def task_count(proc: CasProcess | SidecarProcess) -> int:
 @dataclass
 class Watched:
     name: str
-    proc: CasProcess | SidecarProcess
+    proc: Watchable
     pid: int
     fds: list[str]
     tasks: int
@@ -158,16 +182,16 @@ class LeakCheck:
     deadline: float = LEAK_DEADLINE
     watched: dict[int, Watched] = field(default_factory=dict)
 
-    def watch(self, proc: CasProcess | SidecarProcess, *, fd_tolerance: int = FD_TOLERANCE,
-              task_tolerance: int = TASK_TOLERANCE) -> None:
+    def watch(self, proc: Watchable, *, name: str | None = None,
+              fd_tolerance: int = FD_TOLERANCE, task_tolerance: int = TASK_TOLERANCE) -> None:
         """Take (or retake, after a restart) the baseline of `proc`."""
+        name = name or self._name(proc)
         pid = _pid(proc)
-        assert pid is not None, f"{self._name(proc)} is not running"
+        assert pid is not None, f"{name} is not running"
         self.watched[id(proc)] = Watched(
-            self._name(proc), proc, pid, fd_targets(pid), task_count(proc),
-            fd_tolerance, task_tolerance)
+            name, proc, pid, fd_targets(pid), task_count(proc), fd_tolerance, task_tolerance)
 
-    def counts(self, proc: CasProcess | SidecarProcess) -> Counts:
+    def counts(self, proc: Watchable) -> Counts:
         pid = _pid(proc)
         assert pid is not None, f"{self._name(proc)} is not running"
         return Counts(fd_targets(pid), task_count(proc))
@@ -209,7 +233,9 @@ class LeakCheck:
                 f"leak: not back to baseline within {self.deadline:g} s\n" + "\n".join(lines))
 
     @staticmethod
-    def _name(proc: CasProcess | SidecarProcess) -> str:
+    def _name(proc: Watchable) -> str:
+        if isinstance(proc, subprocess.Popen):
+            return f"process {proc.args!r:.60}"
         return f"sidecar {proc.name}" if isinstance(proc, SidecarProcess) else "CAS"
 
 
@@ -250,8 +276,10 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[LeakCheck]:
 def fault_cas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CasProcess]:
     marker = request.node.get_closest_marker("cas_args")
     extra = tuple(str(a) for a in marker.args) if marker else ()
+    limit = request.node.get_closest_marker("cas_fd_limit")
     (port,) = free_ports(1)
-    cas = CasProcess.start(tmp_path / "mesh", "--listen", f"{LOOPBACK}:{port}", *extra)
+    with soft_fd_limit(int(limit.args[0])) if limit else contextlib.nullcontext():
+        cas = CasProcess.start(tmp_path / "mesh", "--listen", f"{LOOPBACK}:{port}", *extra)
     try:
         yield cas
     finally:
@@ -260,13 +288,8 @@ def fault_cas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CasPro
 
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    lt = LoopThread()
-    app = TcpBackend(lt, echo)
-    try:
-        yield app.port
-    finally:
-        app.close()
-        lt.close()
+    with echo_server() as port:
+        yield port
 
 
 @pytest.fixture
@@ -283,3 +306,61 @@ def meshes() -> Iterator[Callable[..., Mesh]]:
         m.stop()
     for m in started:
         no_traceback(m.backend, m.frontend)
+
+
+@pytest.fixture
+def shop_mesh(fault_cas: CasProcess, echo_port: int,
+              meshes: Callable[..., Mesh]) -> Callable[..., Mesh]:
+    """``shop_mesh(**start_mesh_kwargs) -> Mesh``: the harness's sim policy "shop"
+    applied on fault_cas, and a mesh of it with one route, "echo", to echo_port."""
+
+    def start(**kw: Any) -> Mesh:
+        r = fault_cas.apply_policy(fault_cas.sim_policy("shop"))
+        assert r.returncode == 0, f"policy apply failed: {r.stdout}{r.stderr}"
+        return meshes(fault_cas, "shop", {"echo": echo_port}, **kw)
+
+    return start
+
+
+@pytest.fixture
+def sidecar() -> Iterator[Callable[..., SidecarProcess]]:
+    started: list[SidecarProcess] = []
+
+    def start(cas: CasProcess | FrontCas, session: str, service: str,
+              **kw: Any) -> SidecarProcess:
+        sc = SidecarProcess.start(cas, session, service, **kw)  # type: ignore[arg-type]
+        started.append(sc)
+        return sc
+
+    yield start
+    for sc in started:
+        sc.stop()
+    no_traceback(*started)
+
+
+@pytest.fixture
+def cas_front() -> Iterator[Callable[..., CasFront]]:
+    lt = LoopThread()
+    fronts: list[CasFront] = []
+
+    def start(cas: CasProcess, **kw: Any) -> CasFront:
+        f = CasFront(cas, lt, **kw)
+        fronts.append(f)
+        return f
+
+    try:
+        yield start
+    finally:
+        for f in fronts:
+            f.close()
+        lt.close()
+
+
+@pytest.fixture(scope="module")
+def onpath_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
+    m = OnPathMesh(tmp_path_factory.mktemp("onpath"))
+    try:
+        yield m
+        no_traceback(m.backend, m.frontend)
+    finally:
+        m.close()

@@ -1,5 +1,6 @@
 """A flood of TLS handshakes that never finish, from chosen loopback source addresses,
-and the measures of what it does to a sidecar: app calls served meanwhile, and RSS.
+and the measures of what it does to a sidecar: app calls served meanwhile, and RSS
+(faultlib.rss_kib).
 
 Used by tests/faults/test_handshake_flood.py and bench/handshake_flood.py."""
 
@@ -7,25 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from faultlib import rss_kib
 from harness import CasProcess, SidecarProcess
-from meshpeers import LOOPBACK, LoopThread, TcpBackend, apply, echo, free_ports, roundtrip
+from meshpeers import LOOPBACK, apply, client_hello, free_ports, mesh_policy, roundtrip
+
+__all__ = ["FloodMesh", "call", "client_hello_prefix", "handshake_flood", "rss_kib"]
 
 
 def client_hello_prefix() -> bytes:
     """The first half of a real ClientHello: the sidecar must wait for the rest."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="backend")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = out.read()
+    hello = client_hello()
     return hello[: len(hello) // 2]
 
 
@@ -65,42 +60,12 @@ def call(port: int, tag: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-POLICY = """name: {name}
-version: "1"
-predecessor: null
-services:
-  - name: backend
-    tee:
-      - platform: sim
-        measurement: "{m}"
-    allow_from: [frontend]
-  - name: frontend
-    tee:
-      - platform: sim
-        measurement: "{m}"
-    allow_from: [backend]
-security:
-  attestation:
-    tolerate: [simulation]
-"""
-
-
 @dataclass
 class FloodMesh:
     """`target` (the flooded sidecar) has an inbound route to an echo app and an outbound
     route to `other`; `other` has the same the other way. Legitimate inbound calls to
     `target` come from `other` on 127.0.0.1; outbound calls go out of `target`."""
 
-    cas: CasProcess
-    lt: LoopThread
-    app: TcpBackend
     target: SidecarProcess
     other: SidecarProcess
     target_inbound: int
@@ -108,30 +73,27 @@ class FloodMesh:
     outbound_call: int  # app port whose calls leave `target` as outbound connections
 
     @classmethod
-    def start(cls, root: Path, target_extra: tuple[str, ...] = ()) -> FloodMesh:
-        cas = CasProcess.start(root / "mesh")
-        lt = LoopThread()
-        app = TcpBackend(lt, echo)
-        started: list[SidecarProcess] = []
+    def start(cls, cas: CasProcess, app_port: int,
+              target_extra: tuple[str, ...] = ()) -> FloodMesh:
+        """Both sidecars of session "shop" on `cas`, in front of the echo app at
+        `app_port`; the caller stops them (`stop`), then the CAS and the app."""
+        m = cas.measurement()
+        apply(cas, mesh_policy("shop", backend_m=m, frontend_m=m,
+                               frontend_allow_from="[backend]"))
+        t_in, t_out, o_in, o_out = free_ports(4)
+        target = SidecarProcess.start(
+            cas, "shop", "backend", extra=target_extra,
+            inbound=[f"{LOOPBACK}:{t_in}={LOOPBACK}:{app_port}"],
+            outbound=[f"{LOOPBACK}:{t_out}=frontend@{LOOPBACK}:{o_in}"])
         try:
-            apply(cas, POLICY.format(name="shop", m=cas.measurement()))
-            t_in, t_out, o_in, o_out = free_ports(4)
-            started.append(SidecarProcess.start(
-                cas, "shop", "backend", extra=target_extra,
-                inbound=[f"{LOOPBACK}:{t_in}={LOOPBACK}:{app.port}"],
-                outbound=[f"{LOOPBACK}:{t_out}=frontend@{LOOPBACK}:{o_in}"]))
-            started.append(SidecarProcess.start(
+            other = SidecarProcess.start(
                 cas, "shop", "frontend",
-                inbound=[f"{LOOPBACK}:{o_in}={LOOPBACK}:{app.port}"],
-                outbound=[f"{LOOPBACK}:{o_out}=backend@{LOOPBACK}:{t_in}"]))
+                inbound=[f"{LOOPBACK}:{o_in}={LOOPBACK}:{app_port}"],
+                outbound=[f"{LOOPBACK}:{o_out}=backend@{LOOPBACK}:{t_in}"])
         except BaseException:
-            for sc in started:
-                sc.stop()
-            app.close()
-            lt.close()
-            cas.stop()
+            target.stop()
             raise
-        return cls(cas, lt, app, started[0], started[1], t_in, o_out, t_out)
+        return cls(target, other, t_in, o_out, t_out)
 
     def served(self, n: int, tag: str) -> tuple[int, int]:
         """(inbound calls served, outbound calls served) of n each."""
@@ -142,6 +104,3 @@ class FloodMesh:
     def stop(self) -> None:
         self.other.stop()
         self.target.stop()
-        self.app.close()
-        self.lt.close()
-        self.cas.stop()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
+from faultlib import metric
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
     LOOPBACK,
@@ -145,17 +146,6 @@ class OnPath:
             self.lt.run(stop(), timeout=10)
 
 
-def metric(sc: SidecarProcess, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include `labels` (0 when absent)."""
-    text = sc.get("/metrics").body.decode()
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
-
-
 class OnPathMesh:
     """A CAS, a backend sidecar in front of an `EndRecorder` app, and a frontend sidecar
     whose outbound route reaches the backend's inbound listener through an `OnPath`."""
@@ -189,6 +179,14 @@ class OnPathMesh:
         s = connect(self.outbound)
         assert roundtrip(s, b"hello\n") == b"hello\n"
         return s
+
+    def watch(self, leak_check: Any) -> None:
+        """Warm up (one connection end to end), then `leak_check.watch` the CAS and both
+        sidecars."""
+        self.connect().close()
+        self.no_live_connections()
+        for p in (self.cas, self.backend, self.frontend):
+            leak_check.watch(p)
 
     def no_live_connections(self) -> None:
         for sc in (self.frontend, self.backend):

@@ -8,76 +8,62 @@ to the real CAS.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from casfront import CasFront
+from faultlib import warm_up
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
     LOOPBACK,
-    LoopThread,
-    TcpBackend,
     apply,
+    closed_by_peer,
     connect,
-    echo,
     free_ports,
-    no_traceback,
     refusals,
     roundtrip,
     status,
     wait_until,
 )
 
+if TYPE_CHECKING:
+    from conftest import LeakCheck
+
 
 def test_a_late_snapshot_revoking_the_peer_does_not_close_its_live_connection(
-        tmp_path: Path) -> None:
-    cas = CasProcess.start(tmp_path / "mesh")
-    lt = LoopThread()
-    app = TcpBackend(lt, echo)
-    front: CasFront | None = None
-    started: list[SidecarProcess] = []
-    try:
-        apply(cas, cas.sim_policy("shop"))
-        front = CasFront(cas, lt)
-        inbound, outbound = free_ports(2)
-        backend = SidecarProcess.start(
-            front.as_cas(), "shop", "backend",  # type: ignore[arg-type]
-            inbound=[f"{LOOPBACK}:{inbound}={LOOPBACK}:{app.port}"])
-        started.append(backend)
-        frontend = SidecarProcess.start(
-            cas, "shop", "frontend",
-            outbound=[f"{LOOPBACK}:{outbound}=backend@{LOOPBACK}:{inbound}"])
-        started.append(frontend)
-        wait_until(lambda: front is not None and front.open_streams() == 1, 20,
-                   "the backend following the front's events")
-        snap = front.last_trust()
-        e = int(snap["epoch"])
-        serial = status(frontend)["identity"]["serial"]
-        with connect(outbound) as s:
-            assert roundtrip(s, b"before\n") == b"before\n"
-            front.push_event({**snap, "epoch": e + 5})
-            wait_until(lambda: status(backend)["epoch"] == e + 5, 10, "epoch e+5 current")
-            # late: older than the current view, and it would revoke the frontend
-            front.push_event({**snap, "epoch": e + 1, "revoked_serials": [serial]})
-            front.push_event({**snap, "epoch": e + 6})  # in order: the late one came first
-            wait_until(lambda: status(backend)["epoch"] == e + 6, 10, "epoch e+6 current")
-            assert roundtrip(s, b"still open\n") == b"still open\n"
-            with connect(outbound) as s2:
-                assert roundtrip(s2, b"new\n") == b"new\n"
-        assert not [r for r in refusals(backend) if r["reason"] == "revoked"]
-        # and the newest view does decide: a current revocation closes at once
-        with connect(outbound) as s:
-            assert roundtrip(s, b"again\n") == b"again\n"
-            front.push_event({**snap, "epoch": e + 7, "revoked_serials": [serial]})
-            s.settimeout(5)
-            from meshpeers import closed_by_peer
-
-            wait_until(lambda: closed_by_peer(s), 5, "the revoked connection closed")
-        no_traceback(*started)
-    finally:
-        for sc in started:
-            sc.stop()
-        if front is not None:
-            front.close()
-        app.close()
-        lt.close()
-        cas.stop()
+        fault_cas: CasProcess, echo_port: int, cas_front: Callable[..., CasFront],
+        sidecar: Callable[..., SidecarProcess], leak_check: LeakCheck) -> None:
+    cas = fault_cas
+    apply(cas, cas.sim_policy("shop"))
+    front = cas_front(cas)
+    inbound, outbound = free_ports(2)
+    backend = sidecar(front.as_cas(), "shop", "backend",
+                      inbound=[f"{LOOPBACK}:{inbound}={LOOPBACK}:{echo_port}"])
+    frontend = sidecar(cas, "shop", "frontend",
+                       outbound=[f"{LOOPBACK}:{outbound}=backend@{LOOPBACK}:{inbound}"])
+    wait_until(lambda: front.open_streams() == 1, 20,
+               "the backend following the front's events")
+    warm_up(outbound)
+    for p in (cas, backend, frontend):
+        leak_check.watch(p)
+    snap = front.last_trust()
+    e = int(snap["epoch"])
+    serial = status(frontend)["identity"]["serial"]
+    with connect(outbound) as s:
+        assert roundtrip(s, b"before\n") == b"before\n"
+        front.push_event({**snap, "epoch": e + 5})
+        wait_until(lambda: status(backend)["epoch"] == e + 5, 10, "epoch e+5 current")
+        # late: older than the current view, and it would revoke the frontend
+        front.push_event({**snap, "epoch": e + 1, "revoked_serials": [serial]})
+        front.push_event({**snap, "epoch": e + 6})  # in order: the late one came first
+        wait_until(lambda: status(backend)["epoch"] == e + 6, 10, "epoch e+6 current")
+        assert roundtrip(s, b"still open\n") == b"still open\n"
+        with connect(outbound) as s2:
+            assert roundtrip(s2, b"new\n") == b"new\n"
+    assert not [r for r in refusals(backend) if r["reason"] == "revoked"]
+    # and the newest view does decide: a current revocation closes at once
+    with connect(outbound) as s:
+        assert roundtrip(s, b"again\n") == b"again\n"
+        front.push_event({**snap, "epoch": e + 7, "revoked_serials": [serial]})
+        s.settimeout(5)
+        wait_until(lambda: closed_by_peer(s), 5, "the revoked connection closed")

@@ -7,21 +7,26 @@ captured them would.
 
 from __future__ import annotations
 
+import signal
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from harness import CasProcess, HttpResult
 
 from meshshield.adminauth import load_admin_key, sign_request, write_admin_key
 
+if TYPE_CHECKING:
+    from conftest import LeakCheck
+
 
 @pytest.fixture
-def cas(tmp_path: Path) -> Iterator[CasProcess]:
-    c = CasProcess.start(tmp_path)
-    yield c
-    c.stop()
+def cas(fault_cas: CasProcess, leak_check: LeakCheck) -> CasProcess:
+    """The fault CAS, warmed up by one admin request and watched for leaks from here."""
+    assert fault_cas.get("/v1/edges", admin=True).status == 200
+    leak_check.watch(fault_cas)
+    return fault_cas
 
 
 def send(cas: CasProcess, method: str, path: str, header: str, body: bytes = b"") -> HttpResult:
@@ -35,7 +40,8 @@ def assert_replay_refused(r: HttpResult) -> None:
     assert "request already seen" in err["message"], err
 
 
-def test_signed_request_replayed_after_restart_is_refused(cas: CasProcess) -> None:
+def test_signed_request_replayed_after_restart_is_refused(
+        cas: CasProcess, leak_check: LeakCheck) -> None:
     assert cas.apply_policy(cas.sim_policy("shop")).returncode == 0
     path = "/v1/sessions/shop"
     delete = sign_request(load_admin_key(cas.admin_dir), "DELETE", path, b"")
@@ -44,19 +50,21 @@ def test_signed_request_replayed_after_restart_is_refused(cas: CasProcess) -> No
 
     # The admin re-creates the session; the CAS restarts (or crashes) within the window.
     assert cas.apply_policy(cas.sim_policy("shop")).returncode == 0
+    leak_check.verify()
     cas.restart()
+    leak_check.watch(cas)  # a new process: a new baseline
     assert_replay_refused(send(cas, "DELETE", path, delete))
     assert cas.get(path, admin=True).status == 200, "the replayed DELETE took effect"
 
 
-def test_replay_guard_survives_sigkill(cas: CasProcess) -> None:
-    import signal
-
+def test_replay_guard_survives_sigkill(cas: CasProcess, leak_check: LeakCheck) -> None:
     path = "/v1/edges"
     header = sign_request(load_admin_key(cas.admin_dir), "GET", path, b"")
     assert send(cas, "GET", path, header).status == 200
+    leak_check.verify()
     cas.stop(signal.SIGKILL)
     cas.launch()
+    leak_check.watch(cas)  # a new process: a new baseline
     assert_replay_refused(send(cas, "GET", path, header))
 
 

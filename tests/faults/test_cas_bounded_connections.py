@@ -11,58 +11,23 @@ thousand connections is enough to show the difference.
 from __future__ import annotations
 
 import contextlib
-import resource
 import socket
 import ssl
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from faultlib import address, many_fds, open_fds, rss_kib
 from harness import CasProcess
 from meshpeers import wait_until
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 CAS_FD_LIMIT = 1024
 IDLE_TLS = 300
 IDLE_TCP = 1500
 LEGITIMATE = 20
-
-
-@contextlib.contextmanager
-def soft_fd_limit(n: int) -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-@contextlib.contextmanager
-def many_fds() -> Iterator[None]:
-    """This test process opens thousands of sockets: raise its soft limit to the hard."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def address(cas: CasProcess) -> tuple[str, int]:
-    host, port = cas.url.removeprefix("https://").rsplit(":", 1)
-    return host, int(port)
-
-
-def open_fds(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def legitimate_requests(cas: CasProcess, n: int) -> int:
@@ -77,19 +42,13 @@ def legitimate_requests(cas: CasProcess, n: int) -> int:
     return served
 
 
-@pytest.fixture
-def cas(tmp_path: Path) -> Iterator[CasProcess]:
-    with soft_fd_limit(CAS_FD_LIMIT):
-        c = CasProcess.start(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
+@pytest.mark.cas_fd_limit(CAS_FD_LIMIT)
 def test_cas_serves_legitimate_requests_while_flooded_with_idle_connections(
-    cas: CasProcess,
+    fault_cas: CasProcess, leak_check: LeakCheck,
 ) -> None:
+    cas = fault_cas
+    assert legitimate_requests(cas, 2) == 2  # warm-up
+    leak_check.watch(cas)
     assert cas.proc is not None
     pid = cas.proc.pid
     host, port = address(cas)
@@ -124,50 +83,49 @@ def test_cas_serves_legitimate_requests_while_flooded_with_idle_connections(
     assert legitimate_requests(cas, 4) == 4
 
 
-def test_cas_closes_connections_that_stall(tmp_path: Path) -> None:
+@pytest.mark.cas_args("--handshake-timeout", "1s", "--header-timeout", "1s",
+                      "--body-timeout", "1s", "--idle-timeout", "1s")
+def test_cas_closes_connections_that_stall(fault_cas: CasProcess,
+                                           leak_check: LeakCheck) -> None:
     """Each phase of a connection has its deadline: handshake, headers, body, idle."""
-    cas = CasProcess.start(
-        tmp_path, "--handshake-timeout", "1s", "--header-timeout", "1s",
-        "--body-timeout", "1s", "--idle-timeout", "1s",
-    )
-    try:
-        host, port = address(cas)
-        ctx = ssl.create_default_context(cafile=str(cas.bundle))
+    cas = fault_cas
+    assert legitimate_requests(cas, 2) == 2  # warm-up
+    leak_check.watch(cas)
+    host, port = address(cas)
+    ctx = ssl.create_default_context(cafile=str(cas.bundle))
 
-        def closed_within(s: socket.socket | ssl.SSLSocket, seconds: float) -> float:
-            started = time.monotonic()
-            s.settimeout(seconds)
-            try:
-                while s.recv(4096):
-                    pass
-            except (ConnectionError, ssl.SSLError):
+    def closed_within(s: socket.socket | ssl.SSLSocket, seconds: float) -> float:
+        started = time.monotonic()
+        s.settimeout(seconds)
+        try:
+            while s.recv(4096):
                 pass
-            except TimeoutError:
-                raise AssertionError(f"still open after {seconds} s") from None
-            return time.monotonic() - started
+        except (ConnectionError, ssl.SSLError):
+            pass
+        except TimeoutError:
+            raise AssertionError(f"still open after {seconds} s") from None
+        return time.monotonic() - started
 
-        stalls: dict[str, socket.socket | ssl.SSLSocket] = {}
-        # No TLS handshake at all.
-        stalls["handshake"] = socket.create_connection((host, port), timeout=5)
-        # Handshake done, request headers never finished.
-        tls = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
-        tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
-        stalls["headers"] = tls
-        # Headers done, body never finished.
-        tls = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
-        tls.sendall(b"POST /v1/attest/nonce HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
-                    b"\r\n{")
-        stalls["body"] = tls
-        # One request answered, then the connection kept idle.
-        tls = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
-        tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert tls.recv(4096).startswith(b"HTTP/1.1 200")
-        stalls["idle"] = tls
-        for phase, s in stalls.items():
-            took = closed_within(s, 10)
-            assert took < 5, f"{phase}: closed only after {took:.1f} s"
-            s.close()
-        assert cas.get("/v1/health").status == 200
-        assert "Traceback" not in cas.stderr()
-    finally:
-        cas.stop()
+    stalls: dict[str, socket.socket | ssl.SSLSocket] = {}
+    # No TLS handshake at all.
+    stalls["handshake"] = socket.create_connection((host, port), timeout=5)
+    # Handshake done, request headers never finished.
+    tls = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
+    tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+    stalls["headers"] = tls
+    # Headers done, body never finished.
+    tls = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
+    tls.sendall(b"POST /v1/attest/nonce HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                b"\r\n{")
+    stalls["body"] = tls
+    # One request answered, then the connection kept idle.
+    tls = ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host)
+    tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+    stalls["idle"] = tls
+    for phase, s in stalls.items():
+        took = closed_within(s, 10)
+        assert took < 5, f"{phase}: closed only after {took:.1f} s"
+        s.close()
+    assert cas.get("/v1/health").status == 200
+    assert "Traceback" not in cas.stderr()

@@ -12,18 +12,22 @@ against the duration of the big change itself.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from faultlib import metric
 from harness import CasProcess
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 SMALL_SESSIONS = 20
 BIG_SERVICES = 4000
 MEASUREMENT = "ab" * 32
+PARSED = "meshshield_cas_policies_parsed_total"
+UNSEALED = "meshshield_cas_ca_keys_unsealed_total"
 
 
 def big_policy(name: str, services: int) -> bytes:
@@ -37,23 +41,15 @@ def big_policy(name: str, services: int) -> bytes:
     return "\n".join(lines).encode()
 
 
-def metric(cas: CasProcess, name: str) -> float:
-    text = cas.get("/metrics").body.decode()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert m, f"{name} missing from /metrics"
-    return float(m.group(1))
-
-
 @pytest.fixture
-def cas(tmp_path: Path) -> Iterator[CasProcess]:
-    c = CasProcess.start(tmp_path)
-    try:
-        for i in range(SMALL_SESSIONS):
-            r = c.request("POST", "/v1/sessions", c.sim_policy(f"t{i}").encode(), admin=True)
-            assert r.status == 201, r.body
-        yield c
-    finally:
-        c.stop()
+def cas(fault_cas: CasProcess, leak_check: LeakCheck) -> CasProcess:
+    """The fault CAS with SMALL_SESSIONS small tenants, watched for leaks from here."""
+    for i in range(SMALL_SESSIONS):
+        r = fault_cas.request("POST", "/v1/sessions", fault_cas.sim_policy(f"t{i}").encode(),
+                              admin=True)
+        assert r.status == 201, r.body
+    leak_check.watch(fault_cas)
+    return fault_cas
 
 
 def update(cas: CasProcess, name: str, text: str) -> float:
@@ -104,17 +100,17 @@ def test_cas_change_does_not_stall_other_tenants(cas: CasProcess) -> None:
 
     # 2. Another tenant's later change re-parses its own policy only, unseals nothing,
     #    and costs about what it cost before the big policy existed.
-    parsed = metric(cas, "meshshield_cas_policies_parsed_total")
-    unsealed = metric(cas, "meshshield_cas_ca_keys_unsealed_total")
+    parsed = metric(cas, PARSED, required=True)
+    unsealed = metric(cas, UNSEALED, required=True)
     took = update(cas, "t0", cas.sim_policy("t0", extra="# v2\n"))
-    assert metric(cas, "meshshield_cas_policies_parsed_total") - parsed == 1
-    assert metric(cas, "meshshield_cas_ca_keys_unsealed_total") - unsealed == 0
+    assert metric(cas, PARSED, required=True) - parsed == 1
+    assert metric(cas, UNSEALED, required=True) - unsealed == 0
     assert took < applied / 2, (
         f"a small change took {took:.3f} s after a {applied:.3f} s big policy appeared"
     )
     # 3. A revocation parses nothing at all.
-    parsed = metric(cas, "meshshield_cas_policies_parsed_total")
+    parsed = metric(cas, PARSED, required=True)
     r = cas.request("POST", "/v1/sessions/t1/revocations",
                     f'{{"measurement": "{MEASUREMENT}"}}'.encode(), admin=True)
     assert r.status == 201, r.body
-    assert metric(cas, "meshshield_cas_policies_parsed_total") - parsed == 0
+    assert metric(cas, PARSED, required=True) - parsed == 0

@@ -20,9 +20,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
+from faultlib import warm_up
 from harness import MESHSHIELD, CasProcess, run_cli
 from meshpeers import LOOPBACK, Mesh, apply, connect, free_ports, roundtrip, status, wait_until
 from pgserver import PgServer
@@ -32,6 +34,14 @@ from meshshield.attestation.sim import generate_sim_platform_key, write_sim_plat
 from meshshield.cas.pg_store import PostgresStore
 from meshshield.cas.sqlite_store import SqliteStore
 from meshshield.pki.seal import load_or_create_kek
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
+
+# Leak checks: the outage scenario watches the CAS and both sidecars across the
+# database's outage, the SQLite-to-PostgreSQL move watches the sidecars across the CAS's
+# restart; the other scenarios have no process that outlives a fault (each CAS is
+# restarted, refused or relaunched on another store as the scenario's last step).
 
 
 def _cas(root: Path, url: str, *extra: str) -> CasProcess:
@@ -200,7 +210,7 @@ class Load:
 
 def test_postgresql_stopped_and_restarted_under_load(
         own_pg_server: PgServer, tmp_path: Path, echo_port: int,
-        meshes: Callable[..., Mesh]) -> None:
+        meshes: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     url = own_pg_server.create_database()
     cas = _cas(tmp_path / "mesh", url)
     load: Load | None = None
@@ -210,6 +220,9 @@ def test_postgresql_stopped_and_restarted_under_load(
         load = Load(cas)
         wait_until(lambda: sum(a[1] == "attest" and a[2] == 200 for a in load.answers) >= 5,
                    20, "attestations before the outage")
+        warm_up(m.outbound["echo"])
+        for p in (cas, m.backend, m.frontend):  # the load's connections are in the baseline
+            leak_check.watch(p)
         with connect(m.outbound["echo"]) as conn:
             assert roundtrip(conn, b"before\n") == b"before\n"
 
@@ -248,6 +261,7 @@ def test_postgresql_stopped_and_restarted_under_load(
         assert not [a for a in load.answers if a[2] == 0], "a request failed without an answer"
         for sc in (m.backend, m.frontend):
             assert status(sc)["identity"]["serial"]
+        leak_check.verify()  # the pool's connections to the old server included
     finally:
         if load is not None:
             load.finish()
@@ -298,7 +312,7 @@ def test_backup_and_restore_into_a_fresh_database(pg_cas: CasProcess, pg_url: st
 @pytest.mark.cas_args("--max-cert-ttl", "20s")
 def test_a_sqlite_cas_restored_into_postgresql_keeps_serving_its_mesh(
         fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh], pg_url: str,
-        tmp_path: Path) -> None:
+        tmp_path: Path, leak_check: LeakCheck) -> None:
     cas = fault_cas
     apply(cas, cas.sim_policy("shop"))
     extra = cas.attest("shop", "backend").json()["serial"]
@@ -307,6 +321,9 @@ def test_a_sqlite_cas_restored_into_postgresql_keeps_serving_its_mesh(
     sidecars = (m.frontend, m.backend)
     wait_until(lambda: all(status(sc)["cas"]["reachable"] for sc in sidecars), 10,
                "both sidecars following CAS events")
+    warm_up(m.outbound["echo"])
+    for sc in sidecars:
+        leak_check.watch(sc)
     fingerprint = cas.ca_fingerprint
     assert cas.stop() == 0
     before = _state(cas.data / "cas.db")
@@ -330,4 +347,5 @@ def test_a_sqlite_cas_restored_into_postgresql_keeps_serving_its_mesh(
     with psycopg.connect(pg_url) as conn:
         issued = conn.execute("SELECT COUNT(*) FROM certificates").fetchone()
     assert issued is not None and issued[0] > before["certificates"]  # type: ignore[operator]
+    leak_check.verify()
     assert cas.stop(signal.SIGTERM) == 0

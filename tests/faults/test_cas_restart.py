@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from harness import CasProcess
-from meshpeers import Mesh, apply, connect, roundtrip, status, wait_until
+from meshpeers import Mesh, connect, roundtrip, status, wait_until
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
@@ -57,11 +57,9 @@ class Traffic:
 
 @pytest.mark.cas_args("--max-cert-ttl", "20s")
 def test_cas_sigkill_and_restart_keeps_mesh_serving(
-        fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
-        leak_check: LeakCheck) -> None:
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     cas = fault_cas
-    apply(cas, cas.sim_policy("shop"))
-    m = meshes(cas, "shop", {"echo": echo_port})
+    m = shop_mesh()
     sidecars = (m.frontend, m.backend)
     wait_until(lambda: all(status(sc)["cas"]["reachable"] for sc in sidecars), 10,
                "both sidecars following CAS events")

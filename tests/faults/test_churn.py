@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from harness import CasProcess
-from meshpeers import Mesh, apply, connect, roundtrip
+from meshpeers import Mesh, connect, roundtrip
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
@@ -32,10 +32,8 @@ def _burst(port: int, n: int, errors: list[str], abrupt: bool) -> None:
 
 
 def test_many_short_connections_return_fds_and_tasks_to_baseline(
-        fault_cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
-        leak_check: LeakCheck) -> None:
-    apply(fault_cas, fault_cas.sim_policy("shop"))
-    m = meshes(fault_cas, "shop", {"echo": echo_port})
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
+    m = shop_mesh()
     port = m.outbound["echo"]
     with connect(port) as s:  # warm-up: TLS contexts, pools and caches are built now
         assert roundtrip(s, b"warm\n") == b"warm\n"

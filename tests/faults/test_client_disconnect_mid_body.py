@@ -7,32 +7,24 @@ That is the client's doing, not the server's: the CAS must not log a traceback f
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
+from faultlib import address, metric
 from harness import CasProcess
 from meshpeers import wait_until
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 CLIENTS = 5
 
 
-@pytest.fixture
-def cas(tmp_path: Path) -> Iterator[CasProcess]:
-    c = CasProcess.start(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
 def _hang_up_mid_body(cas: CasProcess, path: str) -> None:
-    host, port = cas.url.removeprefix("https://").rsplit(":", 1)
+    host, port = address(cas)
     ctx = ssl.create_default_context(cafile=str(cas.bundle))
-    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+    with socket.create_connection((host, port), timeout=10) as raw, \
             ctx.wrap_socket(raw, server_hostname=host) as tls:
         tls.sendall(
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -41,18 +33,15 @@ def _hang_up_mid_body(cas: CasProcess, path: str) -> None:
 
 
 def _counted(cas: CasProcess, route: str, status: str) -> float:
-    text = cas.get("/metrics").body.decode()
-    total = 0.0
-    pat = re.compile(
-        r'^meshshield_cas_requests_total\{route="([^"]*)",status="([^"]*)"\} (\S+)$', re.M
-    )
-    for m in pat.finditer(text):
-        if m.group(1) == route and (not status or m.group(2) == status):
-            total += float(m.group(3))
-    return total
+    labels = {"route": route, **({"status": status} if status else {})}
+    return metric(cas, "meshshield_cas_requests_total", **labels)
 
 
-def test_client_disconnect_mid_body_is_not_a_500(cas: CasProcess) -> None:
+def test_client_disconnect_mid_body_is_not_a_500(fault_cas: CasProcess,
+                                                 leak_check: LeakCheck) -> None:
+    cas = fault_cas
+    assert cas.get("/v1/health").status == 200  # warm-up (a route not counted below)
+    leak_check.watch(cas)
     log_before = len(cas.stderr())
     for path in ("/v1/attest", "/v1/attest/nonce", "/v1/sessions"):
         for _ in range(CLIENTS):

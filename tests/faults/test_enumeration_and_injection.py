@@ -7,29 +7,35 @@ connections. Real CAS processes and real mesh certificates.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from attested_peer import attested_peer
+from faultlib import warm_up
 from harness import CasProcess, HttpResult
-from meshpeers import LoopThread, TcpBackend, connect, echo, roundtrip, start_mesh, wait_until
+from meshpeers import Mesh, connect, roundtrip, wait_until
 
 from meshshield.adminauth import write_admin_key
 from meshshield.attestation.sim import generate_sim_platform_key, write_sim_platform_key
 from meshshield.attestclient import AttestRequest, build_attest_body
 from meshshield.pki.keys import generate_p256
 
+if TYPE_CHECKING:
+    from conftest import LeakCheck
+
 TD = "meshshield.local"
 
 
 @pytest.fixture
-def cas(tmp_path: Path) -> Iterator[CasProcess]:
-    c = CasProcess.start(tmp_path)
-    assert c.apply_policy(c.sim_policy("shop")).returncode == 0
-    yield c
-    c.stop()
+def cas(fault_cas: CasProcess, leak_check: LeakCheck) -> CasProcess:
+    """The fault CAS with session shop, warmed up by one attestation and watched for
+    leaks from here."""
+    assert fault_cas.apply_policy(fault_cas.sim_policy("shop")).returncode == 0
+    assert fault_cas.attest("shop", "backend").status == 200
+    leak_check.watch(fault_cas)
+    return fault_cas
 
 
 def error(r: HttpResult) -> tuple[int, str, str]:
@@ -113,16 +119,8 @@ def test_metrics_do_not_name_sessions(cas: CasProcess) -> None:
 
 
 def identity(cas: CasProcess, session: str, service: str) -> tuple[Path, Path, str]:
-    key, body = cas.attest_body(session, service)
-    r = cas.post_json("/v1/attest", body)
-    assert r.status == 200, r.body
-    cert = cas.root / f"{session}-{service}.crt"
-    keyf = cas.root / f"{session}-{service}.key"
-    cert.write_text(r.json()["certificate"])
-    keyf.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    return cert, keyf, str(r.json()["serial"])
+    peer = attested_peer(cas, session, service)
+    return peer.cert, peer.key, peer.serial
 
 
 def entry(direction: str, session: str, service: str, serial: str, **kw: Any) -> dict[str, Any]:
@@ -159,26 +157,26 @@ def test_report_cannot_fabricate_other_sidecars_edges(cas: CasProcess) -> None:
         (f"spiffe://{TD}/evil/frontend", f"spiffe://{TD}/evil/backend")], edges
 
 
-def test_real_sidecars_reports_still_make_their_edge(cas: CasProcess) -> None:
+def test_real_sidecars_reports_still_make_their_edge(
+        cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
+        leak_check: LeakCheck) -> None:
     """The filter keeps what real sidecars report: a live frontend -> backend connection."""
     fast = cas.root / "fast-reports.yaml"
     fast.write_text("report_interval: 1s\n")
-    lt = LoopThread()
-    app = TcpBackend(lt, echo)
-    mesh = start_mesh(cas, "shop", {"echo": app.port}, backend_extra=("--config", str(fast)),
-                      frontend_extra=("--config", str(fast)))
-    try:
-        with connect(mesh.outbound["echo"]) as s:
-            assert roundtrip(s, b"ping") == b"ping"
+    mesh = meshes(cas, "shop", {"echo": echo_port}, backend_extra=("--config", str(fast)),
+                  frontend_extra=("--config", str(fast)))
+    warm_up(mesh.outbound["echo"])
+    # The CAS's baseline again, now that the sidecars hold their event streams.
+    for p in (cas, mesh.backend, mesh.frontend):
+        leak_check.watch(p)
+    with connect(mesh.outbound["echo"]) as s:
+        assert roundtrip(s, b"ping") == b"ping"
 
-            def edge() -> list[Any] | None:
-                found = cas.get("/v1/edges", admin=True).json()["edges"]
-                return found or None
+        def edge() -> list[Any] | None:
+            found = cas.get("/v1/edges", admin=True).json()["edges"]
+            return found or None
 
-            edges = wait_until(edge, 20, "the live connection's edge in /v1/edges")
-        assert [(e["src"], e["dst"], e["attested"]) for e in edges] == [
-            (f"spiffe://{TD}/shop/frontend", f"spiffe://{TD}/shop/backend", True)], edges
-    finally:
-        mesh.stop()
-        app.close()
-        lt.close()
+        edges = wait_until(edge, 20, "the live connection's edge in /v1/edges")
+    assert [(e["src"], e["dst"], e["attested"]) for e in edges] == [
+        (f"spiffe://{TD}/shop/frontend", f"spiffe://{TD}/shop/backend", True)], edges
+    leak_check.verify()  # here: the sidecars started after the fixture's leak check

@@ -8,35 +8,32 @@ The sidecar follows a CAS front whose event stream the test writes.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
 from casfront import CasFront
+from faultlib import metric
 from harness import CasProcess, SidecarProcess
-from meshpeers import LoopThread, apply, no_traceback, status, wait_until
+from meshpeers import apply, status, wait_until
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 
 @pytest.fixture
-def followed(tmp_path: Any) -> Iterator[tuple[CasFront, SidecarProcess]]:
-    cas = CasProcess.start(tmp_path / "mesh")
-    lt = LoopThread()
-    front: CasFront | None = None
-    sc: SidecarProcess | None = None
-    try:
-        apply(cas, cas.sim_policy("shop"))
-        front = CasFront(cas, lt)
-        sc = SidecarProcess.start(front.as_cas(), "shop", "backend",  # type: ignore[arg-type]
-                                  inbound=["127.0.0.1:0=127.0.0.1:9"])
-        yield front, sc
-        no_traceback(sc)
-    finally:
-        if sc is not None:
-            sc.stop()
-        if front is not None:
-            front.close()
-        lt.close()
-        cas.stop()
+def followed(fault_cas: CasProcess, cas_front: Callable[..., CasFront],
+             sidecar: Callable[..., SidecarProcess],
+             leak_check: LeakCheck) -> tuple[CasFront, SidecarProcess]:
+    """A sidecar following a front's event stream, its first stream open; it and the
+    CAS behind the front are watched for leaks from here."""
+    apply(fault_cas, fault_cas.sim_policy("shop"))
+    front = cas_front(fault_cas)
+    sc = sidecar(front.as_cas(), "shop", "backend", inbound=["127.0.0.1:0=127.0.0.1:9"])
+    _stream_open(front, 1)
+    for p in (fault_cas, sc):
+        leak_check.watch(p)
+    return front, sc
 
 
 def _stream_open(front: CasFront, opens: int) -> None:
@@ -49,17 +46,9 @@ def _epoch(sc: SidecarProcess) -> int | None:
     return None if e is None else int(e)
 
 
-def _metric(sc: SidecarProcess, name: str) -> float:
-    for line in sc.get("/metrics").body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
-
-
 def test_sidecar_follows_a_trust_event_of_20000_revoked_serials(
         followed: tuple[CasFront, SidecarProcess]) -> None:
     front, sc = followed
-    _stream_open(front, 1)
     snap = front.last_trust()
     big = {**snap, "epoch": snap["epoch"] + 1,
            "revoked_serials": [secrets.token_hex(16) for _ in range(20_000)]}
@@ -73,7 +62,6 @@ def test_sidecar_follows_a_trust_event_of_20000_revoked_serials(
 def test_an_over_cap_or_malformed_event_reconnects_and_is_reported(
         followed: tuple[CasFront, SidecarProcess]) -> None:
     front, sc = followed
-    _stream_open(front, 1)
     snap = front.last_trust()
     before = status(sc)["cas"]["reconnects"]
     # 5 MiB in one event: over the cap, an error, never a silent end
@@ -82,7 +70,7 @@ def test_an_over_cap_or_malformed_event_reconnects_and_is_reported(
                "a reconnect after the over-cap event")
     st = status(sc)["cas"]
     assert "body_too_large" in (st["last_error"] or ""), st
-    assert _metric(sc, "meshshield_sidecar_event_stream_failures_total") >= 1
+    assert metric(sc, "meshshield_sidecar_event_stream_failures_total", required=True) >= 1
     _stream_open(front, 2)
     wait_until(lambda: status(sc)["cas"]["reachable"], 10, "/status reachable again")
     front.push_event({**snap, "epoch": snap["epoch"] + 2})
@@ -97,5 +85,5 @@ def test_an_over_cap_or_malformed_event_reconnects_and_is_reported(
     _stream_open(front, 3)
     front.push_event({**snap, "epoch": snap["epoch"] + 3})
     wait_until(lambda: _epoch(sc) == snap["epoch"] + 3, 10, "following again")
-    assert _metric(sc, "meshshield_sidecar_event_stream_failures_total") >= 2
-    assert _metric(sc, "meshshield_sidecar_cas_reachable") == 1
+    assert metric(sc, "meshshield_sidecar_event_stream_failures_total", required=True) >= 2
+    assert metric(sc, "meshshield_sidecar_cas_reachable", required=True) == 1

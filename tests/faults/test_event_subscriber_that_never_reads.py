@@ -15,6 +15,9 @@ from aiohttp import web
 
 from meshshield.cas import http as cas_http
 
+# No leak check here: no long-lived process; the server runs on this test's own event
+# loop, and the scenario itself proves its handler ends.
+
 
 def test_subscriber_that_never_reads_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cas_http, "EVENT_WRITE_SECONDS", 0.5)

@@ -10,39 +10,26 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from attested_peer import attested_peer
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from faultlib import warm_up
 from harness import CasProcess
 from meshpeers import (
     LOOPBACK,
-    LoopThread,
-    TcpBackend,
-    apply,
+    Mesh,
     closed_by_peer,
     connect,
-    echo,
-    no_traceback,
     roundtrip,
-    start_mesh,
     status,
     wait_refusal,
     wait_until,
 )
 
-
-def _old_leaf(cas: CasProcess, root: Path) -> tuple[Path, Path]:
-    """A frontend certificate of the current CA, as files (cert chain, key)."""
-    key, body = cas.attest_body("shop", "frontend")
-    r = cas.post_json("/v1/attest", body)
-    assert r.status == 200, r.body
-    cert, keyfile = root / "old-frontend.crt", root / "old-frontend.key"
-    cert.write_text(r.json()["certificate"])
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    return cert, keyfile
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 
 def _handshake(port: int, ctx: ssl.SSLContext) -> str:
@@ -59,58 +46,50 @@ def _handshake(port: int, ctx: ssl.SSLContext) -> str:
 
 
 def test_forced_ca_rotation_cuts_connections_and_refuses_the_removed_ca(
-        tmp_path: Path) -> None:
-    cas = CasProcess.start(tmp_path / "mesh")
-    lt = LoopThread()
-    app = TcpBackend(lt, echo)
-    mesh = None
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
+    cas = fault_cas
+    mesh = shop_mesh()
+    sidecars = (mesh.frontend, mesh.backend)
+    old = attested_peer(cas, "shop", "frontend")  # a frontend certificate of the old CA
+    old_cert, old_key = old.cert, old.key
+    old_issuer = x509.load_pem_x509_certificate(old_cert.read_bytes()).issuer
+    mesh_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    mesh_client.check_hostname = False
+    mesh_client.verify_mode = ssl.CERT_NONE  # we test the server's verification
+    mesh_client.load_cert_chain(str(old_cert), str(old_key))
+    assert _handshake(mesh.inbound["echo"], mesh_client) == "ok"
+    serials = {sc.name: status(sc)["identity"]["serial"] for sc in sidecars}
+    warm_up(mesh.outbound["echo"])
+    for p in (cas, *sidecars):
+        leak_check.watch(p)
+
+    with connect(mesh.outbound["echo"]) as s:
+        assert roundtrip(s, b"before\n") == b"before\n"
+        rotated = time.monotonic()
+        r = cas.cli("cas", "rotate-ca", "--force")
+        assert r.returncode == 0, r.stdout + r.stderr
+        s.settimeout(0.2)
+        wait_until(lambda: closed_by_peer(s), 10, "the live connection cut")
+        took = (time.monotonic() - rotated) * 1000
+        print(f"forced rotation: live connection cut {took:.0f} ms after rotate-ca started")
+    wait_refusal(mesh.backend, "chain_invalid", timeout=5)
+
+    # both sidecars attest again, for certificates of the new CA
+    wait_until(lambda: all(status(sc)["identity"]["serial"] != serials[sc.name]
+                           for sc in sidecars), 20, "both sidecars re-attested")
+    with connect(mesh.outbound["echo"]) as s:
+        assert roundtrip(s, b"after\n") == b"after\n"
+
+    # a leaf of the removed CA: refused by the sidecar and by the CAS
+    got = _handshake(mesh.inbound["echo"], mesh_client)
+    assert got != "ok", got
+    wait_refusal(mesh.backend, "tls_handshake_failed", timeout=5)
+    bundle = cas.get("/v1/bundle").json()
+    assert all(c.issuer != old_issuer for c in x509.load_pem_x509_certificates(
+        bundle["bundle"].encode())), "the old CA is still in the bundle"
     try:
-        apply(cas, cas.sim_policy("shop"))
-        mesh = start_mesh(cas, "shop", {"echo": app.port})
-        sidecars = (mesh.frontend, mesh.backend)
-        old_cert, old_key = _old_leaf(cas, tmp_path)
-        old_issuer = x509.load_pem_x509_certificate(old_cert.read_bytes()).issuer
-        mesh_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        mesh_client.check_hostname = False
-        mesh_client.verify_mode = ssl.CERT_NONE  # we test the server's verification
-        mesh_client.load_cert_chain(str(old_cert), str(old_key))
-        assert _handshake(mesh.inbound["echo"], mesh_client) == "ok"
-        serials = {sc.name: status(sc)["identity"]["serial"] for sc in sidecars}
-
-        with connect(mesh.outbound["echo"]) as s:
-            assert roundtrip(s, b"before\n") == b"before\n"
-            rotated = time.monotonic()
-            r = cas.cli("cas", "rotate-ca", "--force")
-            assert r.returncode == 0, r.stdout + r.stderr
-            s.settimeout(0.2)
-            wait_until(lambda: closed_by_peer(s), 10, "the live connection cut")
-            took = (time.monotonic() - rotated) * 1000
-            print(f"forced rotation: live connection cut {took:.0f} ms after rotate-ca started")
-        wait_refusal(mesh.backend, "chain_invalid", timeout=5)
-
-        # both sidecars attest again, for certificates of the new CA
-        wait_until(lambda: all(status(sc)["identity"]["serial"] != serials[sc.name]
-                               for sc in sidecars), 20, "both sidecars re-attested")
-        with connect(mesh.outbound["echo"]) as s:
-            assert roundtrip(s, b"after\n") == b"after\n"
-
-        # a leaf of the removed CA: refused by the sidecar and by the CAS
-        got = _handshake(mesh.inbound["echo"], mesh_client)
-        assert got != "ok", got
-        wait_refusal(mesh.backend, "tls_handshake_failed", timeout=5)
-        bundle = cas.get("/v1/bundle").json()
-        assert all(c.issuer != old_issuer for c in x509.load_pem_x509_certificates(
-            bundle["bundle"].encode())), "the old CA is still in the bundle"
-        try:
-            r2 = cas.get("/v1/events", ctx=cas.ssl_context(old_cert, old_key), timeout=5)
-            outcome = f"HTTP {r2.status}"
-        except OSError as e:  # ssl.SSLError, URLError and RemoteDisconnected are OSErrors
-            outcome = f"refused: {e}"
-        assert outcome.startswith("refused"), outcome
-        no_traceback(*sidecars)
-    finally:
-        if mesh is not None:
-            mesh.stop()
-        app.close()
-        lt.close()
-        cas.stop()
+        r2 = cas.get("/v1/events", ctx=cas.ssl_context(old_cert, old_key), timeout=5)
+        outcome = f"HTTP {r2.status}"
+    except OSError as e:  # ssl.SSLError, URLError and RemoteDisconnected are OSErrors
+        outcome = f"refused: {e}"
+    assert outcome.startswith("refused"), outcome

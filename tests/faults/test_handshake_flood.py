@@ -6,13 +6,14 @@ nor any outbound app call; what is over budget is closed at once and counted."""
 from __future__ import annotations
 
 import resource
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
-from flood import FloodMesh, handshake_flood, rss_kib
+from faultlib import metric, rss_kib
+from flood import FloodMesh, handshake_flood
+from harness import CasProcess
 from meshpeers import closed_by_peer, no_traceback, status, wait_until
-from onpath import metric
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
@@ -24,24 +25,36 @@ CALLS = 20
 
 
 @pytest.fixture
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FloodMesh]:
+def flood_mesh(fault_cas: CasProcess, echo_port: int) -> Iterator[Callable[..., FloodMesh]]:
+    """`flood_mesh(*target_flags)`: a FloodMesh on the fault CAS, with room in this
+    process (and the sidecars) for the flood's sockets."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4 * FLOOD:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * FLOOD), hard))
-    m = FloodMesh.start(tmp_path_factory.mktemp("flood"), target_extra=(
-        "--max-connections", str(CAP), "--handshake-timeout", "60s"))
+    started: list[FloodMesh] = []
+
+    def start(*target_extra: str) -> FloodMesh:
+        m = FloodMesh.start(fault_cas, echo_port, target_extra=target_extra)
+        started.append(m)
+        return m
+
     try:
-        yield m
-        no_traceback(m.target, m.other)
+        yield start
+        for m in started:
+            no_traceback(m.target, m.other)
     finally:
-        m.stop()
+        for m in started:
+            m.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_handshake_flood_from_one_address_does_not_starve_app_calls(
-        mesh: FloodMesh, leak_check: LeakCheck) -> None:
+        fault_cas: CasProcess, flood_mesh: Callable[..., FloodMesh],
+        leak_check: LeakCheck) -> None:
+    mesh = flood_mesh("--max-connections", str(CAP), "--handshake-timeout", "60s")
     assert mesh.served(3, "before") == (3, 3)
-    leak_check.watch(mesh.target)
+    for p in (fault_cas, mesh.target, mesh.other):
+        leak_check.watch(p)
     rss_before = rss_kib(mesh.target.proc.pid)
     with handshake_flood(mesh.target_inbound, ["127.0.0.2"], FLOOD) as held:
         inbound, outbound = mesh.served(CALLS, "during")
@@ -64,20 +77,19 @@ def test_handshake_flood_from_one_address_does_not_starve_app_calls(
 
 
 def test_handshake_flood_from_many_addresses_does_not_starve_outbound_calls(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+        fault_cas: CasProcess, flood_mesh: Callable[..., FloodMesh],
+        leak_check: LeakCheck) -> None:
     """Strangers from many addresses fill the whole inbound handshake budget: inbound
     handshakes are refused meanwhile, but outbound app calls have their own."""
-    m = FloodMesh.start(tmp_path_factory.mktemp("flood-many"), target_extra=(
-        "--max-handshakes", "64", "--max-handshakes-per-source", "16",
-        "--handshake-timeout", "60s"))
-    try:
-        sources = [f"127.0.0.{i}" for i in range(2, 10)]
-        with handshake_flood(m.target_inbound, sources, 16):
-            wait_until(lambda: metric(m.target, REFUSED, direction="inbound",
-                                      reason="over_handshake_budget") > 0, 10,
-                       "the global inbound handshake budget to be full")
-            _inbound, outbound = m.served(CALLS, "during")
-        assert outbound == CALLS
-        no_traceback(m.target, m.other)
-    finally:
-        m.stop()
+    m = flood_mesh("--max-handshakes", "64", "--max-handshakes-per-source", "16",
+                   "--handshake-timeout", "60s")
+    assert m.served(1, "warm-up") == (1, 1)
+    for p in (fault_cas, m.target, m.other):
+        leak_check.watch(p)
+    sources = [f"127.0.0.{i}" for i in range(2, 10)]
+    with handshake_flood(m.target_inbound, sources, 16):
+        wait_until(lambda: metric(m.target, REFUSED, direction="inbound",
+                                  reason="over_handshake_budget") > 0, 10,
+                   "the global inbound handshake budget to be full")
+        _inbound, outbound = m.served(CALLS, "during")
+    assert outbound == CALLS

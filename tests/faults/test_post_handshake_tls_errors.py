@@ -6,26 +6,21 @@ end is counted by reason."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
+from faultlib import metric
 from harness import SidecarProcess, run_cli
 from meshpeers import LOOPBACK, connect, free_ports, no_traceback, status, wait_until
-from onpath import OnPathMesh, how_it_ends, metric
+from onpath import OnPathMesh, how_it_ends
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 CLOSED = "meshshield_sidecar_connections_closed_total"
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
-    m = OnPathMesh(tmp_path_factory.mktemp("tlserr"))
-    try:
-        yield m
-        no_traceback(m.backend, m.frontend)
-    finally:
-        m.close()
 
 
 def _ended_lines(sc: SidecarProcess) -> list[str]:
@@ -58,16 +53,20 @@ def _s_server(tmp: Path, mesh: OnPathMesh, port: int) -> subprocess.Popen[bytes]
 
 
 def test_peer_alert_after_handshake_leaves_no_live_connection(
-        mesh: OnPathMesh, tmp_path: Path) -> None:
+        onpath_mesh: OnPathMesh, tmp_path: Path, sidecar: Callable[..., SidecarProcess],
+        leak_check: LeakCheck) -> None:
+    mesh = onpath_mesh
     port, outbound = free_ports(2)
     server = _s_server(tmp_path, mesh, port)
-    fe: SidecarProcess | None = None
     try:
         wait_until(lambda: server.poll() is not None or _listening(port), 10,
                    "openssl s_server to listen")
         assert server.poll() is None, server.stdout.read() if server.stdout else ""
-        fe = SidecarProcess.start(mesh.cas, "shop", "frontend", outbound=[
+        fe = sidecar(mesh.cas, "shop", "frontend", outbound=[
             f"{LOOPBACK}:{outbound}=backend@{LOOPBACK}:{port}"])
+        # Baseline once ready: every connection of this route ends in the alert.
+        for p in (mesh.cas, fe):
+            leak_check.watch(p)
         with connect(outbound) as s:
             s.sendall(b"hello\n")
             s.settimeout(10)
@@ -81,23 +80,23 @@ def test_peer_alert_after_handshake_leaves_no_live_connection(
         assert len(lines) == 1, lines
         assert "backend" in lines[0] and "tls_error" in lines[0], lines
         no_traceback(fe)
+        leak_check.verify()
     finally:
-        if fe is not None:
-            fe.stop()
         server.kill()
         server.wait(5)
 
 
 def _listening(port: int) -> bool:
-    import socket
-
     with socket.socket() as s:
         return s.connect_ex((LOOPBACK, port)) == 0
 
 
-def test_forged_record_after_handshake_leaves_no_live_connection(mesh: OnPathMesh) -> None:
+def test_forged_record_after_handshake_leaves_no_live_connection(
+        onpath_mesh: OnPathMesh, leak_check: LeakCheck) -> None:
     """An on-path host injects an application-data record of garbage towards the
     backend's sidecar, which cannot authenticate it and ends the connection."""
+    mesh = onpath_mesh
+    mesh.watch(leak_check)
     assert mesh.onpath is not None
     counted = metric(mesh.backend, CLOSED, direction="inbound", reason="tls_error")
     lines = len(_ended_lines(mesh.backend))

@@ -5,33 +5,20 @@ never as a clean FIN that would make a cut-short response look complete."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import pytest
-from meshpeers import no_traceback, roundtrip, wait_until
+from meshpeers import roundtrip, wait_until
 from onpath import OnPathMesh, how_it_ends, linger_zero
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
-    m = OnPathMesh(tmp_path_factory.mktemp("reset"))
-    try:
-        yield m
-        no_traceback(m.backend, m.frontend)
-    finally:
-        m.close()
-
-
-def test_app_reset_reaches_other_app_as_reset(mesh: OnPathMesh, leak_check: LeakCheck) -> None:
+def test_app_reset_reaches_other_app_as_reset(
+        onpath_mesh: OnPathMesh, leak_check: LeakCheck) -> None:
     """The client app resets its connection; the backend app sees a reset."""
-    mesh.connect().close()  # warm-up: lazy state is built now, not a leak
-    mesh.no_live_connections()
-    for sc in (mesh.frontend, mesh.backend):
-        leak_check.watch(sc)
+    mesh = onpath_mesh
+    mesh.watch(leak_check)
     before = len(mesh.app.ends)
     s = mesh.connect()
     linger_zero(s)
@@ -41,8 +28,11 @@ def test_app_reset_reaches_other_app_as_reset(mesh: OnPathMesh, leak_check: Leak
     mesh.no_live_connections()
 
 
-def test_backend_app_reset_reaches_client_as_reset(mesh: OnPathMesh) -> None:
+def test_backend_app_reset_reaches_client_as_reset(
+        onpath_mesh: OnPathMesh, leak_check: LeakCheck) -> None:
     """The backend app resets its connection mid-conversation; the client sees a reset."""
+    mesh = onpath_mesh
+    mesh.watch(leak_check)
     mesh.app.reset_at = 6 + 9  # "hello\n" then "response\n"
     try:
         with mesh.connect() as s:
@@ -54,9 +44,12 @@ def test_backend_app_reset_reaches_client_as_reset(mesh: OnPathMesh) -> None:
     mesh.no_live_connections()
 
 
-def test_clean_close_still_reaches_app_as_clean_end(mesh: OnPathMesh) -> None:
+def test_clean_close_still_reaches_app_as_clean_end(
+        onpath_mesh: OnPathMesh, leak_check: LeakCheck) -> None:
     """A client's FIN (TLS close_notify then FIN between the sidecars) stays a clean end,
     and the way back stays open until the backend app closes."""
+    mesh = onpath_mesh
+    mesh.watch(leak_check)
     before = len(mesh.app.ends)
     with mesh.connect() as s:
         s.shutdown(socket.SHUT_WR)

@@ -7,63 +7,48 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pytest
+from faultlib import warm_up
 from harness import CasProcess
-from meshpeers import (
-    LOOPBACK,
-    LoopThread,
-    TcpBackend,
-    apply,
-    connect,
-    echo,
-    free_ports,
-    no_traceback,
-    roundtrip,
-    start_mesh,
-    status,
-    wait_until,
-)
+from meshpeers import Mesh, connect, roundtrip, status, wait_until
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 
-def test_sidecar_reattests_after_expiry_during_cas_outage(tmp_path: Path) -> None:
-    (port,) = free_ports(1)
-    cas = CasProcess.start(tmp_path / "mesh", "--max-cert-ttl", "10s",
-                           "--listen", f"{LOOPBACK}:{port}")
-    lt = LoopThread()
-    app = TcpBackend(lt, echo)
-    mesh = None
-    try:
-        apply(cas, cas.sim_policy("shop"))
-        mesh = start_mesh(cas, "shop", {"echo": app.port})
-        sidecars = (mesh.frontend, mesh.backend)
-        assert cas.stop(signal.SIGKILL) == -signal.SIGKILL
-        old = {sc.name: status(sc)["identity"] for sc in sidecars}
-        expiry = max(datetime.fromisoformat(i["not_after"]).timestamp() for i in old.values())
-        wait_until(lambda: time.time() > expiry + 1, 20, "both certificates to expire")
-        wait_until(lambda: all(sc.get("/ready").status == 503 for sc in sidecars), 5,
-                   "both sidecars unready with an expired certificate")
+@pytest.mark.cas_args("--max-cert-ttl", "10s")
+def test_sidecar_reattests_after_expiry_during_cas_outage(
+        fault_cas: CasProcess, shop_mesh: Callable[..., Mesh], leak_check: LeakCheck) -> None:
+    cas = fault_cas
+    mesh = shop_mesh()
+    sidecars = (mesh.frontend, mesh.backend)
+    warm_up(mesh.outbound["echo"])
+    # The CAS is not watched: it is killed below, and its relaunch ends the scenario.
+    for sc in sidecars:
+        leak_check.watch(sc)
+    assert cas.stop(signal.SIGKILL) == -signal.SIGKILL
+    old = {sc.name: status(sc)["identity"] for sc in sidecars}
+    expiry = max(datetime.fromisoformat(i["not_after"]).timestamp() for i in old.values())
+    wait_until(lambda: time.time() > expiry + 1, 20, "both certificates to expire")
+    wait_until(lambda: all(sc.get("/ready").status == 503 for sc in sidecars), 5,
+               "both sidecars unready with an expired certificate")
 
-        cas.launch()  # same data, same port
-        back = time.monotonic()
+    cas.launch()  # same data, same port
+    back = time.monotonic()
 
-        def renewed() -> bool:
-            return all(status(sc)["identity"]["serial"] != old[sc.name]["serial"]
-                       and sc.get("/ready").status == 200 for sc in sidecars)
+    def renewed() -> bool:
+        return all(status(sc)["identity"]["serial"] != old[sc.name]["serial"]
+                   and sc.get("/ready").status == 200 for sc in sidecars)
 
-        wait_until(renewed, 15, "both sidecars to hold a new certificate", interval=0.1)
-        took = time.monotonic() - back
-        print(f"re-attested {took:.1f} s after the CAS returned")
-        assert took < 10, took
-        with connect(mesh.outbound["echo"]) as s:
-            assert roundtrip(s, b"after the outage\n") == b"after the outage\n"
-        wait_until(lambda: all(status(sc)["cas"]["reachable"] for sc in sidecars), 15,
-                   "both sidecars following CAS events again")
-        no_traceback(*sidecars)
-    finally:
-        if mesh is not None:
-            mesh.stop()
-        app.close()
-        lt.close()
-        cas.stop()
+    wait_until(renewed, 15, "both sidecars to hold a new certificate", interval=0.1)
+    took = time.monotonic() - back
+    print(f"re-attested {took:.1f} s after the CAS returned")
+    assert took < 10, took
+    with connect(mesh.outbound["echo"]) as s:
+        assert roundtrip(s, b"after the outage\n") == b"after the outage\n"
+    wait_until(lambda: all(status(sc)["cas"]["reachable"] for sc in sidecars), 15,
+               "both sidecars following CAS events again")

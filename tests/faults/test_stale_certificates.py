@@ -15,16 +15,19 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from attested_peer import AttestedPeer, attested_peer, cut
+from faultlib import warm_up
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
     LOOPBACK,
     LoopThread,
+    Mesh,
     TcpBackend,
     apply,
     connect,
@@ -32,15 +35,16 @@ from meshpeers import (
     free_ports,
     make_workload,
     mesh_policy,
-    no_traceback,
     refusals,
     roundtrip,
-    start_mesh,
     status,
     wait_refusal,
 )
 
 from meshshield.adminauth import load_admin_key, write_admin_key
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 TD = "spiffe://meshshield.local"
 
@@ -87,15 +91,15 @@ def _refused_through(port: int) -> None:
         _cut_within(s, 10, "a new connection")
 
 
-def _backend_alone(cas: CasProcess, session: str, app_port: int,
-                   ) -> tuple[SidecarProcess, int]:
+def _backend_alone(sidecar: Callable[..., SidecarProcess], cas: CasProcess, session: str,
+                   app_port: int) -> tuple[SidecarProcess, int]:
     (port,) = free_ports(1)
-    sc = SidecarProcess.start(cas, session, "backend",
-                              inbound=[f"{LOOPBACK}:{port}={LOOPBACK}:{app_port}"])
+    sc = sidecar(cas, session, "backend", inbound=[f"{LOOPBACK}:{port}={LOOPBACK}:{app_port}"])
     return sc, port
 
 
-def test_policy_update_closes_live_connection_of_old_build(env: Env) -> None:
+def test_policy_update_closes_live_connection_of_old_build(
+        env: Env, meshes: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     cas = env.cas
     v1 = make_workload(cas, "frontend-v1")
     v2 = make_workload(cas, "frontend-v2")
@@ -103,24 +107,23 @@ def test_policy_update_closes_live_connection_of_old_build(env: Env) -> None:
     bm = cas.measurement()
     old = mesh_policy("shop", backend_m=bm, frontend_m=cas.measurement(v1))
     apply(cas, old)
-    m = start_mesh(cas, "shop", {"echo": env.echo_port}, frontend_workload=v1)
-    try:
-        with connect(m.outbound["echo"]) as s:
-            assert roundtrip(s, b"v1 talking\n") == b"v1 talking\n"
-            n = len(refusals(m.backend))
-            # v2 is approved, v1 is not any more: the running v1 must be cut.
-            apply(cas, _successor(old, mesh_policy("shop", backend_m=bm,
-                                                    frontend_m=cas.measurement(v2))))
-            _cut_within(s, 5, "the live connection of the old build")
-        r = wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/shop/frontend")
-        assert status(m.frontend)["identity"]["serial"] in r["message"], r
+    m = meshes(cas, "shop", {"echo": env.echo_port}, frontend_workload=v1)
+    warm_up(m.outbound["echo"])
+    for p in (cas, m.backend, m.frontend):
+        leak_check.watch(p)
+    with connect(m.outbound["echo"]) as s:
+        assert roundtrip(s, b"v1 talking\n") == b"v1 talking\n"
         n = len(refusals(m.backend))
-        _refused_through(m.outbound["echo"])
-        wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/shop/frontend")
-        assert m.backend.get("/connections").json()["connections"] == []
-        no_traceback(m.backend, m.frontend)
-    finally:
-        m.stop()
+        # v2 is approved, v1 is not any more: the running v1 must be cut.
+        apply(cas, _successor(old, mesh_policy("shop", backend_m=bm,
+                                                frontend_m=cas.measurement(v2))))
+        _cut_within(s, 5, "the live connection of the old build")
+    r = wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/shop/frontend")
+    assert status(m.frontend)["identity"]["serial"] in r["message"], r
+    n = len(refusals(m.backend))
+    _refused_through(m.outbound["echo"])
+    wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/shop/frontend")
+    assert m.backend.get("/connections").json()["connections"] == []
 
 
 def _star_policy(name: str, m: str, *, with_frontend: bool) -> str:
@@ -132,26 +135,26 @@ def _star_policy(name: str, m: str, *, with_frontend: bool) -> str:
             "security:\n  attestation:\n    tolerate: [simulation]\n")
 
 
-def test_removed_service_peer_is_cut_and_refused(env: Env) -> None:
+def test_removed_service_peer_is_cut_and_refused(
+        env: Env, meshes: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     """backend admits any service of its session ("*"); removing frontend from the
     policy leaves the backend's allow_from as it was, yet frontend must be cut."""
     cas = env.cas
     m_ = cas.measurement()
     old = _star_policy("cafe", m_, with_frontend=True)
     apply(cas, old)
-    m = start_mesh(cas, "cafe", {"echo": env.echo_port})
-    try:
-        with connect(m.outbound["echo"]) as s:
-            assert roundtrip(s, b"still here\n") == b"still here\n"
-            apply(cas, _successor(old, _star_policy("cafe", m_, with_frontend=False)))
-            _cut_within(s, 5, "the live connection of the removed service")
-        wait_refusal(m.backend, "revoked", peer_spiffe_id=f"{TD}/cafe/frontend")
-        n = len(refusals(m.backend))
-        _refused_through(m.outbound["echo"])
-        wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/cafe/frontend")
-        no_traceback(m.backend, m.frontend)
-    finally:
-        m.stop()
+    m = meshes(cas, "cafe", {"echo": env.echo_port})
+    warm_up(m.outbound["echo"])
+    for p in (cas, m.backend, m.frontend):
+        leak_check.watch(p)
+    with connect(m.outbound["echo"]) as s:
+        assert roundtrip(s, b"still here\n") == b"still here\n"
+        apply(cas, _successor(old, _star_policy("cafe", m_, with_frontend=False)))
+        _cut_within(s, 5, "the live connection of the removed service")
+    wait_refusal(m.backend, "revoked", peer_spiffe_id=f"{TD}/cafe/frontend")
+    n = len(refusals(m.backend))
+    _refused_through(m.outbound["echo"])
+    wait_refusal(m.backend, "revoked", after=n, peer_spiffe_id=f"{TD}/cafe/frontend")
 
 
 def _two_tenants(cas: CasProcess, mall: str, deli: str) -> str:
@@ -171,30 +174,33 @@ def _delete(cas: CasProcess, session: str) -> None:
     assert r.status == 200, r.body
 
 
-def test_deleted_session_peer_is_cut_and_refused(env: Env) -> None:
+def test_deleted_session_peer_is_cut_and_refused(
+        env: Env, sidecar: Callable[..., SidecarProcess], leak_check: LeakCheck) -> None:
     cas = env.cas
     _two_tenants(cas, "mall", "deli")
-    backend, port = _backend_alone(cas, "mall", env.echo_port)
-    try:
-        peer = attested_peer(cas, "deli", "frontend")
-        with peer.connect(port) as s:
-            assert roundtrip(s, b"from deli\n") == b"from deli\n"
-            _delete(cas, "deli")
-            _cut_within(s, 5, "the live connection from the deleted session")
-        r = wait_refusal(backend, "revoked", peer_spiffe_id=f"{TD}/deli/frontend")
-        assert peer.serial in r["message"], r
-        n = len(refusals(backend))
-        with peer.connect(port) as s:
-            _send_if_open(s, b"anyone?\n")
-            _cut_within(s, 10, "a new connection from the deleted session")
-        wait_refusal(backend, "revoked", after=n, peer_spiffe_id=f"{TD}/deli/frontend")
-        no_traceback(backend)
-    finally:
-        backend.stop()
+    backend, port = _backend_alone(sidecar, cas, "mall", env.echo_port)
+    peer = attested_peer(cas, "deli", "frontend")
+    with peer.connect(port) as s:  # warm-up
+        assert roundtrip(s, b"warm-up\n") == b"warm-up\n"
+    for p in (cas, backend):
+        leak_check.watch(p)
+    with peer.connect(port) as s:
+        assert roundtrip(s, b"from deli\n") == b"from deli\n"
+        _delete(cas, "deli")
+        _cut_within(s, 5, "the live connection from the deleted session")
+    r = wait_refusal(backend, "revoked", peer_spiffe_id=f"{TD}/deli/frontend")
+    assert peer.serial in r["message"], r
+    n = len(refusals(backend))
+    with peer.connect(port) as s:
+        _send_if_open(s, b"anyone?\n")
+        _cut_within(s, 10, "a new connection from the deleted session")
+    wait_refusal(backend, "revoked", after=n, peer_spiffe_id=f"{TD}/deli/frontend")
 
 
-def test_deleted_session_serial_stays_revocable(env: Env) -> None:
+def test_deleted_session_serial_stays_revocable(
+        env: Env, sidecar: Callable[..., SidecarProcess], leak_check: LeakCheck) -> None:
     cas = env.cas
+    leak_check.watch(cas)
     deli_policy = _two_tenants(cas, "arcade", "bakery")
     peer = attested_peer(cas, "bakery", "frontend")
     _delete(cas, "bakery")
@@ -203,18 +209,16 @@ def test_deleted_session_serial_stays_revocable(env: Env) -> None:
     assert peer.serial in r.stdout, r.stdout
     # The same name created again (the same build allowed) does not bring it back.
     apply(cas, deli_policy)
-    backend, port = _backend_alone(cas, "arcade", env.echo_port)
-    try:
-        with peer.connect(port) as s:
-            _send_if_open(s, b"back again?\n")
-            _cut_within(s, 10, "a connection with the revoked serial")
-        r1 = wait_refusal(backend, "revoked", peer_spiffe_id=f"{TD}/bakery/frontend")
-        assert peer.serial in r1["message"], r1
-        fresh = attested_peer(cas, "bakery", "frontend")  # a new attestation is fine
-        with fresh.connect(port) as s:
-            assert roundtrip(s, b"new cert\n") == b"new cert\n"
-    finally:
-        backend.stop()
+    backend, port = _backend_alone(sidecar, cas, "arcade", env.echo_port)
+    leak_check.watch(backend)  # its first connection is the refusal below
+    with peer.connect(port) as s:
+        _send_if_open(s, b"back again?\n")
+        _cut_within(s, 10, "a connection with the revoked serial")
+    r1 = wait_refusal(backend, "revoked", peer_spiffe_id=f"{TD}/bakery/frontend")
+    assert peer.serial in r1["message"], r1
+    fresh = attested_peer(cas, "bakery", "frontend")  # a new attestation is fine
+    with fresh.connect(port) as s:
+        assert roundtrip(s, b"new cert\n") == b"new cert\n"
 
 
 def _mesh_get(cas: CasProcess, peer: AttestedPeer, method: str, path: str,
@@ -231,8 +235,9 @@ def _mesh_get(cas: CasProcess, peer: AttestedPeer, method: str, path: str,
 
 
 def test_cas_refuses_events_and_reports_of_a_certificate_that_no_longer_passes(
-        env: Env) -> None:
+        env: Env, leak_check: LeakCheck) -> None:
     cas = env.cas
+    leak_check.watch(cas)
     _two_tenants(cas, "plaza", "diner")
     peer = attested_peer(cas, "diner", "frontend")
     report = json.dumps({"connections": []}).encode()
@@ -244,10 +249,11 @@ def test_cas_refuses_events_and_reports_of_a_certificate_that_no_longer_passes(
 
 
 def test_deleted_session_updater_who_is_named_nowhere_else_can_still_revoke(
-        env: Env, tmp_path: Path) -> None:
+        env: Env, tmp_path: Path, leak_check: LeakCheck) -> None:
     """The replay guard admits only keys that may act; the updater of a deleted session
     whose certificates are still in force may act (it may revoke them)."""
     cas = env.cas
+    leak_check.watch(cas)
     _, tenant_fp = write_admin_key(tmp_path / "tenant")
     tenant = load_admin_key(tmp_path / "tenant")
     policy = cas.sim_policy("kiosk", extra=(

@@ -3,26 +3,21 @@ reaches the app as a reset, never as a clean end of the stream (SPEC §7)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import pytest
-from meshpeers import no_traceback, wait_until
+from meshpeers import wait_until
 from onpath import OnPathMesh, how_it_ends
 
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
-    m = OnPathMesh(tmp_path_factory.mktemp("truncation"))
-    try:
-        yield m
-        no_traceback(m.backend, m.frontend)
-    finally:
-        m.close()
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 
-def test_fin_without_close_notify_reaches_app_as_reset(mesh: OnPathMesh) -> None:
+def test_fin_without_close_notify_reaches_app_as_reset(
+        onpath_mesh: OnPathMesh, leak_check: LeakCheck) -> None:
     """A FIN forged towards the backend's sidecar: the backend app sees a reset."""
+    mesh = onpath_mesh
     assert mesh.onpath is not None
+    mesh.watch(leak_check)
     before = len(mesh.app.ends)
     with mesh.connect():
         mesh.onpath.forge_fin(towards="server")
@@ -32,9 +27,12 @@ def test_fin_without_close_notify_reaches_app_as_reset(mesh: OnPathMesh) -> None
     mesh.no_live_connections()
 
 
-def test_fin_without_close_notify_reaches_client_as_reset(mesh: OnPathMesh) -> None:
+def test_fin_without_close_notify_reaches_client_as_reset(
+        onpath_mesh: OnPathMesh, leak_check: LeakCheck) -> None:
     """A FIN forged towards the frontend's sidecar: the client app sees a reset."""
+    mesh = onpath_mesh
     assert mesh.onpath is not None
+    mesh.watch(leak_check)
     with mesh.connect() as s:
         mesh.onpath.forge_fin(towards="client")
         s.settimeout(10)

@@ -13,21 +13,25 @@ import contextlib
 import http.client
 import io
 import re
-import resource
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
+from faultlib import many_fds, soft_fd_limit
 from harness import CasProcess, SidecarProcess
 from meshpeers import LOOPBACK, free_ports, wait_until
 
 from meshshield.kube.cli_support import run_webhook_certs
+
+if TYPE_CHECKING:
+    from conftest import LeakCheck
 
 FD_LIMIT = 1024
 IDLE = 1500
@@ -40,30 +44,18 @@ MALFORMED = [
 
 
 @contextlib.contextmanager
-def soft_fd_limit(n: int) -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-@contextlib.contextmanager
 def idle_connections(port: int, n: int) -> Iterator[list[socket.socket]]:
     """n connections that never send a byte (this process's soft limit raised for them)."""
     held: list[socket.socket] = []
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        for _ in range(n):
-            with contextlib.suppress(OSError):
-                held.append(socket.create_connection((LOOPBACK, port), timeout=5))
-        yield held
-    finally:
-        for s in held:
-            s.close()
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with many_fds():
+        try:
+            for _ in range(n):
+                with contextlib.suppress(OSError):
+                    held.append(socket.create_connection((LOOPBACK, port), timeout=5))
+            yield held
+        finally:
+            for s in held:
+                s.close()
 
 
 def send_raw(port: int, data: bytes, ctx: ssl.SSLContext | None = None) -> bytes:
@@ -118,15 +110,19 @@ def healthz(port: int, ctx: ssl.SSLContext) -> int:
 
 
 def test_webhook_serves_while_flooded_and_logs_malformed_http_in_one_line(
-    webhook: tuple[subprocess.Popen[bytes], int, ssl.SSLContext], tmp_path: Path
+    webhook: tuple[subprocess.Popen[bytes], int, ssl.SSLContext], tmp_path: Path,
+    leak_check: LeakCheck,
 ) -> None:
     proc, port, ctx = webhook
+    assert healthz(port, ctx) == 200  # warm-up
+    leak_check.watch(proc, name="webhook")  # descriptors only: it reports no tasks
     for data in MALFORMED:
         answer = send_raw(port, data, ctx)
         assert re.match(rb"HTTP/1\.[01] 4", answer), answer[:200]
     with idle_connections(port, IDLE) as held:
         served = sum(healthz(port, ctx) == 200 for _ in range(10))
     assert served == 10, f"{served} of 10 health checks served with {len(held)} idle held"
+    leak_check.verify()
     proc.terminate()
     proc.wait(timeout=15)
     log = (tmp_path / "webhook.stderr").read_text()
@@ -137,27 +133,23 @@ def test_webhook_serves_while_flooded_and_logs_malformed_http_in_one_line(
 
 
 @pytest.fixture
-def sidecar(tmp_path: Path) -> Iterator[SidecarProcess]:
-    cas = CasProcess.start(tmp_path)
-    try:
-        r = cas.apply_policy(cas.sim_policy("shop"))
-        assert r.returncode == 0, r.stderr
-        listen, app = free_ports(2)
-        with soft_fd_limit(FD_LIMIT):
-            sc = SidecarProcess.start(cas, "shop", "backend",
-                                      inbound=[f"{LOOPBACK}:{listen}={LOOPBACK}:{app}"])
-        try:
-            yield sc
-        finally:
-            sc.stop()
-    finally:
-        cas.stop()
+def lone_sidecar(fault_cas: CasProcess, sidecar: Callable[..., SidecarProcess]) -> SidecarProcess:
+    """A backend sidecar of session shop, started with FD_LIMIT descriptors."""
+    r = fault_cas.apply_policy(fault_cas.sim_policy("shop"))
+    assert r.returncode == 0, r.stderr
+    listen, app = free_ports(2)
+    with soft_fd_limit(FD_LIMIT):
+        return sidecar(fault_cas, "shop", "backend",
+                       inbound=[f"{LOOPBACK}:{listen}={LOOPBACK}:{app}"])
 
 
 def test_admin_api_serves_while_flooded_and_logs_malformed_http_in_one_line(
-    sidecar: SidecarProcess,
+    lone_sidecar: SidecarProcess, leak_check: LeakCheck,
 ) -> None:
+    sidecar = lone_sidecar
     port = int(urlsplit(sidecar.admin).port or 0)
+    assert sidecar.get("/status").status == 200  # warm-up
+    leak_check.watch(sidecar)
     for data in MALFORMED:
         answer = send_raw(port, data)
         assert re.match(rb"HTTP/1\.[01] 4", answer), answer[:200]
