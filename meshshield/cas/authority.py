@@ -62,6 +62,8 @@ log = logging.getLogger("meshshield.cas")
 NAME_RE = re.compile(r"^[a-z0-9-]{1,63}$")
 HEX_RE = re.compile(r"^[0-9a-f]+$")
 MAX_FIELD = 64 * 1024
+# CA time boundaries per epoch are few (two per CA, a handful of CAs).
+SEQUENCE_STRIDE = 1024
 MAX_EVIDENCE_JSON = 512 * 1024
 
 
@@ -553,9 +555,20 @@ class Authority:
         }
 
     def spiffe_bundle(self) -> dict[str, Any]:
-        """The same CAs as a SPIFFE bundle document; the epoch is its sequence. It also
-        carries the JWT-SVID authority (cas/jwt.py)."""
-        doc = spiffe_bundle_document(self.ca.set.bundle(self.clock.now()), sequence=self._epoch)
+        """The same CAs as a SPIFFE bundle document. It also carries the JWT-SVID
+        authority (cas/jwt.py).
+
+        Its sequence must change whenever its contents do (SPIFFE Trust Domain and
+        Bundle §4), and they change with the epoch and also, within one epoch, when a CA
+        reaches its activate_at or retire_after. So the sequence is the epoch times a
+        stride plus the number of those instants already passed: it grows at every
+        change, and a later epoch always sorts after an earlier one."""
+        now = self.clock.now()
+        cas = self.ca.set
+        passed = sum(1 for r in cas.records for t in (r.activate_at, r.retire_after)
+                     if t is not None and t <= now)
+        doc = spiffe_bundle_document(cas.bundle(now),
+                                     sequence=self._epoch * SEQUENCE_STRIDE + passed)
         doc["keys"].extend(self.jwt.jwks())
         return doc
 

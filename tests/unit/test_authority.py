@@ -266,3 +266,24 @@ def test_a_measurement_revoked_in_a_session_stays_in_it(
     assert e.value.reason is Reason.FORBIDDEN
     assert a.revoke(ADMIN, "shop", {"measurement": m, "mesh_wide": True})["scope"] == "mesh-wide"
     assert a.trust_snapshot("shop")["revoked_measurements"] == [m]
+
+
+def test_spiffe_sequence_grows_when_a_retired_ca_leaves_the_bundle_by_time(
+        world: tuple[Authority, FixedClock, Path]) -> None:
+    """Within one epoch the bundle changes when a CA's activate_at or retire_after
+    passes; the SPIFFE bundle's sequence must change with it."""
+    a, clock, _ = world
+    a.rotate_ca(ADMIN, 60)
+    seqs = [a.spiffe_bundle()["spiffe_sequence"]]
+    keys = [len(a.spiffe_bundle()["keys"])]
+    for _ in range(3):  # the next CA activates, then the old one's leaves run out
+        clock.advance(3 * 3600)
+        a.tick()
+        seqs.append(a.spiffe_bundle()["spiffe_sequence"])
+        keys.append(len(a.spiffe_bundle()["keys"]))
+    assert seqs == sorted(seqs) and len(set(seqs)) > 1, seqs
+    assert keys[-1] < keys[0], keys  # the retired CA did leave
+    # Wherever the contents changed, so did the sequence.
+    for i in range(1, len(seqs)):
+        if keys[i] != keys[i - 1]:
+            assert seqs[i] > seqs[i - 1], (seqs, keys)
