@@ -4,9 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint unit bench clean proto
+.PHONY: install demo test lint unit bench clean proto native-test
 
-$(STAMP): pyproject.toml
+# The native data plane (native/, Rust) is built into the package by maturin: a change
+# to its sources reinstalls.
+NATIVE := native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
+
+$(STAMP): pyproject.toml $(NATIVE)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -21,8 +25,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check meshshield tests bench
 	$(VENV)/bin/mypy --strict meshshield/
 
-test: lint
+test: lint native-test
 	$(PY) -m pytest -q tests
+
+# The crate's own tests and lints (debug build; the package holds the release one).
+native-test:
+	cd native && cargo clippy --all-targets --locked -- -D warnings
+	cd native && cargo test --locked
 
 bench: $(STAMP)
 	$(PY) bench/cas_issue.py
@@ -38,4 +47,4 @@ proto:
 	$(PROTO_VENV)/bin/python tools/gen_envoy_proto.py
 
 clean:
-	rm -rf $(VENV) $(PROTO_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache native/target meshshield/_native*.so

@@ -1,0 +1,592 @@
+//! Listeners, handshakes, budgets and the table of live connections.
+//!
+//! The plane is driven by Python (`meshshield.sidecar.native`) through `lib.rs`: it is
+//! told what to listen on, which certificate and bundle to use (new handshakes only),
+//! asks Python's peer check once per handshake, and reports what happened (refusals,
+//! ended connections, counts) as events Python drains when woken through a socket.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::relay::{self, reset_on_close, Bounds, Control, Ending};
+use crate::tls::{classify, suite_name, HandshakeFailure, Tls};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Direction::Inbound => 0,
+            Direction::Outbound => 1,
+        }
+    }
+}
+
+/// The settings of SPEC §7 that bound connections.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_connection_lifetime: Option<Duration>,
+    pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+}
+
+/// One peer check asked of Python, after a completed handshake.
+pub struct CheckRequest {
+    pub direction: Direction,
+    pub route: usize,
+    /// The peer's address (inbound) or the route's target (outbound).
+    pub peer: String,
+    pub der: Vec<u8>,
+    pub cipher: String,
+}
+
+pub enum Verdict {
+    /// Carry the connection under Python's id, until the peer certificate expires.
+    Accept { id: u64, expires_in: Duration },
+    /// Refused (Python has listed the refusal): reset, nothing forwarded.
+    Refuse,
+}
+
+pub type Checker = Box<dyn Fn(CheckRequest) -> Verdict + Send + Sync>;
+
+/// What Python learns of, in order.
+#[derive(Debug)]
+pub enum Event {
+    /// A handshake or connect that failed before the peer check.
+    Refused {
+        direction: Direction,
+        route: usize,
+        peer: String,
+        kind: &'static str,
+        detail: String,
+    },
+    /// Closed at once and counted only (probes, budgets).
+    Counted {
+        direction: Direction,
+        reason: &'static str,
+    },
+    /// A connection that passed the peer check has ended.
+    Ended {
+        id: u64,
+        ending: Ending,
+        detail: String,
+        bytes_in: u64,
+        bytes_out: u64,
+    },
+    /// A connection that passed the peer check found its app unreachable.
+    Unreachable { id: u64, detail: String },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Default)]
+struct BudgetState {
+    handshakes: usize,
+    established: usize,
+    sources: HashMap<IpAddr, usize>,
+}
+
+struct Route {
+    direction: Direction,
+    index: usize,
+    /// Inbound: the app's address; outbound: the peer sidecar's.
+    target: String,
+}
+
+struct Shared {
+    limits: Limits,
+    tls: RwLock<Option<Arc<Tls>>>,
+    conns: Mutex<HashMap<u64, Arc<Control>>>,
+    events: Mutex<Vec<Event>>,
+    wake: UnixStream,
+    checker: Checker,
+    budgets: [Mutex<BudgetState>; 2],
+    stop: watch::Sender<bool>,
+}
+
+/// A connection's claim on its direction's budgets, given back when dropped.
+struct Slot {
+    shared: Arc<Shared>,
+    direction: Direction,
+    source: IpAddr,
+    established: bool,
+}
+
+impl Slot {
+    fn admit(shared: &Arc<Shared>, direction: Direction, source: IpAddr) -> Result<Slot, &'static str> {
+        let limits = &shared.limits;
+        let mut b = lock(&shared.budgets[direction.index()]);
+        if b.established >= limits.max_connections {
+            return Err("over_connection_budget");
+        }
+        if b.handshakes >= limits.max_handshakes {
+            return Err("over_handshake_budget");
+        }
+        let from_source = b.sources.get(&source).copied().unwrap_or(0);
+        // The outbound listeners hear only the local app (one address).
+        if direction == Direction::Inbound && from_source >= limits.max_handshakes_per_source {
+            return Err("over_handshake_budget_per_source");
+        }
+        b.handshakes += 1;
+        b.sources.insert(source, from_source + 1);
+        drop(b);
+        Ok(Slot {
+            shared: shared.clone(),
+            direction,
+            source,
+            established: false,
+        })
+    }
+
+    fn drop_handshake(b: &mut BudgetState, source: IpAddr) {
+        b.handshakes = b.handshakes.saturating_sub(1);
+        let left = b.sources.get(&source).copied().unwrap_or(1).saturating_sub(1);
+        if left == 0 {
+            b.sources.remove(&source);
+        } else {
+            b.sources.insert(source, left);
+        }
+    }
+
+    /// Trade the handshake slot for an established one; false when those are full.
+    fn establish(&mut self) -> bool {
+        let mut b = lock(&self.shared.budgets[self.direction.index()]);
+        if self.established {
+            return true;
+        }
+        if b.established >= self.shared.limits.max_connections {
+            return false;
+        }
+        Slot::drop_handshake(&mut b, self.source);
+        b.established += 1;
+        self.established = true;
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut b = lock(&self.shared.budgets[self.direction.index()]);
+        if self.established {
+            b.established = b.established.saturating_sub(1);
+        } else {
+            Slot::drop_handshake(&mut b, self.source);
+        }
+    }
+}
+
+impl Shared {
+    fn event(&self, e: Event) {
+        let mut q = lock(&self.events);
+        let was_empty = q.is_empty();
+        q.push(e);
+        drop(q);
+        if was_empty {
+            // A full socket already holds a wake-up; Python drains the whole queue.
+            let _ = (&self.wake).write(&[1]);
+        }
+    }
+
+    fn refused(&self, route: &Route, peer: String, kind: &'static str, detail: String) {
+        self.event(Event::Refused {
+            direction: route.direction,
+            route: route.index,
+            peer,
+            kind,
+            detail,
+        });
+    }
+
+    fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn register(&self, id: u64) -> Arc<Control> {
+        let ctl = Arc::new(Control::default());
+        lock(&self.conns).insert(id, ctl.clone());
+        ctl
+    }
+
+    fn finish(&self, id: u64, ending: Ending, detail: String) {
+        let ctl = lock(&self.conns).remove(&id);
+        let (bytes_in, bytes_out) = ctl.map(|c| c.bytes()).unwrap_or((0, 0));
+        self.event(Event::Ended {
+            id,
+            ending,
+            detail,
+            bytes_in,
+            bytes_out,
+        });
+    }
+
+    fn bounds(&self, expires_in: Duration) -> Bounds {
+        Bounds {
+            expires_in,
+            idle: self.limits.idle_timeout,
+            lifetime: self.limits.max_connection_lifetime,
+        }
+    }
+}
+
+/// The handle Python holds: a small tokio runtime and what its tasks share.
+pub struct Plane {
+    rt: Runtime,
+    shared: Arc<Shared>,
+}
+
+impl Plane {
+    /// A plane on `workers` threads; the returned socket becomes readable when events
+    /// are waiting (`take_events`).
+    pub fn new(workers: usize, limits: Limits, checker: Checker) -> io::Result<(Plane, UnixStream)> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            // Peer checks wait for the GIL here, one at a time: a few threads suffice.
+            .max_blocking_threads(8)
+            .thread_name("meshshield-dataplane")
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let (wake, python_end) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        python_end.set_nonblocking(true)?;
+        let (stop, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            limits,
+            tls: RwLock::new(None),
+            conns: Mutex::new(HashMap::new()),
+            events: Mutex::new(Vec::new()),
+            wake,
+            checker,
+            budgets: [Mutex::default(), Mutex::default()],
+            stop,
+        });
+        Ok((Plane { rt, shared }, python_end))
+    }
+
+    /// New handshakes use `tls` from now on; open connections keep theirs.
+    pub fn set_tls(&self, tls: Tls) {
+        *self
+            .shared
+            .tls
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(tls));
+    }
+
+    /// Listen on `listen` for one route; answers the bound address.
+    pub fn listen(&self, direction: Direction, route: usize, listen: &str, target: &str) -> io::Result<String> {
+        let addr = listen
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot resolve {listen}")))?;
+        let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&addr.into())?;
+        sock.listen(1024)?;
+        sock.set_nonblocking(true)?;
+        let _guard = self.rt.enter();
+        let listener = TcpListener::from_std(sock.into())?;
+        let bound = listener.local_addr()?.to_string();
+        let route = Arc::new(Route {
+            direction,
+            index: route,
+            target: target.to_string(),
+        });
+        self.rt.spawn(accept_loop(self.shared.clone(), listener, route));
+        Ok(bound)
+    }
+
+    /// Stop accepting on every listener (and close them); open connections carry on.
+    pub fn stop_accepting(&self) {
+        self.shared.stop.send_replace(true);
+    }
+
+    /// End one connection now (a reset each way); false if it is not live.
+    pub fn close(&self, id: u64) -> bool {
+        match lock(&self.shared.conns).get(&id) {
+            Some(ctl) => {
+                ctl.abort.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn close_all(&self) {
+        for ctl in lock(&self.shared.conns).values() {
+            ctl.abort.notify_one();
+        }
+    }
+
+    pub fn bytes(&self, id: u64) -> Option<(u64, u64)> {
+        lock(&self.shared.conns).get(&id).map(|c| c.bytes())
+    }
+
+    pub fn live(&self) -> Vec<(u64, u64, u64)> {
+        lock(&self.shared.conns)
+            .iter()
+            .map(|(id, c)| {
+                let (i, o) = c.bytes();
+                (*id, i, o)
+            })
+            .collect()
+    }
+
+    pub fn handshakes_in_progress(&self, direction: Direction) -> usize {
+        lock(&self.shared.budgets[direction.index()]).handshakes
+    }
+
+    pub fn take_events(&self) -> Vec<Event> {
+        std::mem::take(&mut *lock(&self.shared.events))
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, route: Arc<Route>) {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            r = listener.accept() => r,
+        };
+        let Ok((tcp, addr)) = accepted else {
+            // Out of descriptors, say: back off a little rather than spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let slot = match Slot::admit(&shared, route.direction, addr.ip()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                reset_on_close(&tcp);
+                shared.event(Event::Counted {
+                    direction: route.direction,
+                    reason,
+                });
+                continue;
+            }
+        };
+        let (shared, route) = (shared.clone(), route.clone());
+        tokio::spawn(async move {
+            match route.direction {
+                Direction::Inbound => inbound(shared, tcp, addr, route, slot).await,
+                Direction::Outbound => outbound(shared, tcp, route, slot).await,
+            }
+        });
+    }
+}
+
+async fn connect(target: &str, limit: Duration) -> io::Result<TcpStream> {
+    let addrs = timeout(limit, tokio::net::lookup_host(target))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("resolving {target} timed out")))??;
+    let mut last = None;
+    for addr in addrs {
+        match timeout(limit, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {target} timed out")))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {target}"))))
+}
+
+fn server_name(target: &str) -> ServerName<'static> {
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("a valid DNS name"))
+}
+
+/// The peer certificate and suite of a finished handshake.
+fn peer_of(common: &rustls::CommonState) -> (Option<Vec<u8>>, String) {
+    let der = common
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| c.as_ref().to_vec());
+    let suite = common
+        .negotiated_cipher_suite()
+        .map(|s| suite_name(s.suite()))
+        .unwrap_or_default();
+    (der, suite)
+}
+
+/// Ask Python's peer check, on a blocking thread (it waits for the GIL).
+async fn check(shared: &Arc<Shared>, req: CheckRequest) -> Verdict {
+    let sh = shared.clone();
+    tokio::task::spawn_blocking(move || (sh.checker)(req))
+        .await
+        .unwrap_or(Verdict::Refuse)
+}
+
+async fn inbound(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, route: Arc<Route>, mut slot: Slot) {
+    let _ = tcp.set_nodelay(true);
+    let peer = addr.to_string();
+    let Some(tls) = shared.tls() else {
+        reset_on_close(&tcp);
+        return;
+    };
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let timed_out = || "TLS handshake timed out".to_string();
+    let mut probe = [0u8; 1];
+    match timeout_at(deadline, tcp.peek(&mut probe)).await {
+        Err(_) => {
+            reset_on_close(&tcp);
+            return shared.refused(&route, peer, HandshakeFailure::Timeout.as_str(), timed_out());
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => {
+            // A TCP probe or port scan: counted, but the refusal list is for peers.
+            reset_on_close(&tcp);
+            return shared.event(Event::Counted {
+                direction: Direction::Inbound,
+                reason: "tls_handshake_failed",
+            });
+        }
+        Ok(Ok(_)) => {}
+    }
+    let accept = TlsAcceptor::from(tls.server.clone()).accept(tcp).into_fallible();
+    let stream = match timeout_at(deadline, accept).await {
+        Err(_) => return shared.refused(&route, peer, HandshakeFailure::Timeout.as_str(), timed_out()),
+        Ok(Err((e, tcp))) => {
+            reset_on_close(&tcp);
+            return shared.refused(&route, peer, classify(&e).as_str(), e.to_string());
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let (der, cipher) = peer_of(stream.get_ref().1);
+    let Some(der) = der else {
+        reset_on_close(stream.get_ref().0);
+        return shared.refused(&route, peer, HandshakeFailure::Missing.as_str(), String::new());
+    };
+    if !slot.establish() {
+        reset_on_close(stream.get_ref().0);
+        return shared.event(Event::Counted {
+            direction: Direction::Inbound,
+            reason: "over_connection_budget",
+        });
+    }
+    let req = CheckRequest {
+        direction: Direction::Inbound,
+        route: route.index,
+        peer,
+        der,
+        cipher,
+    };
+    let Verdict::Accept { id, expires_in } = check(&shared, req).await else {
+        reset_on_close(stream.get_ref().0);
+        return;
+    };
+    let ctl = shared.register(id);
+    let app = match connect(&route.target, shared.limits.connect_timeout).await {
+        Ok(app) => app,
+        Err(e) => {
+            reset_on_close(stream.get_ref().0);
+            lock(&shared.conns).remove(&id);
+            return shared.event(Event::Unreachable {
+                id,
+                detail: format!("app at {} unreachable: {e}", route.target),
+            });
+        }
+    };
+    let bounds = shared.bounds(expires_in);
+    let (ending, detail) = relay::run(tokio_rustls::TlsStream::Server(stream), app, &ctl, bounds).await;
+    shared.finish(id, ending, detail);
+    drop(slot);
+}
+
+async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut slot: Slot) {
+    let _ = app.set_nodelay(true);
+    let target = route.target.clone();
+    let Some(tls) = shared.tls() else {
+        reset_on_close(&app);
+        return shared.refused(&route, target, "no_identity", String::new());
+    };
+    let raw = match connect(&target, shared.limits.connect_timeout).await {
+        Ok(raw) => raw,
+        Err(e) => {
+            reset_on_close(&app);
+            return shared.refused(&route, target, "connect", e.to_string());
+        }
+    };
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let handshake = TlsConnector::from(tls.client.clone())
+        .connect(server_name(&target), raw)
+        .into_fallible();
+    let stream = match timeout_at(deadline, handshake).await {
+        Err(_) => {
+            reset_on_close(&app);
+            return shared.refused(&route, target, HandshakeFailure::Timeout.as_str(),
+                                  "TLS handshake timed out".into());
+        }
+        Ok(Err((e, raw))) => {
+            reset_on_close(&raw);
+            reset_on_close(&app);
+            return shared.refused(&route, target, classify(&e).as_str(), e.to_string());
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let (der, cipher) = peer_of(stream.get_ref().1);
+    let refuse = |stream: &tokio_rustls::client::TlsStream<TcpStream>| {
+        reset_on_close(stream.get_ref().0);
+        reset_on_close(&app);
+    };
+    let Some(der) = der else {
+        refuse(&stream);
+        return shared.refused(&route, target, HandshakeFailure::Missing.as_str(), String::new());
+    };
+    if !slot.establish() {
+        refuse(&stream);
+        return shared.event(Event::Counted {
+            direction: Direction::Outbound,
+            reason: "over_connection_budget",
+        });
+    }
+    let req = CheckRequest {
+        direction: Direction::Outbound,
+        route: route.index,
+        peer: target,
+        der,
+        cipher,
+    };
+    let Verdict::Accept { id, expires_in } = check(&shared, req).await else {
+        return refuse(&stream);
+    };
+    let ctl = shared.register(id);
+    let bounds = shared.bounds(expires_in);
+    let (ending, detail) = relay::run(tokio_rustls::TlsStream::Client(stream), app, &ctl, bounds).await;
+    shared.finish(id, ending, detail);
+    drop(slot);
+}

@@ -1,0 +1,254 @@
+//! The byte relay of one connection that passed the peer check, and how it ends.
+//!
+//! Two pumps, one per direction, each with one bounded buffer: a pump reads only when
+//! its last chunk has been written, so a slow reader slows its writer (backpressure)
+//! instead of filling memory. The rules are those of `meshshield.sidecar.relayrules`:
+//! - a clean end of one direction (the app's FIN; the peer's TLS close_notify) becomes a
+//!   clean end towards the other side (FIN; close_notify then FIN), and the way back
+//!   stays open; when both directions have ended, the connection closes cleanly;
+//! - a reset or failed write on either side resets both sides (SO_LINGER 0: an RST, and
+//!   no close_notify on the mesh side);
+//! - a TCP FIN on the mesh side without close_notify is truncation: both sides reset;
+//! - a TLS error after the handshake resets both sides;
+//! - an abort on command, the peer certificate's expiry, the idle timeout and the
+//!   connection lifetime reset both sides.
+//!
+//! The first way a connection ends is the one it keeps.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::{sleep, Instant};
+
+use crate::tls::rustls_error;
+
+/// Bytes read per direction before they are written on (one chunk in flight).
+const CHUNK: usize = 64 * 1024;
+/// How often an idle connection's byte counts are sampled within one idle period.
+const IDLE_SAMPLES: u32 = 4;
+/// A timer that never fires in practice (about 30 years).
+const FAR: Duration = Duration::from_secs(1 << 30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Closed,
+    Reset,
+    Truncated,
+    TlsError,
+    Aborted,
+    CertificateExpired,
+    IdleTimeout,
+    MaxConnectionLifetime,
+}
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::Closed => "closed",
+            Ending::Reset => "reset",
+            Ending::Truncated => "truncated",
+            Ending::TlsError => "tls_error",
+            Ending::Aborted => "aborted",
+            Ending::CertificateExpired => "certificate_expired",
+            Ending::IdleTimeout => "idle_timeout",
+            Ending::MaxConnectionLifetime => "max_connection_lifetime",
+        }
+    }
+}
+
+/// What Python sees of a live connection and how it ends it.
+#[derive(Default)]
+pub struct Control {
+    /// From the mesh peer towards the app.
+    pub bytes_in: AtomicU64,
+    /// From the app towards the mesh peer.
+    pub bytes_out: AtomicU64,
+    pub abort: Notify,
+}
+
+impl Control {
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The timers that end a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Until the peer certificate's not_after.
+    pub expires_in: Duration,
+    pub idle: Option<Duration>,
+    pub lifetime: Option<Duration>,
+}
+
+/// Access to the TCP socket under a stream, to reset it.
+pub trait TcpOf {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl TcpOf for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl TcpOf for tokio_rustls::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Make closing `tcp` send an RST rather than a FIN.
+pub fn reset_on_close(tcp: &TcpStream) {
+    // Best effort: a socket that is already gone needs no reset.
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+enum Dir {
+    Clean,
+    End(Ending, String),
+}
+
+fn mesh_read_error(e: &io::Error) -> Dir {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        return Dir::End(
+            Ending::Truncated,
+            "TCP FIN from the peer without TLS close_notify (truncation)".into(),
+        );
+    }
+    if let Some(err) = rustls_error(e) {
+        let detail = match err {
+            rustls::Error::AlertReceived(alert) => format!("{alert:?}").to_lowercase(),
+            other => other.to_string(),
+        };
+        return Dir::End(Ending::TlsError, detail);
+    }
+    Dir::End(Ending::Reset, format!("mesh side: {e}"))
+}
+
+/// The peer's bytes to the app; a close_notify becomes the app's FIN.
+async fn mesh_to_app<R, W>(mesh: &mut R, app: &mut W, count: &AtomicU64) -> Dir
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match mesh.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => return mesh_read_error(&e),
+        };
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        if let Err(e) = app.write_all(&buf[..n]).await {
+            return Dir::End(Ending::Reset, format!("app side: {e}"));
+        }
+    }
+    match app.shutdown().await {
+        Ok(()) => Dir::Clean,
+        Err(e) => Dir::End(Ending::Reset, format!("app side: {e}")),
+    }
+}
+
+/// The app's bytes to the peer; the app's FIN becomes close_notify then FIN.
+async fn app_to_mesh<R, W>(app: &mut R, mesh: &mut W, count: &AtomicU64) -> Dir
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match app.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => return Dir::End(Ending::Reset, format!("app side: {e}")),
+        };
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        let written = async {
+            mesh.write_all(&buf[..n]).await?;
+            mesh.flush().await
+        };
+        if let Err(e) = written.await {
+            return Dir::End(Ending::Reset, format!("mesh side: {e}"));
+        }
+    }
+    match mesh.shutdown().await {
+        Ok(()) => Dir::Clean,
+        Err(e) => Dir::End(Ending::Reset, format!("mesh side: {e}")),
+    }
+}
+
+/// Carry bytes both ways until the connection ends; both sockets are closed on return
+/// (cleanly after a clean end, with a reset otherwise).
+pub async fn run<S>(mesh: S, app: TcpStream, ctl: &Control, bounds: Bounds) -> (Ending, String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + TcpOf,
+{
+    let (mut mesh_r, mut mesh_w) = tokio::io::split(mesh);
+    let (mut app_r, mut app_w) = app.into_split();
+    let (ending, detail) = {
+        let down = mesh_to_app(&mut mesh_r, &mut app_w, &ctl.bytes_in);
+        let up = app_to_mesh(&mut app_r, &mut mesh_w, &ctl.bytes_out);
+        tokio::pin!(down, up);
+        let expiry = sleep(bounds.expires_in);
+        let lifetime = sleep(bounds.lifetime.unwrap_or(FAR));
+        let idle_every = bounds.idle.map(|d| (d / IDLE_SAMPLES).max(Duration::from_millis(10)));
+        let idle_tick = sleep(idle_every.unwrap_or(FAR));
+        tokio::pin!(expiry, lifetime, idle_tick);
+        let mut seen = ctl.bytes();
+        let mut quiet_since = Instant::now();
+        let (mut down_done, mut up_done) = (false, false);
+        loop {
+            tokio::select! {
+                _ = ctl.abort.notified() => break (Ending::Aborted, "closed on command".into()),
+                _ = &mut expiry => {
+                    break (Ending::CertificateExpired, "the peer's certificate expired".into())
+                }
+                _ = &mut lifetime, if bounds.lifetime.is_some() => {
+                    break (Ending::MaxConnectionLifetime, "connection lifetime reached".into())
+                }
+                _ = &mut idle_tick, if bounds.idle.is_some() => {
+                    let now = Instant::now();
+                    let counts = ctl.bytes();
+                    if counts != seen {
+                        seen = counts;
+                        quiet_since = now;
+                    } else if bounds.idle.is_some_and(|limit| now - quiet_since >= limit) {
+                        break (Ending::IdleTimeout, "no byte either way".into());
+                    }
+                    idle_tick.as_mut().reset(now + idle_every.unwrap_or(FAR));
+                }
+                d = &mut down, if !down_done => match d {
+                    Dir::Clean => down_done = true,
+                    Dir::End(e, s) => break (e, s),
+                },
+                u = &mut up, if !up_done => match u {
+                    Dir::Clean => up_done = true,
+                    Dir::End(e, s) => break (e, s),
+                },
+            }
+            if down_done && up_done {
+                break (Ending::Closed, String::new());
+            }
+        }
+    };
+    let mesh = mesh_r.unsplit(mesh_w);
+    // Reunited, so that dropping the write half does not send a FIN before the reset.
+    let app = app_r.reunite(app_w);
+    if ending != Ending::Closed {
+        reset_on_close(mesh.tcp());
+        if let Ok(app) = &app {
+            reset_on_close(app);
+        }
+    }
+    drop(mesh);
+    drop(app);
+    (ending, detail)
+}
