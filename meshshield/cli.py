@@ -774,6 +774,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "max_connection_lifetime": args.max_connection_lifetime,
         "sds": args.sds,
         "cas_expect": args.cas_expect, "cas_trust_sim_platform": args.cas_trust_sim_platform,
+        "dataplane": args.dataplane, "workers": args.workers,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
@@ -1074,6 +1075,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "each also ends at its peer certificate's expiry)")
     p.add_argument("--sds", metavar="unix:///PATH",
                    help="serve Envoy's Secret Discovery Service on this unix socket")
+    p.add_argument("--dataplane", choices=["python", "native"],
+                   help="who carries the bytes: the asyncio relay (default) or the Rust one")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="threads of the native data plane (default 2)")
     p.set_defaults(func=cmd_sidecar)
 
     p = sub.add_parser("status", help="a sidecar's live connections, or the mesh's edges")

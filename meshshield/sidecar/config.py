@@ -77,6 +77,10 @@ class SidecarConfig:
     # (sidecar/castrust.py); sim evidence of it verifies against these public keys.
     cas_expect: Path | None = None
     cas_trust_sim_platform: tuple[Path, ...] = ()
+    # Who carries the bytes: the asyncio relay ("python") or the Rust one ("native",
+    # meshshield._native), on `workers` threads.
+    dataplane: str = "python"
+    workers: int = 2
 
 
 def parse_endpoint(text: str, what: str) -> Endpoint:
@@ -158,6 +162,8 @@ def _bound(v: Any, what: str) -> float:
     return seconds
 
 
+DATAPLANES = ("python", "native")
+
 FILE_KEYS = {
     "cas", "cas_bundle", "session", "service", "platform", "workload", "sim_key",
     "inbound", "outbound", "admin_listen", "health_listen", "max_connections",
@@ -166,6 +172,7 @@ FILE_KEYS = {
     "workload_api", "workload_api_group",
     "idle_timeout", "max_connection_lifetime", "sds",
     "cas_expect", "cas_trust_sim_platform",
+    "dataplane", "workers",
 }
 
 
@@ -206,6 +213,12 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
     if dup:
         raise ConfigError(f"listen address used by two routes: {sorted(dup)}")
     health = values.get("health_listen")
+    dataplane = str(values.get("dataplane") or "python")
+    if dataplane not in DATAPLANES:
+        raise ConfigError(f"--dataplane {dataplane!r}: one of {', '.join(DATAPLANES)}")
+    workers = _count(values, "workers", 2)
+    if workers > 64:
+        raise ConfigError("workers: expected 1..64")
     max_conn = _count(values, "max_connections", 4096)
     max_hs = _count(values, "max_handshakes", 1024)
     max_hs_source = _count(values, "max_handshakes_per_source", min(128, max_hs))
@@ -240,6 +253,8 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
         sds=sds,
         cas_expect=Path(str(values["cas_expect"])) if values.get("cas_expect") else None,
         cas_trust_sim_platform=tuple(Path(p) for p in _list("cas_trust_sim_platform")),
+        dataplane=dataplane,
+        workers=workers,
     )
 
 

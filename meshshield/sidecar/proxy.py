@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -34,6 +34,9 @@ from meshshield.sidecar.registry import Connection, ConnectionRegistry
 from meshshield.sidecar.relay import Relay
 from meshshield.sidecar.relayrules import Ending
 from meshshield.sidecar.streams import PlainStream, TlsStream
+
+if TYPE_CHECKING:
+    from meshshield.sidecar.native import NativePlane
 
 log = logging.getLogger("meshshield.sidecar")
 
@@ -76,7 +79,9 @@ class _BytesCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         totals = dict(self.metrics.bytes_closed)
         for c in self.metrics.live():
-            for way, n in (("in", c.bytes_in), ("out", c.bytes_out)):
+            # A live connection's counts are its relay's (the fields are set at its end).
+            counts = c.relay if c.relay is not None else c
+            for way, n in (("in", counts.bytes_in), ("out", counts.bytes_out)):
                 totals[(c.direction, way)] = totals.get((c.direction, way), 0) + n
         fam = CounterMetricFamily("meshshield_sidecar_bytes", "Bytes carried",
                                   labels=["direction", "way"])
@@ -128,6 +133,9 @@ class Proxy:
         self._over_budget_logged: dict[tuple[str, str], float] = {}
         self.bound: dict[str, str] = {}
         metrics.live = lambda: list(registry.live.values())
+        # With --dataplane native, the Rust plane (meshshield.sidecar.native) listens
+        # and carries the bytes; the peer check, refusals and records stay here.
+        self.native: NativePlane | None = None
 
     # -- listening -------------------------------------------------------------------
     def _listen(self, ep: Endpoint) -> socket.socket:
@@ -141,6 +149,12 @@ class Proxy:
         return s
 
     async def start(self) -> None:
+        if self.config.dataplane == "native":
+            from meshshield.sidecar.native import NativePlane
+
+            self.native = NativePlane(self)
+            self.native.start()
+            return
         for r in self.config.inbound:
             s = self._listen(r.listen)
             self.bound[f"inbound {r.listen}"] = _name(s)
@@ -230,6 +244,12 @@ class Proxy:
                 conn.close()
 
     def stop_accepting(self) -> None:
+        if self.native is not None:
+            self.native.stop_accepting()
+            # Draining waits for the handlers: the native connections' drain is one.
+            task = asyncio.ensure_future(self.native.drain())
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
         for t in self.accept_tasks:
             t.cancel()
         for s in self.listeners:
@@ -305,8 +325,7 @@ class Proxy:
         log.info("%s/%s: closed %s connection %s with %s: %s: %s", self.config.session,
                  self.config.service, conn.direction, conn.peer, conn.info.spiffe_id,
                  err.reason.value, err.message)
-        if conn.task is not None:
-            conn.task.cancel()
+        conn.cancel()
 
     async def inbound(self, sock: socket.socket, peer: str, slot: Slot,
                       route: InboundRoute) -> None:

@@ -37,6 +37,15 @@ class Connection:
     task: asyncio.Task[Any] | None = field(default=None, repr=False)
     relay: Any = field(default=None, repr=False)  # the live Relay, for its byte counts
     closed_reason: str | None = None
+    # How a connection carried by the native data plane is ended (it has no task).
+    closer: Callable[[], object] | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        """End the connection now: a reset each way, nothing more forwarded."""
+        if self.task is not None:
+            self.task.cancel()
+        elif self.closer is not None:
+            self.closer()
 
     def to_json(self) -> dict[str, Any]:
         c = self.info.claims
@@ -135,8 +144,7 @@ class ConnectionRegistry:
             except MeshError as e:
                 conn.closed_reason = e.reason.value
                 self.refuse(conn.direction, conn.local, conn.peer, e, conn.info.spiffe_id)
-                if conn.task is not None:
-                    conn.task.cancel()
+                conn.cancel()
                 closed.append((conn, e))
         return closed
 

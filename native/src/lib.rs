@@ -48,8 +48,10 @@ fn seconds(value: f64, what: &str) -> PyResult<Option<Duration>> {
         .map_err(|_| PyValueError::new_err(format!("{what} {value}: expected seconds >= 0")))
 }
 
-/// The Python callback as the plane's checker. It answers `(id, expires_in)`; id 0 is
-/// a refusal. A callback that raises, or answers anything else, refuses (fail closed).
+/// The Python callback as the plane's checker:
+/// `check(direction, route, peer, der, cipher, id) -> expires_in`, the seconds until the
+/// peer certificate expires, or a negative number for a refusal (which Python has
+/// listed). A callback that raises, or answers anything else, refuses (fail closed).
 fn checker(callback: Py<PyAny>, stats: Arc<CheckStats>) -> plane::Checker {
     Box::new(move |req: CheckRequest| {
         let asked = Instant::now();
@@ -58,13 +60,11 @@ fn checker(callback: Py<PyAny>, stats: Arc<CheckStats>) -> plane::Checker {
             let der = PyBytes::new(py, &req.der);
             let answer = callback.call1(
                 py,
-                (req.direction.as_str(), req.route, req.peer, der, req.cipher),
+                (req.direction.as_str(), req.route, req.peer, der, req.cipher, req.id),
             );
-            let verdict = match answer.and_then(|a| a.extract::<(u64, f64)>(py)) {
-                Ok((id, expires_in)) if id > 0 => Verdict::Accept {
-                    id,
-                    expires_in: Duration::try_from_secs_f64(expires_in.max(0.0))
-                        .unwrap_or(Duration::ZERO),
+            let verdict = match answer.and_then(|a| a.extract::<f64>(py)) {
+                Ok(expires_in) if expires_in >= 0.0 => Verdict::Accept {
+                    expires_in: Duration::try_from_secs_f64(expires_in).unwrap_or(Duration::MAX),
                 },
                 Ok(_) => Verdict::Refuse,
                 Err(e) => {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -64,11 +65,13 @@ pub struct CheckRequest {
     pub peer: String,
     pub der: Vec<u8>,
     pub cipher: String,
+    /// The connection's id, already live for `Plane::close` while Python decides.
+    pub id: u64,
 }
 
 pub enum Verdict {
-    /// Carry the connection under Python's id, until the peer certificate expires.
-    Accept { id: u64, expires_in: Duration },
+    /// Carry the connection until the peer certificate expires.
+    Accept { expires_in: Duration },
     /// Refused (Python has listed the refusal): reset, nothing forwarded.
     Refuse,
 }
@@ -125,6 +128,7 @@ struct Shared {
     limits: Limits,
     tls: RwLock<Option<Arc<Tls>>>,
     conns: Mutex<HashMap<u64, Arc<Control>>>,
+    next_id: AtomicU64,
     events: Mutex<Vec<Event>>,
     wake: UnixStream,
     checker: Checker,
@@ -232,10 +236,17 @@ impl Shared {
             .clone()
     }
 
-    fn register(&self, id: u64) -> Arc<Control> {
+    /// A new live connection, registered before the peer check so that a close
+    /// command issued while Python decides (a trust event) is never lost.
+    fn register(&self) -> (u64, Arc<Control>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ctl = Arc::new(Control::default());
         lock(&self.conns).insert(id, ctl.clone());
-        ctl
+        (id, ctl)
+    }
+
+    fn unregister(&self, id: u64) {
+        lock(&self.conns).remove(&id);
     }
 
     fn finish(&self, id: u64, ending: Ending, detail: String) {
@@ -285,6 +296,7 @@ impl Plane {
             limits,
             tls: RwLock::new(None),
             conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
             events: Mutex::new(Vec::new()),
             wake,
             checker,
@@ -444,12 +456,17 @@ fn peer_of(common: &rustls::CommonState) -> (Option<Vec<u8>>, String) {
     (der, suite)
 }
 
-/// Ask Python's peer check, on a blocking thread (it waits for the GIL).
+/// Ask Python's peer check, on a blocking thread (it waits for the GIL); a refused
+/// connection is unregistered.
 async fn check(shared: &Arc<Shared>, req: CheckRequest) -> Verdict {
-    let sh = shared.clone();
-    tokio::task::spawn_blocking(move || (sh.checker)(req))
+    let (sh, id) = (shared.clone(), req.id);
+    let verdict = tokio::task::spawn_blocking(move || (sh.checker)(req))
         .await
-        .unwrap_or(Verdict::Refuse)
+        .unwrap_or(Verdict::Refuse);
+    if matches!(verdict, Verdict::Refuse) {
+        shared.unregister(id);
+    }
+    verdict
 }
 
 async fn inbound(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, route: Arc<Route>, mut slot: Slot) {
@@ -498,23 +515,24 @@ async fn inbound(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, route: A
             reason: "over_connection_budget",
         });
     }
+    let (id, ctl) = shared.register();
     let req = CheckRequest {
         direction: Direction::Inbound,
         route: route.index,
         peer,
         der,
         cipher,
+        id,
     };
-    let Verdict::Accept { id, expires_in } = check(&shared, req).await else {
+    let Verdict::Accept { expires_in } = check(&shared, req).await else {
         reset_on_close(stream.get_ref().0);
         return;
     };
-    let ctl = shared.register(id);
     let app = match connect(&route.target, shared.limits.connect_timeout).await {
         Ok(app) => app,
         Err(e) => {
             reset_on_close(stream.get_ref().0);
-            lock(&shared.conns).remove(&id);
+            shared.unregister(id);
             return shared.event(Event::Unreachable {
                 id,
                 detail: format!("app at {} unreachable: {e}", route.target),
@@ -574,17 +592,18 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
             reason: "over_connection_budget",
         });
     }
+    let (id, ctl) = shared.register();
     let req = CheckRequest {
         direction: Direction::Outbound,
         route: route.index,
         peer: target,
         der,
         cipher,
+        id,
     };
-    let Verdict::Accept { id, expires_in } = check(&shared, req).await else {
+    let Verdict::Accept { expires_in } = check(&shared, req).await else {
         return refuse(&stream);
     };
-    let ctl = shared.register(id);
     let bounds = shared.bounds(expires_in);
     let (ending, detail) = relay::run(tokio_rustls::TlsStream::Client(stream), app, &ctl, bounds).await;
     shared.finish(id, ending, detail);

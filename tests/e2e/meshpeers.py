@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import json
 import socket
 import ssl
@@ -24,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from harness import CasProcess, SidecarProcess
 
 T = TypeVar("T")
@@ -240,6 +242,23 @@ class UploadServer:
         self.httpd.server_close()
 
 
+# -- data planes --------------------------------------------------------------------------
+
+NATIVE_BUILT = importlib.util.find_spec("meshshield._native") is not None
+
+# Parameters for a fixture that starts sidecars: each test runs on both data planes.
+DATAPLANES = [
+    pytest.param("python", id="python"),
+    pytest.param("native", id="native", marks=pytest.mark.skipif(
+        not NATIVE_BUILT, reason="meshshield._native is not built (make install builds it)")),
+]
+
+
+def plane_args(dataplane: str) -> tuple[str, ...]:
+    """The sidecar flags that select `dataplane` (python is the default)."""
+    return ("--dataplane", dataplane) if dataplane != "python" else ()
+
+
 # -- policies and the mesh ----------------------------------------------------------------
 
 def mesh_policy(name: str, *, backend_m: str, frontend_m: str, extra_services: str = "",
@@ -306,7 +325,9 @@ class Mesh:
 def start_mesh(cas: CasProcess, session: str, apps: dict[str, int], *,
                backend_workload: Path | None = None, frontend_workload: Path | None = None,
                backend_extra: tuple[str, ...] = (),
-               frontend_extra: tuple[str, ...] = ()) -> Mesh:
+               frontend_extra: tuple[str, ...] = (), dataplane: str = "python") -> Mesh:
+    backend_extra = (*backend_extra, *plane_args(dataplane))
+    frontend_extra = (*frontend_extra, *plane_args(dataplane))
     names = list(apps)
     ports = free_ports(2 * len(names))
     inbound = dict(zip(names, ports[: len(names)], strict=True))

@@ -22,8 +22,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from harness import CasProcess, env_without_proxies
+from harness import CasProcess, SidecarProcess, env_without_proxies
 from meshpeers import (
+    DATAPLANES,
     LOOPBACK,
     HttpFileServer,
     LoopThread,
@@ -79,8 +80,9 @@ def _start_redis(root: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-@pytest.fixture(scope="module")
-def dp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPath]:
+@pytest.fixture(scope="module", params=DATAPLANES)
+def dp(request: pytest.FixtureRequest,
+       tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPath]:
     root = tmp_path_factory.mktemp("datapath")
     files = root / "www"
     files.mkdir()
@@ -114,7 +116,7 @@ def dp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPath]:
         mesh = start_mesh(cas, "shop", {
             "http": http.port, "upload": upload.port, "eof": eof_echo.port,
             "echo": echo_srv.port, "redis": redis_port, "server_first": first.port,
-        })
+        }, dataplane=request.param)
         yield DataPath(cas, mesh, files, redis, received)
         mesh.stop()
         no_traceback(mesh.backend, mesh.frontend)
@@ -259,3 +261,29 @@ def test_long_lived_connection_survives_a_renewal_and_ends_at_expiry(dp: DataPat
         assert ended, "the connection outlived the certificate it negotiated"
     assert exchanged >= 1
     print(f"renewals seen: {seen}; {exchanged} exchanges on one connection")
+
+
+def _metric(sc: SidecarProcess, name: str) -> float | None:
+    text = sc.get("/metrics").body.decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_the_chosen_data_plane_carries_the_connections(dp: DataPath,
+                                                       request: pytest.FixtureRequest) -> None:
+    """With --dataplane native, the Rust plane asked the Python peer check once per
+    handshake (on both sides); its GIL cost per handshake is printed."""
+    with connect(dp.mesh.outbound["echo"], timeout=10) as s:
+        assert roundtrip(s, b"which plane\n") == b"which plane\n"
+    native = request.node.callspec.params["dp"] == "native"
+    for sc in (dp.mesh.frontend, dp.mesh.backend):
+        checks = _metric(sc, "meshshield_sidecar_native_peer_checks_total")
+        if not native:
+            assert checks is None
+            continue
+        assert checks is not None and checks >= 1, sc.name
+        wait = _metric(sc, "meshshield_sidecar_native_peer_check_gil_wait_seconds_total")
+        held = _metric(sc, "meshshield_sidecar_native_peer_check_seconds_total")
+        assert wait is not None and held is not None
+        print(f"{sc.name}: {checks:.0f} peer checks, per handshake {wait / checks * 1e6:.0f} µs "
+              f"waiting for the GIL, {held / checks * 1e6:.0f} µs holding it")

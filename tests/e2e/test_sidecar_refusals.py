@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
+    DATAPLANES,
     LOOPBACK,
     LoopThread,
     Recorder,
@@ -32,6 +33,7 @@ from meshpeers import (
     connect,
     free_ports,
     no_traceback,
+    plane_args,
     refusals,
     sim_service,
     wait_refusal,
@@ -56,8 +58,9 @@ class Refusals:
     certs: Path
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Refusals]:
+@pytest.fixture(scope="module", params=DATAPLANES)
+def env(request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Refusals]:
     root = tmp_path_factory.mktemp("refusals")
     cas = CasProcess.start(root / "mesh")
     lt = LoopThread()
@@ -72,8 +75,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Refusals]:
         for service, listen, app in (("backend", backend_in, servers[0].port),
                                      ("rogue", rogue_in, servers[1].port)):
             started.append(SidecarProcess.start(
-                cas, "shop", service, inbound=[f"{LOOPBACK}:{listen}={LOOPBACK}:{app}"]))
-        started.append(SidecarProcess.start(cas, "shop", "frontend", outbound=[
+                cas, "shop", service, inbound=[f"{LOOPBACK}:{listen}={LOOPBACK}:{app}"],
+                extra=plane_args(request.param)))
+        started.append(SidecarProcess.start(cas, "shop", "frontend", extra=plane_args(
+            request.param), outbound=[
             f"{LOOPBACK}:{to_backend}=backend@{LOOPBACK}:{backend_in}",
             f"{LOOPBACK}:{misrouted}=backend@{LOOPBACK}:{rogue_in}",
         ]))

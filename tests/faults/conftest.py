@@ -26,7 +26,8 @@ and it offers these fixtures:
 - ``cas_front``: ``cas_front(cas) -> CasFront`` (casfront.py), a CAS front whose
   answers and event stream the scenario writes; closed at teardown.
 - ``onpath_mesh`` (one per module): onpath.py's ``OnPathMesh``, two sidecars with an
-  on-path host between them.
+  on-path host between them; on both data planes with ``pytestmark =
+  pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True)``.
 - ``leak_check``: ``leak_check.watch(proc)`` takes a baseline of a long-lived process
   (a ``CasProcess``, a ``SidecarProcess``, or any other subprocess, counted by its
   descriptors only): its open descriptors (``/proc/PID/fd``) and its asyncio tasks
@@ -357,8 +358,12 @@ def cas_front() -> Iterator[Callable[..., CasFront]]:
 
 
 @pytest.fixture(scope="module")
-def onpath_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
-    m = OnPathMesh(tmp_path_factory.mktemp("onpath"))
+def onpath_mesh(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
+    # A module runs it on both data planes with
+    # pytestmark = pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True).
+    m = OnPathMesh(tmp_path_factory.mktemp("onpath"),
+                   dataplane=getattr(request, "param", "python"))
     try:
         yield m
         no_traceback(m.backend, m.frontend)

@@ -24,6 +24,7 @@ from meshpeers import (
     apply,
     connect,
     free_ports,
+    plane_args,
     roundtrip,
     status,
     wait_until,
@@ -150,7 +151,8 @@ class OnPathMesh:
     """A CAS, a backend sidecar in front of an `EndRecorder` app, and a frontend sidecar
     whose outbound route reaches the backend's inbound listener through an `OnPath`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, dataplane: str = "python") -> None:
+        self.extra = plane_args(dataplane)
         self.cas = CasProcess.start(root / "mesh")
         self.lt = LoopThread()
         self.app = EndRecorder(self.lt)
@@ -170,7 +172,7 @@ class OnPathMesh:
             raise
 
     def _start(self, service: str, **routes: list[str]) -> SidecarProcess:
-        sc = SidecarProcess.start(self.cas, "shop", service, **routes)
+        sc = SidecarProcess.start(self.cas, "shop", service, extra=self.extra, **routes)
         self.sidecars.append(sc)
         return sc
 

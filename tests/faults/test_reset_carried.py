@@ -7,11 +7,14 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
-from meshpeers import roundtrip, wait_until
+import pytest
+from meshpeers import DATAPLANES, roundtrip, wait_until
 from onpath import OnPathMesh, how_it_ends, linger_zero
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True)
 
 
 def test_app_reset_reaches_other_app_as_reset(

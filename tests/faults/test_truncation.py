@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from meshpeers import wait_until
+import pytest
+from meshpeers import DATAPLANES, wait_until
 from onpath import OnPathMesh, how_it_ends
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True)
 
 
 def test_fin_without_close_notify_reaches_app_as_reset(
