@@ -207,6 +207,9 @@ where
         let (mut down_done, mut up_done) = (false, false);
         loop {
             tokio::select! {
+                // An abort comes first: one issued before the relay started (a trust
+                // event while the app was being connected) forwards nothing.
+                biased;
                 _ = ctl.abort.notified() => break (Ending::Aborted, "closed on command".into()),
                 _ = &mut expiry => {
                     break (Ending::CertificateExpired, "the peer's certificate expired".into())

@@ -226,3 +226,22 @@ fn unusable_material_is_an_error_not_a_panic() {
     assert!(Tls::build(&common::data("server.pem"), b"garbage", &common::data("ca.pem")).is_err());
     assert!(Tls::build(&common::data("server.pem"), &common::data("client.key"), &common::data("ca.pem")).is_err());
 }
+
+#[tokio::test]
+async fn an_abort_issued_before_the_relay_starts_forwards_nothing() {
+    let server = tls("server");
+    let (s, c) = tls_pair(&server, tls("client").client.clone()).await;
+    let mut peer = c.unwrap();
+    peer.write_all(b"GET /secret").await.unwrap();
+    peer.flush().await.unwrap();
+    let (mut app, sidecar_app) = tcp_pair().await;
+    let ctl = Control::default();
+    ctl.abort.notify_one();
+    tokio::time::sleep(Duration::from_millis(50)).await; // the bytes are there to read
+    let mesh = tokio_rustls::TlsStream::Server(s.unwrap());
+    let (ending, _) = relay::run(mesh, sidecar_app, &ctl, LONG).await;
+    assert_eq!(ending, Ending::Aborted);
+    assert_eq!(ctl.bytes(), (0, 0));
+    let mut buf = [0u8; 64];
+    assert!(matches!(app.read(&mut buf).await, Err(_) | Ok(0)), "bytes reached the app");
+}

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from harness import CasProcess
 from meshpeers import (
+    DATAPLANES,
     LOOPBACK,
     LoopThread,
     Mesh,
@@ -47,10 +48,11 @@ class Env:
     cas: CasProcess
     echo_port: int
     frontend_m: str
+    dataplane: str
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=DATAPLANES)
+def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("casfollow")
     (port,) = free_ports(1)
     cas = CasProcess.start(root / "mesh", "--listen", f"{LOOPBACK}:{port}")
@@ -66,7 +68,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         apply(cas, cas.sim_policy("cafe"))
         apply(cas, cas.sim_policy("deli"))
         apply(cas, cas.sim_policy("gate"))
-        yield Env(cas, app.port, fm)
+        yield Env(cas, app.port, fm, request.param)
     finally:
         app.close()
         lt.close()
@@ -120,7 +122,7 @@ def test_revoking_the_frontend_measurement_closes_its_connection_within_1s(
         env: Env, mesh_of: dict[str, Mesh]) -> None:
     fw = env.cas.root / "frontend-app"
     m = mesh_of["shop"] = start_mesh(env.cas, "shop", {"echo": env.echo_port},
-                                     frontend_workload=fw)
+                                     frontend_workload=fw, dataplane=env.dataplane)
     port = m.outbound["echo"]
     s = connect(port)
     with s:
@@ -152,7 +154,8 @@ def test_revoking_the_frontend_measurement_closes_its_connection_within_1s(
 
 def test_revoking_a_serial_with_the_cli_closes_and_refuses(
         env: Env, mesh_of: dict[str, Mesh]) -> None:
-    m = mesh_of["cafe"] = start_mesh(env.cas, "cafe", {"echo": env.echo_port})
+    m = mesh_of["cafe"] = start_mesh(env.cas, "cafe", {"echo": env.echo_port},
+                                     dataplane=env.dataplane)
     serial = status(m.frontend)["identity"]["serial"]
     with connect(m.outbound["echo"]) as s:
         assert roundtrip(s, b"before\n") == b"before\n"
@@ -171,7 +174,8 @@ def test_revoking_a_serial_with_the_cli_closes_and_refuses(
 
 def test_a_policy_update_that_drops_the_frontend_closes_and_refuses(
         env: Env, mesh_of: dict[str, Mesh]) -> None:
-    m = mesh_of["deli"] = start_mesh(env.cas, "deli", {"echo": env.echo_port})
+    m = mesh_of["deli"] = start_mesh(env.cas, "deli", {"echo": env.echo_port},
+                                     dataplane=env.dataplane)
     old = env.cas.sim_policy("deli")
     new = old.replace("predecessor: null",
                       f"predecessor: \"{hashlib.sha256(old.encode()).hexdigest()}\"")
@@ -198,7 +202,8 @@ def test_a_policy_update_that_drops_the_frontend_closes_and_refuses(
 
 def test_cas_down_the_mesh_keeps_serving_then_events_resume(
         env: Env, mesh_of: dict[str, Mesh]) -> None:
-    m = mesh_of["kiosk"] = start_mesh(env.cas, "kiosk", {"echo": env.echo_port})
+    m = mesh_of["kiosk"] = start_mesh(env.cas, "kiosk", {"echo": env.echo_port},
+                                      dataplane=env.dataplane)
     port = m.outbound["echo"]
     sidecars = (m.frontend, m.backend)
     wait_until(lambda: all(status(sc)["cas"]["reachable"] for sc in sidecars), 10,
@@ -262,7 +267,8 @@ def test_a_revocation_while_connecting_to_the_app_still_refuses(
     slow_connect.write_text("connect_timeout: 30s\n")
     with app, blocker:
         m = mesh_of["gate"] = start_mesh(env.cas, "gate", {"slow": app_port},
-                                         backend_extra=("--config", str(slow_connect)))
+                                         backend_extra=("--config", str(slow_connect)),
+                                         dataplane=env.dataplane)
         serial = status(m.frontend)["identity"]["serial"]
         epoch = status(m.backend)["epoch"]
         with connect(m.outbound["slow"]) as client:
