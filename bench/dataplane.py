@@ -1,6 +1,7 @@
 """Data-path benchmark: direct vs stunnel vs haproxy vs meshshield, side by side, loopback.
 
     .venv/bin/python bench/dataplane.py [--runs 3] [--iperf-seconds 5] [--redis-requests 100000]
+        [--dataplane python|native]
         [--conn-seconds 3] [--conn-clients 4] [--idle 5000] [--py-spy] [--only a,b,c,d]
 
 Four paths from a client to a server, each on free loopback ports:
@@ -441,7 +442,7 @@ def start_haproxy(procs: Procs, tmp: Path, backends: dict[str, int], certs: Cert
 
 
 def start_meshshield(procs: Procs, tmp: Path, backends: dict[str, int],
-                     max_conns: int) -> tuple[NetPath, Any]:
+                     max_conns: int, dataplane: str = "python") -> tuple[NetPath, Any]:
     from harness import CasProcess, SidecarProcess
 
     cas = CasProcess.start(tmp / "cas")
@@ -449,7 +450,7 @@ def start_meshshield(procs: Procs, tmp: Path, backends: dict[str, int],
     r = cas.apply_policy(cas.sim_policy("shop"))
     if r.returncode != 0:
         raise RuntimeError(f"policy apply failed: {r.stderr}")
-    extra = ("--max-connections", str(max_conns))
+    extra = ("--max-connections", str(max_conns), "--dataplane", dataplane)
     inbound = {r: free_port() for r in backends}
     backend = SidecarProcess.start(
         cas, "shop", "backend", extra=extra,
@@ -784,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="upper bound in seconds on opening the idle connections, per path")
     p.add_argument("--only", default="a,b,c,d", help="metrics to run, e.g. a,c")
     p.add_argument("--paths", default=",".join(PATHS), help="paths to set up")
+    p.add_argument("--dataplane", choices=["python", "native"], default="python",
+                   help="the meshshield sidecars' data plane")
     p.add_argument("--py-spy", action="store_true",
                    help="after the table, profile both sidecars during one (a) and one (c) run")
     p.add_argument("--py-spy-native", action="store_true",
@@ -864,8 +867,8 @@ def main(argv: list[str] | None = None) -> int:
             if "meshshield" in wanted:
                 try:
                     t0 = time.monotonic()
-                    paths["meshshield"], _mesh = start_meshshield(procs, tmp, backends,
-                                                                  2 * idle_n + 1000)
+                    paths["meshshield"], _mesh = start_meshshield(
+                        procs, tmp, backends, 2 * idle_n + 1000, args.dataplane)
                     mesh_names = ["frontend", "backend"]
                     log(f"meshshield: CAS + backend and frontend sidecars ready in "
                         f"{time.monotonic() - t0:.1f} s (sim attestation, TLS 1.3, P-256)")
