@@ -653,9 +653,6 @@ class Authority:
                 )
         return None
 
-    def revoked_measurements(self) -> frozenset[str]:
-        return frozenset(self._revoked_measurements)
-
     # -- nonces ----------------------------------------------------------------------
     def new_nonce(self) -> dict[str, str]:
         nonce = secrets.token_bytes(NONCE_SIZE)

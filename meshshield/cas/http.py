@@ -29,7 +29,6 @@ from meshshield.cas.authority import Authority
 from meshshield.cas.edges import fold_edges
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import issued_by_bundle
-from meshshield.pki.claims_ext import claims_from_certificate
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
 from meshshield.policy import PolicyInvalid
 from meshshield.runtime import register_runtime_gauges
@@ -488,11 +487,9 @@ async def reports(request: web.Request) -> web.Response:
 
 async def jwt_svid(request: web.Request) -> web.Response:
     """A JWT-SVID for the caller's mesh certificate (cas/jwt.py)."""
-    session, service, cert = _mesh_identity(request)
+    # _mesh_identity refuses revoked or failing certificates and revoked measurements.
+    _session, _service, cert = _mesh_identity(request)
     authority = request.app[AUTHORITY]
-    measurement = claims_from_certificate(cert).get("measurement")
-    if measurement in authority.revoked_measurements():
-        raise MeshError(Reason.REVOKED, f"the measurement of {session}/{service} is revoked")
     body = await _read_json(request)
     return web.json_response(authority.jwt.issue(cert, body, authority.clock.now()))
 
