@@ -22,8 +22,6 @@ import contextlib
 import errno
 import itertools
 import logging
-import os
-import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -35,7 +33,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meshshield._proto.envoy.service.discovery.v3 import discovery_pb2
+from meshshield.errors import MeshError
 from meshshield.pki.spiffe import parse_spiffe_id
+from meshshield.sidecar import unixsocket
 from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.sdsprotocol import (
     BUNDLE_ALIAS,
@@ -82,39 +82,13 @@ def _socket_error(message: str) -> OSError:
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Make `path`'s directory safe to hold the socket, or refuse with OSError.
-
-    The directory is created (mode 0700) if missing; an existing one must be a real
-    directory owned by this user and writable by no one else (anyone who could write
-    there could replace the socket). A stale socket of ours at `path` is removed;
-    anything else there is refused."""
-    directory = path.parent
+    """Make `path`'s directory safe to hold the socket (the sidecar's own, mode 0700,
+    writable by no one else) and clear a stale socket of ours, by the same rules as the
+    Workload API's socket (sidecar/unixsocket.py); OSError naming --sds if refused."""
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise _socket_error(f"--sds {path}: cannot create its directory {directory}: "
-                            f"{e.strerror}") from None
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode):
-        raise _socket_error(f"--sds {path}: {directory} is not a directory "
-                            "(a symbolic link is refused)")
-    if st.st_uid != os.geteuid():
-        raise _socket_error(f"--sds {path}: {directory} belongs to uid {st.st_uid}, not to "
-                            f"this sidecar (uid {os.geteuid()}); give it a directory of its own")
-    if st.st_mode & 0o022:
-        raise _socket_error(f"--sds {path}: {directory} is writable by others (mode "
-                            f"{stat.S_IMODE(st.st_mode):04o}); use a directory only its "
-                            "owner can write, e.g. mode 0700")
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(existing.st_mode) or existing.st_uid != os.geteuid():
-        raise _socket_error(f"--sds {path}: something other than a socket of this user is "
-                            "there; remove it or choose another path")
-    os.unlink(path)
+        unixsocket.prepare_socket_path(path)
+    except MeshError as e:
+        raise _socket_error(f"--sds {path}: {e.message}") from None
 
 
 MaterialSource = Callable[[], SdsMaterial | None]
@@ -161,14 +135,12 @@ class SdsServer:
                 response_serializer=lambda b: b),
         }),))
         # The socket is created by the bind below: no moment with a wider mode.
-        old = os.umask(0o177)
         try:
-            server.add_insecure_port(f"unix:{self.path}")
+            with unixsocket.private_umask():
+                server.add_insecure_port(f"unix:{self.path}")
         except RuntimeError as e:
             raise _socket_error(f"--sds {self.path}: cannot listen: {e}") from None
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+        unixsocket.secure_socket(self.path)
         await server.start()
         self.server = server
         self.listening = True
@@ -180,8 +152,7 @@ class SdsServer:
         if self.server is not None:
             await self.server.stop(grace=1.0)
             self.server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unixsocket.remove_socket(self.path)
 
     def refresh(self) -> None:
         """Re-read the identity; if what is served changed, wake every stream to push it."""

@@ -47,7 +47,8 @@ def prepare_socket_path(path: Path, group: int | None = None) -> None:
                       f"{e.strerror}") from None
     st = os.lstat(directory)
     if stat.S_ISLNK(st.st_mode):
-        raise _refuse(directory, "is a symbolic link; name the real directory")
+        raise _refuse(directory, "is a symbolic link, not a directory; name the real "
+                      "directory")
     if not stat.S_ISDIR(st.st_mode):
         raise _refuse(directory, "is not a directory")
     if st.st_uid != os.geteuid():
@@ -65,8 +66,9 @@ def prepare_socket_path(path: Path, group: int | None = None) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(existing.st_mode):
-        raise MeshError(Reason.CONFLICT, f"{path} exists and is not a socket; it was not "
-                        "removed: move it away or choose another socket path")
+        raise MeshError(Reason.CONFLICT, f"{path} is something other than a socket (it is "
+                        "not a socket left by an earlier run), so it was not removed: move it "
+                        "away or choose another socket path")
     if _served(path):
         raise MeshError(Reason.CONFLICT, f"{path} is served by another running process; "
                         "stop it or choose another socket path")
