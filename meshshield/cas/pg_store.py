@@ -62,6 +62,9 @@ from meshshield.cas.store import (
     StoreUnavailable,
 )
 
+# The columns `_session` reads a SessionRecord from, in its order.
+_SESSION_SELECT = "SELECT name, policy, policy_hash, creator, created_at, updated_at FROM sessions"
+
 log = logging.getLogger("meshshield.cas")
 # The pool logs every failed reconnection attempt (about once a second while the
 # database is down); this store logs the outage once, and its end.
@@ -402,8 +405,8 @@ class PostgresStore:
 
     def _locked_session(self, c: psycopg.Cursor[Any], name: str) -> SessionRecord | None:
         r = c.execute(
-            "SELECT name, policy, policy_hash, creator, created_at, updated_at FROM sessions"
-            " WHERE name = %s FOR UPDATE",
+            _SESSION_SELECT
+            + " WHERE name = %s FOR UPDATE",
             (name,),
         ).fetchone()
         return None if r is None else self._session(r)
@@ -411,8 +414,8 @@ class PostgresStore:
     def get_session(self, name: str) -> SessionRecord | None:
         with self._tx() as c:
             r = c.execute(
-                "SELECT name, policy, policy_hash, creator, created_at, updated_at FROM sessions"
-                " WHERE name = %s",
+                _SESSION_SELECT
+                + " WHERE name = %s",
                 (name,),
             ).fetchone()
         return None if r is None else self._session(r)
@@ -420,8 +423,8 @@ class PostgresStore:
     def list_sessions(self) -> list[SessionRecord]:
         with self._tx() as c:
             rows = c.execute(
-                "SELECT name, policy, policy_hash, creator, created_at, updated_at FROM sessions"
-                " ORDER BY name"
+                _SESSION_SELECT
+                + " ORDER BY name"
             ).fetchall()
         return [self._session(r) for r in rows]
 
@@ -483,8 +486,8 @@ class PostgresStore:
     def last_session(self, name: str) -> SessionRecord | None:
         with self._tx() as c:
             r = c.execute(
-                "SELECT name, policy, policy_hash, creator, created_at, updated_at FROM sessions"
-                " WHERE name = %s",
+                _SESSION_SELECT
+                + " WHERE name = %s",
                 (name,),
             ).fetchone()
             if r is not None:
