@@ -27,7 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +81,9 @@ class PgServer:
         return self.root / "postgres.log"
 
     @classmethod
-    def start(cls) -> PgServer:
+    def start(cls, unavailable: Callable[[str], None] = unavailable) -> PgServer:
+        """A running server. When none can be started, `unavailable(why)` is called and
+        must raise (by default: fail under CI, else skip; bench/ raises its own error)."""
         initdb, postgres = _binary("initdb"), _binary("postgres")
         if not initdb or not postgres:
             unavailable("PostgreSQL server binaries (initdb, postgres) not found on PATH or "
