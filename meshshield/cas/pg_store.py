@@ -8,7 +8,11 @@ maintained successor of psycopg2, speaks libpq (so every libpq URL, TLS and
 authentication setting works), and prepares repeated statements itself.
 
 Transactions: every method runs in one transaction on one pooled connection
-(READ COMMITTED): a method that returns has committed. Decisions that must hold across
+(READ COMMITTED): a method that returns has committed. The pooled connections are in
+autocommit mode: a method of several statements opens its transaction explicitly
+(BEGIN ... COMMIT), one of a single statement (the issuance path's nonce, epoch and
+certificate calls) sends just that statement, which PostgreSQL runs as a transaction
+of its own: one round trip instead of three. Decisions that must hold across
 replicas are taken by the database, not by a cache: a session's predecessor under a
 row lock (`SELECT ... FOR UPDATE`), nonces with one `DELETE ... RETURNING`, the admin
 replay guard with a primary key and `ON CONFLICT DO NOTHING`, the CA set under a table
@@ -184,6 +188,7 @@ class PostgresStore:
         try:
             with psycopg.connect(url, **kwargs) as conn:
                 self._check_schema(conn, migrate)
+            kwargs["autocommit"] = True  # the pool's: _tx opens transactions explicitly
         except psycopg.Error as e:
             raise StoreUnavailable(
                 f"cannot use the CAS database {self.where}: {_why(e)}. Check the URL, that "
@@ -251,14 +256,17 @@ class PostgresStore:
             ConnectionPool.check_connection(conn)
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[psycopg.Cursor[Any]]:
+    def _tx(self, *, single: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction on a pooled connection: committed when the block ends, rolled
-        back if it raises. Connection failures become StoreUnavailable."""
+        back if it raises. `single`: the block runs exactly one statement, which is then
+        sent on its own (autocommit: it is its own transaction, atomic all the same).
+        Connection failures become StoreUnavailable."""
         timeout = self._down_timeout if self._down else self._timeout
         try:
             with self._pool.connection(timeout=timeout) as conn:
                 try:
-                    with conn.cursor() as cur:
+                    with (contextlib.nullcontext() if single else conn.transaction(),
+                          conn.cursor() as cur):
                         yield cur
                 finally:
                     if len(self._used) > 1000:  # connections replaced over many outages
@@ -324,7 +332,7 @@ class PostgresStore:
 
     # -- epoch ----------------------------------------------------------------------------
     def epoch(self) -> int:
-        with self._tx() as c:
+        with self._tx(single=True) as c:
             row = c.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
         assert row is not None
         return int(row[0])
@@ -412,7 +420,7 @@ class PostgresStore:
         return None if r is None else self._session(r)
 
     def get_session(self, name: str) -> SessionRecord | None:
-        with self._tx() as c:
+        with self._tx(single=True) as c:
             r = c.execute(
                 _SESSION_SELECT
                 + " WHERE name = %s",
@@ -429,7 +437,7 @@ class PostgresStore:
         return [self._session(r) for r in rows]
 
     def session_hashes(self) -> dict[str, str]:
-        with self._tx() as c:
+        with self._tx(single=True) as c:
             return {r[0]: r[1] for r in c.execute("SELECT name, policy_hash FROM sessions")}
 
     def update_session(
@@ -506,11 +514,11 @@ class PostgresStore:
 
     # -- nonces ---------------------------------------------------------------------------
     def put_nonce(self, nonce: bytes, expires_at: datetime) -> None:
-        with self._tx() as c:
+        with self._tx(single=True) as c:
             c.execute("INSERT INTO nonces VALUES (%s, %s)", (nonce, expires_at))
 
     def consume_nonce(self, nonce: bytes, now: datetime) -> str:
-        with self._tx() as c:
+        with self._tx(single=True) as c:
             row = c.execute(
                 "DELETE FROM nonces WHERE nonce = %s RETURNING expires_at", (nonce,)
             ).fetchone()
@@ -549,7 +557,7 @@ class PostgresStore:
                   " cert_pem, issued_at")
 
     def record_certificate(self, cert: IssuedCertificate) -> None:
-        with self._tx() as c:
+        with self._tx(single=True) as c:
             c.execute(
                 f"INSERT INTO certificates ({self._CERT_COLS}) VALUES"  # noqa: S608 - fixed names
                 " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)".encode(),
@@ -559,7 +567,7 @@ class PostgresStore:
             )
 
     def get_certificate(self, serial: str) -> IssuedCertificate | None:
-        with self._tx() as c:
+        with self._tx(single=True) as c:
             r = c.execute(
                 f"SELECT {self._CERT_COLS} FROM certificates WHERE serial = %s".encode(),  # noqa: S608 - fixed names
                 (serial,),
