@@ -169,7 +169,10 @@ class PostgresStore:
         url: str,
         *,
         migrate: bool = False,
-        min_size: int = 2,
+        # As many connections kept open as the CAS has worker threads (cas/http.py
+        # WORKERS): the pool opens new ones one at a time, so a burst after a quiet spell
+        # would otherwise queue every request behind connection set-up.
+        min_size: int = 8,
         max_size: int = 16,
         timeout: float = 5.0,
         down_timeout: float = 0.5,
