@@ -313,3 +313,31 @@ def test_an_unreachable_database_is_store_unavailable(tmp_path: Path) -> None:
         open_store(url, tmp_path)
     assert "secret" not in e.value.message
     assert "cannot use the CAS database postgresql://meshshield@127.0.0.1" in e.value.message
+
+
+def test_a_write_failing_half_way_leaves_nothing_on_postgresql(pg_url: str) -> None:
+    """The pool's connections are in autocommit mode (a single statement is sent alone);
+    a method of several statements still commits all of them or none: a revocation whose
+    audit row the database refuses (a trigger, standing in for any failure after the
+    first statement) leaves no revocation and the same epoch."""
+    import psycopg
+
+    store = pg_store.PostgresStore(pg_url)
+    try:
+        store.add_revocation("shop", "serial", "aa", "admin", T0)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$BEGIN RAISE EXCEPTION 'audit refused'; END$$")
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit FOR EACH ROW"
+                         " WHEN (NEW.actor = 'refused') EXECUTE FUNCTION refuse()")
+        with pytest.raises(psycopg.errors.RaiseException):
+            store.add_revocation("shop", "serial", "bb", "refused", T0)
+        assert [r.value for r in store.revocations()] == ["aa"]
+        assert store.epoch() == 1
+        # The connection that failed went back to the pool usable, out of any transaction.
+        for _ in range(10):
+            assert store.epoch() == 1
+        assert store.add_revocation("shop", "serial", "cc", "admin", T0) == 2
+    finally:
+        store.close()
