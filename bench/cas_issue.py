@@ -366,15 +366,16 @@ def start_config(name: str, root: Path, pg: PgServer | None) -> Config:
     try:
         for i in range(1, n):
             # Same KEK (root/cas.kek), admin key, sim key and workload: one CAS, n processes.
-            r = CasProcess(first.root, first.root / f"data{i}", first.admin_dir, first.admin_fp,
-                           first.sim_dir, first.workload, extra_args=extra)
-            r.launch()
-            replicas.append(r)
+            replica = CasProcess(first.root, first.root / f"data{i}", first.admin_dir,
+                                 first.admin_fp, first.sim_dir, first.workload,
+                                 extra_args=extra)
+            replica.launch()
+            replicas.append(replica)
         if len({r.ca_fingerprint for r in replicas}) != 1:
             raise BenchError(f"{name}: the replicas serve different CAs")
-        r = first.apply_policy(first.sim_policy(SESSION))
-        if r.returncode != 0:
-            raise BenchError(f"{name}: policy apply failed: {r.stderr}")
+        applied = first.apply_policy(first.sim_policy(SESSION))
+        if applied.returncode != 0:
+            raise BenchError(f"{name}: policy apply failed: {applied.stderr}")
     except BaseException:
         for r in replicas:
             r.stop()
