@@ -354,6 +354,14 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     except SimKeyError as e:
         raise UsageError(str(e)) from None
     data = Path(args.data)
+    explicit_kek = bool(args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE"))
+    if args.platform and not explicit_kek:
+        # An attested CAS keeps its KEK in the store, sealed to its TEE (cas/kekstore.py).
+        return _cas_serve_attested(args, host, port, limits, trust_domain, dns, fps,
+                                   sim_keys, nonce_ttl, max_ttl)
+    if getattr(args, "recovery_key_private", None):
+        raise UsageError("cas recover is for an attested CAS (--platform, no --kek-file): "
+                         "a CAS with a KEK file needs that file, not a recovery key")
     kek_path = Path(
         args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE") or default_kek_path(data)
     )
@@ -373,7 +381,6 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
             return 1
     else:
         found = state_files(data) if data.is_dir() else []
-    explicit_kek = bool(args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE"))
     if not found and not explicit_kek and kek_path.exists():
         # A KEK the CAS made itself beside its data folder outlives only a lost data
         # folder: initialising now would silently start a new mesh. A KEK provisioned
@@ -409,9 +416,10 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
               "guarantee; use it for development only", file=sys.stderr, flush=True)
     self_attest = _cas_self_attest(args)
+    expect = _cas_kek_expect(args)
     _install_uvloop()
     try:
-        asyncio.run(serve(config, host, port, limits, self_attest))
+        asyncio.run(serve(config, host, port, limits, self_attest, expect))
     except OSError as e:
         _err(f"cannot serve on {args.listen}: {e.strerror or e}")
         return 1
@@ -423,6 +431,130 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
     except MeshError as e:
         _err(e.message)
         return 1
+    return 0
+
+
+def _cas_kek_expect(args: argparse.Namespace) -> Any:
+    """`--expect FILE`: what a CAS replica must run to be given the KEK (and to give it)."""
+    from meshshield.casverify import load_expectation
+    from meshshield.policy import PolicyInvalid
+
+    if not args.expect:
+        if args.peer:
+            raise UsageError("--peer needs --expect FILE: the replica to recover the KEK "
+                             "from is verified against it first")
+        return None
+    try:
+        return load_expectation(args.expect)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except PolicyInvalid as e:
+        raise UsageError("\n".join(str(p) for p in e.problems)) from None
+
+
+def _cas_serve_attested(
+    args: argparse.Namespace, host: str, port: int, limits: Any, trust_domain: str,
+    dns: tuple[str, ...], fps: list[str], sim_keys: tuple[Any, ...], nonce_ttl: float,
+    max_ttl: float | None,
+) -> int:
+    """`cas serve --platform ...` without --kek-file (and `cas recover`): the KEK from
+    the store's wraps or a peer replica (cas/kekstore.py), never from a file."""
+    import asyncio
+
+    from meshshield.attestation.collateral import load_collateral
+    from meshshield.attestation.verify import VerifierConfig
+    from meshshield.cas.authority import CasConfig
+    from meshshield.cas.kekstore import KekPlan, KekUnavailable, obtain_kek
+    from meshshield.cas.recoverykey import load_recovery_private, load_recovery_public
+    from meshshield.cas.sealing import SealingUnavailable, sealing_for
+    from meshshield.cas.selfattest import SelfAttestation
+    from meshshield.cas.server import serve
+    from meshshield.cas.stores import is_postgres, open_store
+    from meshshield.casverify import split_url
+    from meshshield.pki.seal import SealedKeyError
+
+    expect = _cas_kek_expect(args)
+    try:
+        for url in args.peer or []:
+            split_url(url)
+        recovery = tuple(load_recovery_public(p) for p in args.recovery_key or [])
+        private = tuple(k for p in getattr(args, "recovery_key_private", None) or []
+                        for k in load_recovery_private(p))
+    except ValueError as e:
+        raise UsageError(str(e).replace("--cas", "--peer")) from None
+    peer_timeout = _duration_flag(args.peer_timeout, "--peer-timeout", minimum=1,
+                                  maximum=3600)
+    if args.collateral and not Path(args.collateral).is_dir():
+        raise UsageError(f"--collateral {args.collateral}: not a folder")
+    collateral = load_collateral(Path(args.collateral)) if args.collateral else None
+    verifier = VerifierConfig(sim_platform_keys=sim_keys, collateral=collateral)
+    if sim_keys:
+        print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
+              "guarantee; use it for development only", file=sys.stderr, flush=True)
+    try:
+        attestation = SelfAttestation(_cas_self_attest(args), verifier)
+    except MeshError as e:
+        _err(e.message)
+        return 1
+    claims = attestation.claims
+    try:
+        sealing = sealing_for(attestation.config.platform,
+                              None if claims is None else claims.measurement,
+                              attestation._sim_key)
+    except (ValueError, SealingUnavailable) as e:
+        _err(str(e))
+        return 1
+    plan = KekPlan(sealing=sealing, platform=attestation.config.platform,
+                   evidence_of=attestation.evidence, peers=tuple(args.peer or ()),
+                   expect=expect, verifier=verifier, recovery_keys=recovery,
+                   recovery_private=private, peer_timeout=peer_timeout)
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    database = args.database if is_postgres(args.database) else None
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        store = open_store(database, data)
+        try:
+            outcome = obtain_kek(store, plan, say=say)
+        finally:
+            store.close()
+    except KekUnavailable as e:
+        _err(e.message)
+        return 1
+    except MeshError as e:
+        _err(e.message)
+        return 1
+    config = CasConfig(
+        data_dir=data, trust_domain=trust_domain, dns=dns, admin_fingerprints=frozenset(fps),
+        sim_platform_keys=sim_keys, collateral_dir=Path(args.collateral) if args.collateral
+        else None, nonce_ttl=nonce_ttl, max_cert_ttl=max_ttl, kek=outcome.kek,
+        database=database)
+    print(f"kek {outcome.source}; {outcome.sealing}", flush=True)
+    _install_uvloop()
+    try:
+        asyncio.run(serve(config, host, port, limits, attestation, expect, outcome))
+    except OSError as e:
+        _err(f"cannot serve on {args.listen}: {e.strerror or e}")
+        return 1
+    except (SealedKeyError, MeshError) as e:
+        _err(e.message)
+        return 1
+    return 0
+
+
+def cmd_cas_recovery_key(args: argparse.Namespace) -> int:
+    from meshshield.cas.recoverykey import write_recovery_key
+
+    try:
+        priv, pub, fp = write_recovery_key(Path(args.out))
+    except (FileExistsError, OSError) as e:
+        _err(f"cannot write the recovery key in {args.out}: {getattr(e, 'strerror', None) or e}")
+        return 1
+    print(f"recovery key sha256:{fp}\npublic  {pub} (give it to `cas serve --recovery-key`)"
+          f"\nprivate {priv} (keep it offline; `cas recover --recovery-key-private`)")
     return 0
 
 
@@ -559,6 +691,21 @@ def _cas_evidence_flags(p: argparse.ArgumentParser) -> None:
                    "else chosen by platform)")
     g.add_argument("--coco-aa-url", metavar="URL",
                    help="the CoCo attestation agent (default: MESHSHIELD_COCO_AA_URL)")
+
+
+def _cas_kek_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the attested CAS's key-encryption key (with --platform and "
+                             "no --kek-file)")
+    g.add_argument("--expect", metavar="FILE",
+                   help="YAML (as cas verify's): what a CAS replica must run to be given "
+                   "this CAS's KEK, and what the --peer replicas must run")
+    g.add_argument("--peer", action="append", metavar="URL",
+                   help="a running replica to recover the KEK from (repeatable)")
+    g.add_argument("--peer-timeout", default="60s", metavar="DURATION",
+                   help="give up peer recovery after this long (default 60s)")
+    g.add_argument("--recovery-key", action="append", metavar="PUB.pem",
+                   help="also keep the KEK encrypted to this recovery public key "
+                   "(repeatable; `meshshield cas recovery-key` makes one)")
 
 
 def cmd_cas_verify(args: argparse.Namespace) -> int:
@@ -959,7 +1106,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cert-ttl", help="cap every certificate's lifetime (testing)")
     _connection_flags(p)
     _cas_evidence_flags(p)
+    _cas_kek_flags(p)
     p.set_defaults(func=cmd_cas_serve)
+    serve_parser = p
+    p = csub.add_parser("recover", help="start an attested CAS whose KEK no peer can give, "
+                        "with a recovery private key", parents=[], add_help=True)
+    for action in serve_parser._actions:
+        if action.dest != "help":
+            p._add_action(action)
+    p.add_argument("--recovery-key-private", action="append", required=True,
+                   metavar="FILE|DIR", help="the recovery.key `cas recovery-key` wrote")
+    p.set_defaults(func=cmd_cas_serve)
+    p = csub.add_parser("recovery-key", help="make an administrator's recovery key pair")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_cas_recovery_key)
 
     def store_flags(p: argparse.ArgumentParser) -> None:
         g = p.add_mutually_exclusive_group(required=True)

@@ -166,6 +166,15 @@ class Authority:
         self.dispatch: Callable[[Callable[[], None]], None] = lambda call: call()
         self.attest_results: Callable[[str, str, str], None] = lambda _s, _p, _r: None
 
+    def key_encryption_key(self) -> bytes:
+        """The CAS's key-encryption key (32 bytes, AES-256): what every secret the CAS
+        keeps at rest is sealed under (`pki.seal.seal_private_key` for keys; AES-GCM
+        with a per-purpose context for other secrets). It comes from the KEK file or,
+        for an attested CAS, from the store's TEE-sealed / recovery wraps or a peer
+        replica (`cas/kekstore.py`), and is the same on every replica of one store.
+        Never log it, return it over the API or write it anywhere unencrypted."""
+        return self.config.kek
+
     # -- state cache ------------------------------------------------------------
     def start(self, found: Sequence[str] = (), where: str = "the store") -> None:
         """Load (or, in empty state only, create) the CA; `found`: state outside the store."""

@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from meshshield.cas.schema import BYTES, INT, TABLES, TEXT, TIME, Column
+from meshshield.cas.schema import ADDED_IN, BYTES, INT, TABLES, TEXT, TIME, Column
 from meshshield.cas.store import AlreadyExists
 from meshshield.errors import MeshError, Reason
 
@@ -178,8 +178,13 @@ def parse_backup(data: bytes, label: str) -> tuple[dict[str, Any], Rows]:
     if unknown:
         raise BackupError(f"{label}: unknown tables {unknown[:5]}; expected {list(TABLES)}")
     rows: dict[str, list[tuple[Any, ...]]] = {}
+    source = doc.get("source")
+    written = source.get("schema_version") if isinstance(source, dict) else None
     for name, cols in TABLES.items():
         t = tables.get(name)
+        if t is None and isinstance(written, int) and written < ADDED_IN.get(name, 1):
+            rows[name] = []  # the schema that wrote the backup had no such table
+            continue
         if not isinstance(t, dict) or not isinstance(t.get("rows"), list):
             raise BackupError(f"{label}: table {name} is missing or has no \"rows\" list")
         want = [c.name for c in cols]

@@ -106,7 +106,14 @@ TABLES: dict[str, tuple[Column, ...]] = {
                    "detail:text"),
     "nonces": _cols("nonce:bytes", "expires_at:time"),
     "admin_request_nonces": _cols("fingerprint:text", "nonce:text", "expires_at:time"),
+    # Schema version 2: the key-encryption key wrapped for each holder (cas/kekstore.py).
+    "kek_wraps": _cols("kind:text", "key_id:text", "blob:bytes", "detail:text",
+                       "created_at:time"),
 }
+
+# Tables added after version 1, by the version that added them: a backup written by an
+# older schema lacks them and restores with them empty.
+ADDED_IN: dict[str, int] = {"kek_wraps": 2}
 
 # Tables whose integer `id` comes from a sequence the import must move past.
 ID_TABLES = ("policy_history", "revocations", "audit")

@@ -90,6 +90,9 @@ class SelfAttestation:
                             f"the CAS cannot obtain its own {config.platform.value} evidence: "
                             f"{e}") from None
         self.claims: Claims | None = None
+        # Where the KEK came from and how it is sealed here (cas/kekstore.py), shown in
+        # the attestation answer; None for a CAS whose KEK is a file.
+        self.kek: dict[str, Any] | None = None
         try:
             keys = tuple(verifier.sim_platform_keys)
             if self._sim_key is not None:
@@ -124,6 +127,8 @@ class SelfAttestation:
             "tcb_status": None if c is None else c.tcb_status.value,
             "debug": None if c is None else c.debug,
             "simulated": self.simulated,
+            "kek": self.kek or {"source": "file", "sealing": "none: a key-encryption "
+                                "secret file on the host (--kek-file)"},
             "note": "reported by the CAS about itself; `meshshield cas verify` checks it",
         }
 

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import serialization
 
 from meshshield.cas.authority import Authority, CasConfig
 from meshshield.cas.http import METRICS, create_app, off_loop
+from meshshield.cas.kekstore import KekOutcome, KekRelease
+from meshshield.cas.kekstore import add_routes as add_kek_routes
 from meshshield.cas.selfattest import SelfAttestation, SelfAttestConfig, add_routes
 from meshshield.cas.store import StoreUnavailable
 from meshshield.cas.stores import open_store, where
@@ -26,6 +28,7 @@ from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert, load_pem_chain
 from meshshield.pki.keys import generate_p256, spki_der
 from meshshield.pki.spiffe import cas_spiffe_id
+from meshshield.policy.expect import CasExpectation
 from meshshield.tlsutil import load_chain_from_memory
 
 log = logging.getLogger("meshshield.cas")
@@ -46,7 +49,10 @@ def _server_context() -> ssl.SSLContext:
 class CasServer:
     """One CAS process: the authority, its HTTPS identity and the HTTP app."""
 
-    def __init__(self, config: CasConfig, self_attest: SelfAttestConfig | None = None) -> None:
+    def __init__(self, config: CasConfig,
+                 self_attest: SelfAttestConfig | SelfAttestation | None = None,
+                 kek_release: CasExpectation | None = None,
+                 kek_outcome: KekOutcome | None = None) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.config = config
         self.store = open_store(config.database, config.data_dir)
@@ -78,12 +84,21 @@ class CasServer:
         self._tls_of: weakref.WeakKeyDictionary[ssl.SSLContext, tuple[bytes, str]] = (
             weakref.WeakKeyDictionary())
         self.self_attestation: SelfAttestation | None = None
-        if self_attest is not None:
+        if isinstance(self_attest, SelfAttestation):
+            self.self_attestation = self_attest
+        elif self_attest is not None:
             try:
                 self.self_attestation = SelfAttestation(self_attest, self.authority.verifier)
             except BaseException:
                 self.store.close()
                 raise
+        # Peer recovery: this replica hands its KEK to attested replicas (cas/kekstore.py).
+        self.kek_release = KekRelease(self.authority, kek_release)
+        self.kek_outcome = kek_outcome
+        if kek_outcome is not None:
+            kek_outcome.audit_first_start(self.store, self.authority.clock.now())
+        if self.self_attestation is not None and kek_outcome is not None:
+            self.self_attestation.kek = kek_outcome.to_json()
         self.refresh_tls()
         self.write_bundle()
         self.authority.listeners.append(lambda _e: self.on_change())
@@ -177,6 +192,7 @@ class CasServer:
     def app(self) -> web.Application:
         app = create_app(self.authority)
         add_routes(app, self.self_attestation, self._tls_of.get, off_loop)
+        add_kek_routes(app, self.kek_release, off_loop)
         return app
 
     def close(self) -> None:
@@ -185,9 +201,10 @@ class CasServer:
 
 async def serve(
     config: CasConfig, host: str, port: int, limits: ConnectionLimits | None = None,
-    self_attest: SelfAttestConfig | None = None,
+    self_attest: SelfAttestConfig | SelfAttestation | None = None,
+    kek_release: CasExpectation | None = None, kek_outcome: KekOutcome | None = None,
 ) -> None:
-    server = CasServer(config, self_attest)
+    server = CasServer(config, self_attest, kek_release, kek_outcome)
     print(f"ca-fingerprint sha256:{server.ca_fingerprint}", flush=True)
     if server.self_attestation is not None:
         print(server.self_attestation.describe(), flush=True)

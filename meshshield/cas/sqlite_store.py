@@ -36,6 +36,7 @@ from meshshield.cas.store import (
     CaStoredRecord,
     HistoryRecord,
     IssuedCertificate,
+    KekWrapRecord,
     NotFound,
     PredecessorMismatch,
     Report,
@@ -83,8 +84,16 @@ INSERT INTO meta VALUES ('epoch', '0') ON CONFLICT(key) DO NOTHING
 """
 
 # Forward migrations, in order. Append only: a released migration never changes.
+_SCHEMA_V2 = """
+CREATE TABLE kek_wraps (
+    kind TEXT NOT NULL, key_id TEXT NOT NULL, blob BLOB NOT NULL, detail TEXT NOT NULL,
+    created_at REAL NOT NULL, PRIMARY KEY (kind, key_id))
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", split_sql(_SCHEMA_V1)),
+    Migration(2, "kek_wraps: the key-encryption key sealed to TEEs and recovery keys",
+              split_sql(_SCHEMA_V2)),
 )
 
 _VERSION_TABLE = (
@@ -351,6 +360,34 @@ class SqliteStore:
                       (kid, sealed_key, _ts(at)))
             self._audit(c, at, "cas", "jwt-key", None, f"created JWT signing key {kid[:16]}")
             return True
+
+    # -- the key-encryption key's wraps (cas/kekstore.py) ----------------------------
+    def kek_wraps(self) -> list[KekWrapRecord]:
+        rows = self._db.execute(
+            "SELECT kind, key_id, blob, detail, created_at FROM kek_wraps"
+            " ORDER BY created_at, kind, key_id").fetchall()
+        return [KekWrapRecord(r[0], r[1], bytes(r[2]), r[3], _dt_req(r[4])) for r in rows]
+
+    def put_kek_wrap(self, wrap: KekWrapRecord, actor: str, *, first: bool = False,
+                     audit: bool = True) -> bool:
+        with self._tx() as c:
+            if first and (c.execute("SELECT 1 FROM kek_wraps LIMIT 1").fetchone()
+                          or c.execute("SELECT 1 FROM ca LIMIT 1").fetchone()):
+                return False
+            c.execute(
+                "INSERT INTO kek_wraps (kind, key_id, blob, detail, created_at)"
+                " VALUES (?,?,?,?,?) ON CONFLICT(kind, key_id) DO UPDATE SET"
+                " blob=excluded.blob, detail=excluded.detail, created_at=excluded.created_at",
+                (wrap.kind, wrap.key_id, wrap.blob, wrap.detail, _ts(wrap.created_at)))
+            if audit:
+                self._audit(c, wrap.created_at, actor, "kek-wrap", None,
+                            f"stored the KEK {wrap.kind} for {wrap.key_id[:120]}"
+                            f" ({wrap.detail[:200]})")
+            return True
+
+    def add_audit(self, actor: str, action: str, detail: str, at: datetime) -> None:
+        with self._tx() as c:
+            self._audit(c, at, actor[:200], action, None, detail[:2000])
 
     # -- sessions ---------------------------------------------------------------
     def create_session(

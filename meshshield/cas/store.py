@@ -128,6 +128,21 @@ class AuditRecord:
     detail: str
 
 
+@dataclass(frozen=True)
+class KekWrapRecord:
+    """The key-encryption key wrapped for one holder (`cas/kekwrap.py` blob format).
+
+    kind "tee-sealed": key_id names the TEE identity (platform, chip/key, measurement)
+    whose sealing key opens it; kind "recovery-key": key_id is the SHA-256 of the
+    recovery public key's SPKI."""
+
+    kind: str
+    key_id: str
+    blob: bytes
+    detail: str
+    created_at: datetime
+
+
 class Store(Protocol):
     def close(self) -> None: ...
 
@@ -160,6 +175,24 @@ class Store(Protocol):
     def add_jwt_key(self, kid: str, sealed_key: bytes, at: datetime) -> bool:
         """Store a JWT signing key unless one exists already (replicas starting together
         keep the first); False if another was there. Audited; no epoch change."""
+        ...
+
+    # -- the key-encryption key's wraps (cas/kekstore.py) ------------------------
+    def kek_wraps(self) -> list[KekWrapRecord]:
+        """Every stored wrap of the KEK, oldest first."""
+        ...
+
+    def put_kek_wrap(self, wrap: KekWrapRecord, actor: str, *, first: bool = False,
+                     audit: bool = True) -> bool:
+        """Store (or replace) the wrap for (kind, key_id); audited. `first`: only into a
+        store with no wrap and no CA (replicas initialising together: one wins), False
+        if it was not empty. `audit=False` on a first start only: the CAS audits its
+        initialisation once the first CA exists (an audit record before it would read
+        as lost state)."""
+        ...
+
+    def add_audit(self, actor: str, action: str, detail: str, at: datetime) -> None:
+        """One audit record (KEK releases and refusals)."""
         ...
 
     # -- sessions -----------------------------------------------------------
