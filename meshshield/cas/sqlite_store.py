@@ -158,16 +158,17 @@ class SqliteStore:
         check_version(found, MIGRATIONS, str(self.path),
                       migrate_hint=f"--data {self.path.parent}", migrating=migrate)
         self.applied: list[int] = []
-        if found == 0 or (migrate and found < latest(MIGRATIONS)):
-            self.applied = self._migrate()
-        elif found == 1:
+        if found == 1:
             # Version 1 grew while it was the only one (admin_request_nonces, jwt_keys,
             # an index): its statements are idempotent and every release until the
             # version table ran them at each open, so a file written by any of them
-            # gets what it lacks. Later changes are numbered migrations.
+            # gets what it lacks (before any later migration). Later changes are
+            # numbered migrations.
             with self._tx() as c:
                 for stmt in MIGRATIONS[0].statements:
                     c.execute(stmt)
+        if found == 0 or (migrate and found < latest(MIGRATIONS)):
+            self.applied = self._migrate()
 
     def _tables(self) -> set[str]:
         return {

@@ -31,7 +31,9 @@ from pgserver import PgServer
 
 from meshshield.adminauth import write_admin_key
 from meshshield.attestation.sim import generate_sim_platform_key, write_sim_platform_key
+from meshshield.cas import pg_store
 from meshshield.cas.pg_store import PostgresStore
+from meshshield.cas.schema import latest
 from meshshield.cas.sqlite_store import SqliteStore
 from meshshield.pki.seal import load_or_create_kek
 
@@ -167,7 +169,8 @@ def test_a_schema_newer_than_the_release_is_refused_at_start(pg_cas: CasProcess,
                                       "--kek-file", str(cas.kek), "--database", pg_url])
     assert rc == 1, (out, err)
     assert "Traceback" not in err and "ca-fingerprint" not in out
-    assert "schema version 99, but this meshshield release knows versions up to 1" in err
+    assert ("schema version 99, but this meshshield release knows versions up to "
+            f"{latest(pg_store.MIGRATIONS)}") in err
     r = run_cli("cas", "migrate", "--database", pg_url)
     assert r.returncode == 1 and "schema version 99" in r.stderr, r.stderr
 

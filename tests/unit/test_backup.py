@@ -14,9 +14,13 @@ from harness import run_cli
 from pgserver import PgServer
 
 from meshshield.cas.backup import BackupError, make_backup, parse_backup, restore, write_backup
+from meshshield.cas.schema import latest
+from meshshield.cas.sqlite_store import MIGRATIONS
 from meshshield.cas.store import CaStoredRecord, IssuedCertificate, Store
 from meshshield.cas.stores import open_store
 from meshshield.errors import MeshError, Reason
+
+LATEST = latest(MIGRATIONS)
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=UTC)
 NOW = datetime(2026, 3, 2, tzinfo=UTC)
@@ -63,7 +67,7 @@ def test_every_row_survives_a_backup_and_restore(source: str, target: str, tmp_p
     with pytest.raises(FileExistsError):
         write_backup(doc, path)
     parsed, rows = parse_backup(path.read_bytes(), "backup.json")
-    assert parsed["source"] == {"engine": source, "schema_version": 1}
+    assert parsed["source"] == {"engine": source, "schema_version": LATEST}
     dst = _open(target, tmp_path / "b", pg)
     restored_epoch = restore(dst, parsed, rows, NOW)  # type: ignore[arg-type]
     assert restored_epoch == int(NOW.timestamp() * 1000) > epoch
@@ -117,7 +121,7 @@ def test_cli_backup_restore_and_migrate_on_sqlite(tmp_path: Path) -> None:
     _fill(s)
     s.close()
     m = run_cli("cas", "migrate", "--data", str(tmp_path / "data"))
-    assert m.returncode == 0 and "schema version 1 (already current)" in m.stdout, m.stderr
+    assert m.returncode == 0 and f"schema version {LATEST} (already current)" in m.stdout, m.stderr
     missing = run_cli("cas", "migrate", "--data", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "no CAS database at" in missing.stderr
     out = tmp_path / "b.json"
@@ -157,4 +161,5 @@ def test_sqlite_newer_schema_is_refused_by_serve(tmp_path: Path) -> None:
                 "--kek-file", str(tmp_path / "kek"), timeout=60)
     assert r.returncode == 1, r.stdout
     assert "Traceback" not in r.stderr
-    assert "schema version 7, but this meshshield release knows versions up to 1" in r.stderr
+    assert f"schema version 7, but this meshshield release knows versions up to {LATEST}" in (
+        r.stderr)

@@ -15,7 +15,7 @@ import pytest
 from pgserver import PgServer
 
 from meshshield.cas import pg_store, sqlite_store
-from meshshield.cas.schema import Migration
+from meshshield.cas.schema import Migration, latest
 from meshshield.cas.store import (
     AlreadyExists,
     CaSetChanged,
@@ -212,12 +212,17 @@ def test_two_replicas_racing_on_a_predecessor_exactly_one_wins(pg_url: str) -> N
     b.close()
 
 
+LATEST = latest(sqlite_store.MIGRATIONS)
+assert LATEST == latest(pg_store.MIGRATIONS)
+
+
 # -- schema versions & migrations ------------------------------------------------------
 
 
 def test_sqlite_files_of_earlier_releases_open_as_version_1(tmp_path: Path) -> None:
     """A cas.db written before the schema_version table (meta.schema = 1, and even
-    before admin_request_nonces) opens, keeps its rows, and gains the missing table."""
+    before admin_request_nonces) is read as version 1, migrates, keeps its rows, and
+    gains the missing tables."""
     db = sqlite3.connect(tmp_path / "cas.db")
     for stmt in sqlite_store.MIGRATIONS[0].statements:
         if "admin_request_nonces" not in stmt:
@@ -226,8 +231,11 @@ def test_sqlite_files_of_earlier_releases_open_as_version_1(tmp_path: Path) -> N
     db.execute("INSERT INTO sessions VALUES ('old', x'00', 'h', 'me', 1.0, 1.0)")
     db.commit()
     db.close()
-    s = open_store(None, tmp_path)
-    assert s.schema_version() == 1  # type: ignore[attr-defined]
+    if LATEST > 1:  # a later schema: refused until migrated, then migrated in place
+        with pytest.raises(StoreUnavailable, match="meshshield cas migrate"):
+            open_store(None, tmp_path)
+    s = open_store(None, tmp_path, migrate=True)
+    assert s.schema_version() == LATEST  # type: ignore[attr-defined]
     assert s.get_session("old") is not None
     assert s.remember_request_nonce("fp", "n", T0, T0)
     s.close()
@@ -236,30 +244,31 @@ def test_sqlite_files_of_earlier_releases_open_as_version_1(tmp_path: Path) -> N
 def _extra_migration(monkeypatch: pytest.MonkeyPatch, module: object, sql: str) -> None:
     migrations = module.MIGRATIONS  # type: ignore[attr-defined]
     monkeypatch.setattr(module, "MIGRATIONS",
-                        (*migrations, Migration(2, "test: a new table", (sql,))))
+                        (*migrations, Migration(LATEST + 1, "test: a new table", (sql,))))
 
 
 def test_an_older_schema_is_refused_until_migrated_and_a_newer_one_always(
     store_engine: str, store_location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loc = store_location or None
-    open_store(loc, tmp_path).close()  # version 1
+    open_store(loc, tmp_path).close()  # this release's version
     module = sqlite_store if store_engine == "sqlite" else pg_store
     _extra_migration(monkeypatch, module, "CREATE TABLE extra (x INTEGER)")
     with pytest.raises(StoreUnavailable) as e:
         open_store(loc, tmp_path)
-    assert "schema version 1, this release needs 2" in e.value.message
+    assert f"schema version {LATEST}, this release needs {LATEST + 1}" in e.value.message
     assert "meshshield cas migrate" in e.value.message
     assert e.value.reason is Reason.STORE_UNAVAILABLE
     s = open_store(loc, tmp_path, migrate=True)
-    assert s.applied == [2]  # type: ignore[attr-defined]
-    assert s.schema_version() == 2  # type: ignore[attr-defined]
+    assert s.applied == [LATEST + 1]  # type: ignore[attr-defined]
+    assert s.schema_version() == LATEST + 1  # type: ignore[attr-defined]
     s.close()
     open_store(loc, tmp_path).close()  # current now
-    monkeypatch.undo()  # this release again: it knows only version 1
+    monkeypatch.undo()  # this release again: it knows only up to LATEST
     with pytest.raises(StoreUnavailable) as e:
         open_store(loc, tmp_path, migrate=True)
-    assert "schema version 2, but this meshshield release knows versions up to 1" in (
+    assert (f"schema version {LATEST + 1}, but this meshshield release knows versions up "
+            f"to {LATEST}") in (
         e.value.message)
 
 
@@ -285,7 +294,8 @@ def test_replicas_initialising_one_empty_database_at_once(pg_url: str) -> None:
     import psycopg
 
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (v,) for v in range(1, LATEST + 1)]
     for s in stores:
         s.close()
 
