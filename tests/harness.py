@@ -78,6 +78,9 @@ class CasProcess:
     extra_args: tuple[str, ...] = ()
     stdout_lines: list[str] = field(default_factory=list)
     stderr_path: Path | None = None
+    # False: no --kek-file (an attested CAS keeps its KEK in the store, sealed)
+    kek_file: bool = True
+    command: str = "serve"  # or "recover" (cas recover takes serve's flags)
 
     # -- lifecycle ---------------------------------------------------------------------
     @classmethod
@@ -106,10 +109,11 @@ class CasProcess:
     def launch(self) -> None:
         self.stderr_path = self.root / "cas.stderr"
         args = [
-            *MESHSHIELD, "cas", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0",
+            *MESHSHIELD, "cas", self.command, "--data", str(self.data), "--listen",
+            "127.0.0.1:0",
             "--admin-fingerprint", self.admin_fp,
             "--trust-sim-platform", str(self.sim_dir / "sim-platform.pub.pem"),
-            "--kek-file", str(self.kek), *self.extra_args,
+            *(["--kek-file", str(self.kek)] if self.kek_file else []), *self.extra_args,
         ]
         err = self.stderr_path.open("a")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
