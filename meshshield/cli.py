@@ -1007,6 +1007,12 @@ def _cas_attestation_line(client: Any) -> tuple[str, dict[str, Any]]:
     line = (f"CAS: platform {clean(str(out['platform']))}{label}, measurement "
             f"{clean(str(out['measurement']))}, tcb_status {clean(str(out['tcb_status']))} "
             "(self-reported; `meshshield cas verify --expect FILE` checks it)")
+    kek = me.get("kek")
+    if isinstance(kek, dict):
+        shown = {k: str(kek.get(k))[:300] for k in ("source", "sealing")}
+        out["kek"] = shown
+        line += (f"\nCAS key-encryption key: from {clean(shown['source'])}; "
+                 f"{clean(shown['sealing'])}")
     return line, {"attested": True, **out, "verified": False}
 
 

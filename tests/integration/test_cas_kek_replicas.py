@@ -140,6 +140,10 @@ def test_three_replicas_peer_recovery_refusal_and_disaster_recovery(
     kek = self_reported(b)["kek"]
     assert isinstance(kek, dict) and kek["source"] == f"peer {a.url}"
     assert "SIMULATED" in str(kek["sealing"])
+    st = b.cli("status")
+    assert st.returncode == 0, st.stderr
+    assert f"CAS: platform sim SIMULATED (no hardware guarantee), measurement {m}" in st.stdout
+    assert f"CAS key-encryption key: from peer {a.url}; sealing key: SIMULATED" in st.stdout
     # every replica serves the one CA: attestation works through each of them
     for cas in (a, b, c):
         cas.bundle.read_text()

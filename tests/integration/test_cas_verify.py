@@ -217,3 +217,5 @@ def test_status_shows_what_the_cas_runs(cas: CasProcess) -> None:
     doc = json.loads(cas.cli("status", "--json").stdout)
     assert doc["cas_attestation"]["simulated"] is True
     assert doc["cas_attestation"]["tcb_status"] == "unknown"
+    assert doc["cas_attestation"]["kek"]["source"] == "file"  # started with --kek-file
+    assert "CAS key-encryption key: from file" in r.stdout
