@@ -359,9 +359,11 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         # An attested CAS keeps its KEK in the store, sealed to its TEE (cas/kekstore.py).
         return _cas_serve_attested(args, host, port, limits, trust_domain, dns, fps,
                                    sim_keys, nonce_ttl, max_ttl)
-    if getattr(args, "recovery_key_private", None):
-        raise UsageError("cas recover is for an attested CAS (--platform, no --kek-file): "
-                         "a CAS with a KEK file needs that file, not a recovery key")
+    if getattr(args, "recovery_key_private", None) or args.peer or args.recovery_key:
+        raise UsageError("--peer, --recovery-key and cas recover are for an attested CAS "
+                         "(--platform, no --kek-file) that keeps its KEK in the store; a CAS "
+                         "with a KEK file uses that file (--expect alone lets it hand its "
+                         "KEK to attested replicas)")
     kek_path = Path(
         args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE") or default_kek_path(data)
     )

@@ -50,13 +50,14 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.core import CounterMetricFamily
 
 from meshshield.attestation.claims import NONCE_SIZE, Platform
 from meshshield.attestation.verify import VerifierConfig, verify_evidence
@@ -208,7 +209,13 @@ def _evidence_digest(evidence: object) -> str:
                           .encode()).hexdigest()
 
 
-@dataclass
+# Refusals are audited at most this many per window (anyone may ask, so the audit log
+# must not grow at an attacker's pace); the rest are counted into the next record.
+REFUSAL_AUDITS = 30
+REFUSAL_WINDOW = 60.0
+
+
+@dataclass(eq=False)  # hashable: /metrics registers it as a collector
 class KekRelease:
     """Decides and answers `POST /v1/cas/kek` on a running replica."""
 
@@ -216,6 +223,9 @@ class KekRelease:
     expect: CasExpectation | None
     released: int = 0
     refused: int = 0
+    malformed: int = 0
+    _window: tuple[float, int] = (0.0, 0)
+    _suppressed: int = 0
 
     def answer(self, body: bytes, peer: str) -> dict[str, Any]:
         """Blocking (store, verification): run off the event loop."""
@@ -225,7 +235,9 @@ class KekRelease:
         try:
             req = parse_recovery_request(body)
         except MeshError as e:
-            self._refuse(peer, "-", f"{e.reason.value}: {e.message}", now)
+            # Not even a request: counted and logged, not audited (no evidence to name).
+            self.malformed += 1
+            log.info("malformed KEK recovery request from %s: %s", peer, e.message[:200])
             raise
         key_fp = hashlib.sha256(req.key_spki).hexdigest()
         to = f"{peer} key sha256:{key_fp}"
@@ -267,13 +279,34 @@ class KekRelease:
                 evidence: object = None) -> None:
         self.refused += 1
         digest = "none" if evidence is None else f"sha256:{_evidence_digest(evidence)}"
-        log.warning("refused the KEK to %s (%s): %s", peer, to, why[:300])
+        log.warning("refused the KEK to %s: %s", to, why[:300])
+        start, n = self._window
+        t = time.monotonic()
+        if t - start > REFUSAL_WINDOW:
+            start, n = t, 0
+        if n >= REFUSAL_AUDITS:
+            self._suppressed += 1
+            self._window = (start, n)
+            return
+        self._window = (start, n + 1)
+        more = (f"; {self._suppressed} more refusal(s) before this one were not audited "
+                f"(over {REFUSAL_AUDITS} per {REFUSAL_WINDOW:g}s)" if self._suppressed else "")
         try:
             self.authority.store.add_audit(
-                "cas", "kek-refused", f"refused the KEK to {to if to != '-' else peer}: "
-                f"{why[:1500]} (evidence {digest})", now)
+                "cas", "kek-refused", f"refused the KEK to {to}: {why[:1500]} (evidence "
+                f"{digest}){more}", now)
+            self._suppressed = 0
         except StoreUnavailable:
             pass  # the store logged it; the request answers 503/403 all the same
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """`meshshield_cas_kek_requests_total{result}` for /metrics."""
+        m = CounterMetricFamily("meshshield_cas_kek_requests_total",
+                                "KEK peer-recovery requests by result", labels=["result"])
+        m.add_metric(["released"], self.released)
+        m.add_metric(["refused"], self.refused)
+        m.add_metric(["malformed"], self.malformed)
+        yield m
 
 
 def add_routes(app: web.Application, release: KekRelease,

@@ -214,6 +214,7 @@ async def serve(
     site = await start_site(runner, host, port, ssl_context=server.ssl, limits=limits,
                             name="cas")
     app[METRICS].registry.register(BudgetCollector(site.budget, "meshshield_cas"))
+    app[METRICS].registry.register(server.kek_release)
     bound = bound_port(site, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"listening https://{shown}:{bound}", flush=True)
