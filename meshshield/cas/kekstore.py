@@ -521,6 +521,10 @@ def _recovery_options(plan: KekPlan, wraps: list[KekWrapRecord]) -> str:
            if sealed else "no sealed KEK is stored")
         + ("" if mine else " (this platform has no sealing key)"),
     ]
+    if not wraps:
+        lines.append("4. the store holds a CA but no KEK wrap: it was made by a CAS with a "
+                     "KEK file; start with that --kek-file (with --expect it can then hand "
+                     "its KEK to attested replicas started with --peer)")
     return "\n  ".join(lines)
 
 

@@ -7,6 +7,8 @@ each on its own sim "chip") on a real PostgreSQL, none with a KEK file.
 - a replica whose measurement fails --expect is refused the KEK (the audit log says so)
   and does not start; one with no --peer on a new chip does not start either and names
   the recovery paths;
+- two replicas starting at the same instant on an empty database: one initialises, the
+  other recovers from it;
 - all replicas gone: a CAS on a new chip refuses to start naming the recovery options;
   `cas recover --recovery-key-private` restores service with the same CA fingerprint,
   and from then on that chip starts from its own sealed KEK.
@@ -196,3 +198,40 @@ def test_three_replicas_peer_recovery_refusal_and_disaster_recovery(
     replicas.append(d2)
     assert d2.ca_fingerprint == fp
     assert any(line.startswith("kek tee-sealed") for line in d2.stdout_lines)
+
+
+def test_replicas_starting_together_on_an_empty_database_share_one_kek(
+    mesh: Mesh, replicas: list[CasProcess]
+) -> None:
+    """Two replicas on two chips start at the same instant, each naming the other as its
+    peer: one initialises, the other recovers from it; both serve one CA."""
+    import threading
+
+    from harness import free_port
+
+    ports = {"a": free_port(), "b": free_port()}
+    procs: dict[str, CasProcess] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def start(name: str, other: str) -> None:
+        barrier.wait()
+        try:
+            procs[name] = mesh.replica(name, name, "--listen", f"127.0.0.1:{ports[name]}",
+                                       "--peer", f"https://127.0.0.1:{ports[other]}")
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=p) for p in (("a", "b"), ("b", "a"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    replicas.extend(procs.values())
+    assert errors == [] and len(procs) == 2
+    a, b = procs["a"], procs["b"]
+    assert a.ca_fingerprint == b.ca_fingerprint
+    sources = sorted(next(x.split(";")[0] for x in c.stdout_lines if x.startswith("kek "))
+                     for c in (a, b))
+    assert sources[0] == "kek initialised" and sources[1].startswith("kek peer https://")
+    assert [act for act, _ in mesh.audit()].count("kek-init") == 1

@@ -342,6 +342,8 @@ def test_a_platform_without_sealing_needs_a_recovery_key_to_initialise(tmp_path:
 def test_a_kek_that_does_not_open_the_ca_is_never_stored(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "cas.db")
     _with_ca(store, KEK)  # a CA sealed under another KEK, and no wraps
+    with pytest.raises(KekUnavailable, match="made by a CAS with a KEK file"):
+        obtain_kek(store, _plan(generate_sim_platform_key()), say=lambda _s: None)
     _, pub, _ = write_recovery_key(tmp_path / "rk")
     chip = generate_sim_platform_key()
     from meshshield.cas.kekstore import _context
