@@ -95,7 +95,8 @@ log = logging.getLogger("meshshield.cas")
 TEE_SEALED = "tee-sealed"
 RECOVERY_KEY = "recovery-key"
 PEER_DOMAIN = b"meshshield/cas-kek/v1"
-MAX_REQUEST = 64 * 1024
+# As the service's evidence bound (authority.MAX_EVIDENCE_JSON), plus the other fields.
+MAX_REQUEST = 512 * 1024 + 4096
 MAX_ANSWER = 16 * 1024
 MAX_SPKI = 256
 PEER_TIMEOUT = 60.0
@@ -320,7 +321,9 @@ def add_routes(app: web.Application, release: KekRelease,
 
         if request.content_length is not None and request.content_length > MAX_REQUEST:
             raise MeshError(Reason.BODY_TOO_LARGE, f"at most {MAX_REQUEST} bytes")
-        body = await request.content.read(MAX_REQUEST + 1)
+        # request.read() reads it whole, within the app's client_max_size (1 MiB);
+        # the parser refuses past MAX_REQUEST.
+        body = await request.read()
         if not gate:
             gate.append(asyncio.Semaphore(2))
         async with gate[0]:

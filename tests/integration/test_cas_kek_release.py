@@ -123,7 +123,7 @@ def test_malformed_requests_are_counted_not_audited(cas: CasProcess) -> None:
                                   "key": "AAAA"}, [1]):
         r = cas.post_json("/v1/cas/kek", body)
         assert r.status == 400 and r.code == "bad_request", r.body
-    r = cas.request("POST", "/v1/cas/kek", b"x" * 70_000,
+    r = cas.request("POST", "/v1/cas/kek", b"x" * 600_000,
                     headers={"Content-Type": "application/json"})
     assert r.status == 413 and r.code == "body_too_large"
     assert len(_audit(cas)) == before

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import threading
@@ -139,22 +140,37 @@ class TlsProxy:
             raw.close()
             return
         self.relayed += 1
-
-        def pump(a: ssl.SSLSocket, b: ssl.SSLSocket) -> None:
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (a, b):
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
-
-        threading.Thread(target=pump, args=(up, down), daemon=True).start()
-        pump(down, up)
+        # One thread per connection moves both directions: an SSL socket read in one
+        # thread and written in another at once is not safe (OpenSSL), which made this
+        # proxy lose bytes now and then. Non-blocking reads, so that a TLS record with
+        # no application data (a session ticket) never blocks the other direction.
+        for s in (down, up):
+            s.setblocking(False)
+        try:
+            while True:
+                readable, _, _ = select.select((down, up), (), (), 30)
+                if not readable:
+                    return
+                for a in readable:
+                    b = up if a is down else down
+                    while True:
+                        try:
+                            data = a.recv(65536)
+                        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                            break
+                        if not data:
+                            return
+                        b.setblocking(True)
+                        b.sendall(data)
+                        b.setblocking(False)
+        except OSError:
+            pass
+        finally:
+            for s in (down, up):
+                try:
+                    s.close()
+                except OSError:
+                    pass
 
     def close(self) -> None:
         self.sock.close()
