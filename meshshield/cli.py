@@ -364,6 +364,7 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
                          "(--platform, no --kek-file) that keeps its KEK in the store; a CAS "
                          "with a KEK file uses that file (--expect alone lets it hand its "
                          "KEK to attested replicas)")
+    expect = _cas_kek_expect(args)  # before any state is made: a bad file creates none
     kek_path = Path(
         args.kek_file or os.environ.get("MESHSHIELD_CAS_KEK_FILE") or default_kek_path(data)
     )
@@ -418,7 +419,6 @@ def cmd_cas_serve(args: argparse.Namespace) -> int:
         print("WARNING: trusting sim platform keys: SIMULATED attestation has no hardware "
               "guarantee; use it for development only", file=sys.stderr, flush=True)
     self_attest = _cas_self_attest(args)
-    expect = _cas_kek_expect(args)
     _install_uvloop()
     try:
         asyncio.run(serve(config, host, port, limits, self_attest, expect))
