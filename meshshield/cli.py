@@ -515,7 +515,9 @@ def _cas_serve_attested(
     database = args.database if is_postgres(args.database) else None
 
     def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        from meshshield.status import clean
+
+        print(clean(line), file=sys.stderr, flush=True)  # peers' words are untrusted
 
     try:
         store = open_store(database, data)
