@@ -120,6 +120,18 @@ def _context(sealing_key_id: str) -> bytes:
     return b"tee:" + sealing_key_id.encode()
 
 
+def sealed_id(identity: str, sealing_key: bytes) -> str:
+    """A sealed wrap's key_id: the TEE identity plus 8 bytes derived one-way from the
+    sealing key itself, so two chips that report the same identity (an SEV-SNP chip id
+    masked by policy, say) never take each other's row."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    check = HKDF(algorithm=hashes.SHA256(), length=8, salt=None,
+                 info=b"meshshield/cas/sealing-key-id/v1").derive(sealing_key)
+    return f"{identity}:{check.hex()}"
+
+
 def _recovery_context(fp: str) -> bytes:
     return b"recovery:" + fp.encode()
 
@@ -507,10 +519,9 @@ def _check_against_ca(store: Store, kek: bytes, how: str) -> None:
                              "nothing was stored") from None
 
 
-def _recovery_options(plan: KekPlan, wraps: list[KekWrapRecord]) -> str:
+def _recovery_options(plan: KekPlan, wraps: list[KekWrapRecord], mine: str | None) -> str:
     sealed = [w.key_id for w in wraps if w.kind == TEE_SEALED]
     rec = [w.key_id for w in wraps if w.kind == RECOVERY_KEY]
-    mine = plan.sealing.key_id if plan.sealing else None
     lines = [
         "1. peer recovery: start it with --peer https://REPLICA:PORT (a running, attested "
         "replica started with the same --expect) "
@@ -522,7 +533,7 @@ def _recovery_options(plan: KekPlan, wraps: list[KekWrapRecord]) -> str:
         "3. the TEE's own sealing key: "
         + (f"the store holds sealed KEKs for {', '.join(sealed)}; this CAS is {mine}"
            if sealed else "no sealed KEK is stored")
-        + ("" if mine else " (this platform has no sealing key)"),
+        + ("" if mine else " (no sealing key here)"),
     ]
     if not wraps:
         lines.append("4. the store holds a CA but no KEK wrap: it was made by a CAS with a "
@@ -539,17 +550,19 @@ def obtain_kek(store: Store, plan: KekPlan, *, say: Callable[[str], None] = prin
     if plan.sealing is None:
         say(f"kek: {sealing_text}")
     sealing_key: bytes | None = None
+    kid: str | None = None
     if plan.sealing is not None:
         try:
             sealing_key = plan.sealing.derive()
+            kid = sealed_id(plan.sealing.key_id, sealing_key)
         except SealingUnavailable as e:
             say(f"kek: cannot seal here: {e}")
             sealing_text = f"unavailable: {e}"
     outcome: KekOutcome | None = None
     # 1. sealed to this TEE
-    if sealing_key is not None and plan.sealing is not None:
+    if sealing_key is not None and kid is not None:
         for w in wraps:
-            if w.kind == TEE_SEALED and w.key_id == plan.sealing.key_id:
+            if w.kind == TEE_SEALED and w.key_id == kid:
                 try:
                     kek = unseal_kek(w.blob, sealing_key, _context(w.key_id),
                                      where=f"the sealed KEK for {w.key_id}")
@@ -563,7 +576,7 @@ def obtain_kek(store: Store, plan: KekPlan, *, say: Callable[[str], None] = prin
         outcome = _recover_with_keys(store, plan, wraps, sealing_text, say, now)
     # 3. a first start
     if outcome is None and not wraps and not store.load_cas():
-        outcome = _initialise(store, plan, sealing_key, sealing_text, say, now)
+        outcome = _initialise(store, plan, sealing_key, kid, sealing_text, say, now)
     # 4. peer recovery
     if outcome is None and plan.peers:
         if plan.expect is None:
@@ -579,20 +592,21 @@ def obtain_kek(store: Store, plan: KekPlan, *, say: Callable[[str], None] = prin
             raise KekUnavailable(
                 f"this CAS cannot get its key-encryption key, so it does not start: "
                 f"{e.message}. The recovery paths:\n  "
-                f"{_recovery_options(plan, store.kek_wraps())}") from None
+                f"{_recovery_options(plan, store.kek_wraps(), kid)}") from None
         _check_against_ca(store, kek, f"peer recovery from {url}")
         outcome = KekOutcome(kek, f"peer {url}", sealing_text)
     if outcome is None:
         raise KekUnavailable(
             "this CAS cannot unseal its key-encryption key, so it does not start (the "
             "store holds a CA or KEK wraps, and none opens here). The recovery paths:\n  "
-            f"{_recovery_options(plan, wraps)}")
-    _add_wraps(store, plan, outcome, sealing_key, say, now)
+            f"{_recovery_options(plan, wraps, kid)}")
+    _add_wraps(store, plan, outcome, sealing_key, kid, say, now)
     return outcome
 
 
-def _initialise(store: Store, plan: KekPlan, sealing_key: bytes | None, sealing_text: str,
-                say: Callable[[str], None], now: Callable[[], datetime]) -> KekOutcome | None:
+def _initialise(store: Store, plan: KekPlan, sealing_key: bytes | None, kid: str | None,
+                sealing_text: str, say: Callable[[str], None],
+                now: Callable[[], datetime]) -> KekOutcome | None:
     if sealing_key is None and not plan.recovery_keys:
         raise KekUnavailable(
             "a first start with no sealing key here ("
@@ -600,9 +614,8 @@ def _initialise(store: Store, plan: KekPlan, sealing_key: bytes | None, sealing_
             "memory: if every replica stopped, the CA would be lost. Give --recovery-key "
             "PUB.pem (`meshshield cas recovery-key --out DIR` makes one), or --kek-file")
     kek = secrets.token_bytes(KEK_SIZE)
-    if sealing_key is not None and plan.sealing is not None:
-        first = KekWrapRecord(TEE_SEALED, plan.sealing.key_id,
-                              seal_kek(kek, sealing_key, _context(plan.sealing.key_id)),
+    if sealing_key is not None and kid is not None and plan.sealing is not None:
+        first = KekWrapRecord(TEE_SEALED, kid, seal_kek(kek, sealing_key, _context(kid)),
                               plan.sealing.describe(), now())
     else:
         rk = plan.recovery_keys[0]
@@ -643,12 +656,12 @@ def _recover_with_keys(store: Store, plan: KekPlan, wraps: list[KekWrapRecord],
 
 
 def _add_wraps(store: Store, plan: KekPlan, outcome: KekOutcome, sealing_key: bytes | None,
-               say: Callable[[str], None], now: Callable[[], datetime]) -> None:
+               kid: str | None, say: Callable[[str], None],
+               now: Callable[[], datetime]) -> None:
     current = {(w.kind, w.key_id): w for w in store.kek_wraps()}
     kek = outcome.kek
     audit = outcome.source != "initialised"  # audited by the CAS once its CA exists
-    if sealing_key is not None and plan.sealing is not None:
-        kid = plan.sealing.key_id
+    if sealing_key is not None and kid is not None and plan.sealing is not None:
         w = current.get((TEE_SEALED, kid))
         ok = False
         if w is not None:

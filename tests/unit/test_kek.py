@@ -228,6 +228,16 @@ def test_sim_sealing_is_per_chip_and_per_measurement_and_labelled() -> None:
     assert a.simulated and "SIMULATED" in a.describe() and a.key_id.endswith("aa" * 32)
 
 
+def test_sealed_wraps_are_named_by_identity_and_by_the_key_itself() -> None:
+    from meshshield.cas.kekstore import sealed_id
+
+    a, b = bytes(32), bytes(31) + b"\x01"
+    assert sealed_id("sev-snp:m", a) == sealed_id("sev-snp:m", a)
+    assert sealed_id("sev-snp:m", a) != sealed_id("sev-snp:m", b)  # same report, 2 chips
+    assert sealed_id("sev-snp:m", a).startswith("sev-snp:m:")
+    assert a.hex() not in sealed_id("sev-snp:m", a)
+
+
 def test_snp_key_request_structure() -> None:
     req = sealing.snp_key_request()
     assert len(req) == 32
@@ -346,13 +356,14 @@ def test_a_kek_that_does_not_open_the_ca_is_never_stored(tmp_path: Path) -> None
         obtain_kek(store, _plan(generate_sim_platform_key()), say=lambda _s: None)
     _, pub, _ = write_recovery_key(tmp_path / "rk")
     chip = generate_sim_platform_key()
-    from meshshield.cas.kekstore import _context
+    from meshshield.cas.kekstore import _context, sealed_id
     from meshshield.cas.store import KekWrapRecord
 
     # a sealed wrap for this chip holding the wrong KEK
     s = sealing.SimSealing(chip, "cd" * 32)
-    store.put_kek_wrap(KekWrapRecord(TEE_SEALED, s.key_id, kekwrap.seal_kek(
-        bytes(32), s.derive(), _context(s.key_id)), "t", datetime.now(UTC)), "t")
+    kid = sealed_id(s.key_id, s.derive())
+    store.put_kek_wrap(KekWrapRecord(TEE_SEALED, kid, kekwrap.seal_kek(
+        bytes(32), s.derive(), _context(kid)), "t", datetime.now(UTC)), "t")
     with pytest.raises(KekUnavailable, match="does not open the stored CA key"):
         obtain_kek(store, _plan(chip, recovery_keys=(load_recovery_public(str(pub)),)),
                    say=lambda _s: None)
