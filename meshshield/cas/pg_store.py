@@ -735,6 +735,9 @@ class PostgresStore:
         with self._tx() as c:
             c.execute(("LOCK TABLE " + ", ".join(TABLES) + " IN EXCLUSIVE MODE").encode())
             held = {k: n for k, n in self._counts(c).items() if n}
+            wraps = c.execute("SELECT COUNT(*) FROM kek_wraps").fetchone()
+            if wraps is not None and wraps[0]:
+                held["KEK wrap"] = int(wraps[0])  # a first start got this far
             if held:
                 raise AlreadyExists(", ".join(f"{n} {k}(s)" for k, n in held.items()))
             for table, cols in TABLES.items():

@@ -671,6 +671,9 @@ class SqliteStore:
         epoch. Refuses (`AlreadyExists`) if the store holds any record."""
         with self._tx() as c:
             held = {k: n for k, n in self.record_counts().items() if n}
+            wraps = c.execute("SELECT COUNT(*) FROM kek_wraps").fetchone()
+            if wraps is not None and wraps[0]:
+                held["KEK wrap"] = int(wraps[0])  # a first start got this far
             if held:
                 raise AlreadyExists(", ".join(f"{n} {k}(s)" for k, n in held.items()))
             for table, cols in TABLES.items():

@@ -101,6 +101,13 @@ def test_a_backup_of_an_older_schema_restores_without_the_later_tables(
     restore(dst, parsed, rows, NOW)  # type: ignore[arg-type]
     assert dst.kek_wraps() == [] and dst.load_cas()[0].fingerprint == "ca1"
     dst.close()
+    # a store where a first start stored its KEK wrap (and went no further) is not empty
+    half = _open("sqlite", tmp_path / "half", None)
+    half.put_kek_wrap(KekWrapRecord("tee-sealed", "x", b"w", "t", T0), "cas", first=True,
+                      audit=False)
+    with pytest.raises(MeshError, match="1 KEK wrap"):
+        restore(half, parsed, rows, NOW)  # type: ignore[arg-type]
+    half.close()
 
 
 def _doc(tmp_path: Path) -> dict[str, Any]:
