@@ -49,6 +49,7 @@ import logging
 import os
 import secrets
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -239,6 +240,7 @@ class KekRelease:
     malformed: int = 0
     _window: tuple[float, int] = (0.0, 0)
     _suppressed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # answers run on workers
 
     def answer(self, body: bytes, peer: str) -> dict[str, Any]:
         """Blocking (store, verification): run off the event loop."""
@@ -249,7 +251,8 @@ class KekRelease:
             req = parse_recovery_request(body)
         except MeshError as e:
             # Not even a request: counted and logged, not audited (no evidence to name).
-            self.malformed += 1
+            with self._lock:
+                self.malformed += 1
             log.info("malformed KEK recovery request from %s: %s", peer, e.message[:200])
             raise
         key_fp = hashlib.sha256(req.key_spki).hexdigest()
@@ -282,7 +285,8 @@ class KekRelease:
             f"{claims.measurement} tcb_status {claims.tcb_status.value} debug "
             f"{str(claims.debug).lower()} evidence sha256:{_evidence_digest(req.evidence)}",
             now)
-        self.released += 1
+        with self._lock:
+            self.released += 1
         log.warning("released the KEK to %s (%s measurement %s)", to, claims.platform.value,
                     claims.measurement)
         return {"wrapped_kek": base64.b64encode(blob).decode(),
@@ -290,25 +294,25 @@ class KekRelease:
 
     def _refuse(self, peer: str, to: str, why: str, now: datetime,
                 evidence: object = None) -> None:
-        self.refused += 1
         digest = "none" if evidence is None else f"sha256:{_evidence_digest(evidence)}"
         log.warning("refused the KEK to %s: %s", to, why[:300])
-        start, n = self._window
-        t = time.monotonic()
-        if t - start > REFUSAL_WINDOW:
-            start, n = t, 0
-        if n >= REFUSAL_AUDITS:
-            self._suppressed += 1
-            self._window = (start, n)
-            return
-        self._window = (start, n + 1)
-        more = (f"; {self._suppressed} more refusal(s) before this one were not audited "
-                f"(over {REFUSAL_AUDITS} per {REFUSAL_WINDOW:g}s)" if self._suppressed else "")
+        with self._lock:
+            self.refused += 1
+            start, n = self._window
+            t = time.monotonic()
+            if t - start > REFUSAL_WINDOW:
+                start, n = t, 0
+            self._window = (start, min(n + 1, REFUSAL_AUDITS))
+            if n >= REFUSAL_AUDITS:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+        more = (f"; {suppressed} more refusal(s) before this one were not audited (over "
+                f"{REFUSAL_AUDITS} per {REFUSAL_WINDOW:g}s)" if suppressed else "")
         try:
             self.authority.store.add_audit(
                 "cas", "kek-refused", f"refused the KEK to {to}: {why[:1500]} (evidence "
                 f"{digest}){more}", now)
-            self._suppressed = 0
         except StoreUnavailable:
             pass  # the store logged it; the request answers 503/403 all the same
 
