@@ -272,6 +272,17 @@ class Authority:
         for listener in list(self.listeners):
             self.dispatch(functools.partial(listener, epoch))
 
+    def follow(self, epoch: int | None = None) -> bool:
+        """Another replica changed the store (its notification named `epoch`; None: some
+        may have been missed): catch up now and wake the listeners, instead of waiting
+        for the next tick. Does store I/O: call it off the event loop."""
+        if epoch is not None and epoch <= self._epoch:
+            return False  # this replica's own change, or one it already follows
+        if not self.refresh():
+            return False
+        self._notify(self._epoch)
+        return True
+
     @property
     def epoch(self) -> int:
         return self._epoch

@@ -130,6 +130,8 @@ _MIGRATION_LOCK = 0x6D657368_00000001
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 IDLE_CHECK_SECONDS = 1.0
+# Every epoch bump notifies this channel with the new epoch (pg_listen.py follows it).
+NOTIFY_CHANNEL = "meshshield_cas"
 
 
 def redact(url: str) -> str:
@@ -316,9 +318,11 @@ class PostgresStore:
 
     @staticmethod
     def _bump(c: psycopg.Cursor[Any]) -> int:
+        """The next epoch, and its notification to the other replicas (pg_listen.py),
+        which PostgreSQL delivers when this transaction commits, and only then."""
         row = c.execute(
-            "UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'epoch'"
-            " RETURNING value"
+            "WITH e AS (UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'epoch'"
+            " RETURNING value) SELECT value, pg_notify(%s, value) FROM e", (NOTIFY_CHANNEL,)
         ).fetchone()
         assert row is not None
         return int(row[0])
