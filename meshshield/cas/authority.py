@@ -39,6 +39,7 @@ from meshshield.cas.store import (
     NotFound,
     PredecessorMismatch,
     Revocation,
+    SessionCheck,
     SessionRecord,
     Store,
 )
@@ -114,6 +115,15 @@ class AuthorityStats:
     """Work done, for /metrics: what a change costs is counted, not guessed."""
 
     policies_parsed: int = 0
+
+
+def _forbidden(who: str, name: str, what: str) -> MeshError:
+    return MeshError(
+        Reason.FORBIDDEN,
+        f"admin key {who[:16]}… may not {what} session {name!r}: no access_policy."
+        f"{what} of a session by that name names it; ask the session's owners to add "
+        "the key, or check the session name",
+    )
 
 
 def _bad(message: str) -> MeshError:
@@ -309,13 +319,7 @@ class Authority:
             s.policy.updaters(s.record.creator) if update else s.policy.readers(s.record.creator)
         )
         if s is None or who not in allowed:
-            what = "update" if update else "read"
-            raise MeshError(
-                Reason.FORBIDDEN,
-                f"admin key {who[:16]}… may not {what} session {name!r}: no access_policy."
-                f"{what} of a session by that name names it; ask the session's owners to add "
-                "the key, or check the session name",
-            )
+            raise _forbidden(who, name, "update" if update else "read")
         return s
 
     def may_act(self, who: str) -> bool:
@@ -355,7 +359,8 @@ class Authority:
         replay guard; a nonce already seen (durably, across restarts) is a replay. Does
         store I/O: call it off the event loop where that matters."""
         who = signed.fingerprint
-        if not self.may_act(who):
+        if not self.may_act(who) and not (self.refresh() and self.may_act(who)):
+            # (Refused on what another replica changed just now? Asked again, current.)
             raise MeshError(
                 Reason.FORBIDDEN,
                 f"admin key {who[:16]}… may not act on this CAS: it is not among the CAS's "
@@ -386,15 +391,15 @@ class Authority:
         self.stats.policies_parsed += 1
         return parse_policy(body, label, cas_dns=self.config.dns)
 
-    def _check_dns_unclaimed(self, pol: Policy) -> None:
+    def _check_dns_unclaimed(self, pol: Policy, sessions: Iterable[Policy]) -> None:
         """A qualified DNS SAN belongs to one session: another session's service could
         otherwise get a certificate that clients verifying by host name accept for this
         one. Single-label names ("backend") are namespace-relative in Kubernetes and are
         legitimately reused by sessions in different namespaces, so they are exempt."""
         owners = {
-            name: f"{s.policy.name}/{svc.name}"
-            for s in self._sessions.values() if s.policy.name != pol.name
-            for svc in s.policy.services for name in svc.dns if "." in name
+            name: f"{p.name}/{svc.name}"
+            for p in sessions if p.name != pol.name
+            for svc in p.services for name in svc.dns if "." in name
         }
         clashes = [
             f"services[{i}].dns: {name!r} already belongs to {owners[name]}"
@@ -407,6 +412,37 @@ class Authority:
                 + "; choose names of your own",
             )
 
+    def _stored_check(self, pol: Policy, updater: str | None = None) -> SessionCheck:
+        """What a session write checks inside its transaction, on the sessions as the
+        database holds them (not this replica's cache, which another replica's change
+        may not have reached): that `updater` (for an update) may update the stored
+        version, and that no other session claims the policy's DNS names. Cached
+        sessions whose hash is current are not read again."""
+
+        def check(hashes: Mapping[str, str], read: Callable[[str], SessionRecord | None]
+                  ) -> None:
+            cached = self._sessions
+            policies: list[Policy] = []
+            for name, h in hashes.items():
+                s = cached.get(name)
+                if s is not None and s.record.policy_hash == h:
+                    rec, p = s.record, s.policy
+                else:
+                    stored = read(name)
+                    if stored is None:
+                        continue
+                    try:
+                        rec, p = stored, self._parse_stored(stored)
+                    except PolicyInvalid:
+                        continue  # kept out of service (see _load_sessions)
+                if name == pol.name and updater is not None:
+                    if updater not in p.updaters(rec.creator):
+                        raise _forbidden(updater, name, "update")
+                policies.append(p)
+            self._check_dns_unclaimed(pol, policies)
+
+        return check
+
     def create_session(self, who: str, body: bytes) -> SessionRecord:
         self.require_admin(who, "create sessions")
         pol = self._parse(body, "policy")
@@ -418,9 +454,9 @@ class Authority:
             )
         h = policy_hash(body)
         with self._write:
-            self._check_dns_unclaimed(pol)
             try:
-                epoch = self.store.create_session(pol.name, body, h, who, self.clock.now())
+                epoch = self.store.create_session(pol.name, body, h, who, self.clock.now(),
+                                                  check=self._stored_check(pol))
             except AlreadyExists:
                 raise MeshError(
                     Reason.CONFLICT,
@@ -437,6 +473,7 @@ class Authority:
         return s.record
 
     def update_session(self, who: str, name: str, body: bytes) -> SessionRecord:
+        self.refresh()  # a session another replica created or changed just now
         self._authorised(who, name, update=True)
         pol = self._parse(body, "policy")
         if pol.name != name:
@@ -446,11 +483,11 @@ class Authority:
             )
         h = policy_hash(body)
         with self._write:
-            self._authorised(who, name, update=True)  # may have changed meanwhile
-            self._check_dns_unclaimed(pol)
             try:
+                # Who may update, and the DNS names, decided on the stored sessions.
                 epoch = self.store.update_session(
-                    name, body, h, pol.predecessor, who, self.clock.now()
+                    name, body, h, pol.predecessor, who, self.clock.now(),
+                    check=self._stored_check(pol, who),
                 )
             except PredecessorMismatch as e:
                 raise MeshError(
@@ -470,6 +507,7 @@ class Authority:
         return MeshError(Reason.SESSION_UNKNOWN, f"session {name!r} was deleted meanwhile")
 
     def delete_session(self, who: str, name: str) -> None:
+        self.refresh()  # a change another replica made just now
         with self._write:
             self._authorised(who, name, update=True)
             try:
@@ -508,6 +546,7 @@ class Authority:
         ):
             raise _bad(shape)
         kind = kinds.pop()
+        self.refresh()  # a change another replica made just now
         if mesh_wide:
             self.require_admin(who, "revoke a measurement mesh-wide (a session's updaters "
                                     "may revoke it in their session only)")

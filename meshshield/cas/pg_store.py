@@ -62,6 +62,7 @@ from meshshield.cas.store import (
     PredecessorMismatch,
     Report,
     Revocation,
+    SessionCheck,
     SessionRecord,
     StoreUnavailable,
 )
@@ -125,6 +126,8 @@ _VERSION_TABLE = (
 )
 # One key for every process migrating this database (pg_advisory_xact_lock).
 _MIGRATION_LOCK = 0x6D657368_00000001
+# Session writes that check every session (DNS names, access policy) take turns.
+_SESSIONS_LOCK = 0x6D657368_00000002
 
 # Connection failures: the database is down, restarting or out of reach.
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -397,9 +400,12 @@ class PostgresStore:
 
     # -- sessions -------------------------------------------------------------------------
     def create_session(
-        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime
+        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime,
+        check: SessionCheck | None = None,
     ) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             c.execute(
                 "INSERT INTO sessions VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (name) DO NOTHING",
                 (name, policy, policy_hash, creator, at, at),
@@ -425,6 +431,18 @@ class PostgresStore:
             (name,),
         ).fetchone()
         return None if r is None else self._session(r)
+
+    def _run_check(self, c: psycopg.Cursor[Any], check: SessionCheck) -> None:
+        # Checked session writes of every replica take turns (the lock is released at
+        # commit or rollback), and each reads what the ones before it committed.
+        c.execute("SELECT pg_advisory_xact_lock(%s)", (_SESSIONS_LOCK,))
+        hashes = {r[0]: r[1] for r in c.execute("SELECT name, policy_hash FROM sessions")}
+
+        def read(name: str) -> SessionRecord | None:
+            r = c.execute(_SESSION_SELECT + " WHERE name = %s", (name,)).fetchone()
+            return None if r is None else self._session(r)
+
+        check(hashes, read)
 
     def get_session(self, name: str) -> SessionRecord | None:
         with self._tx(single=True) as c:
@@ -455,8 +473,11 @@ class PostgresStore:
         predecessor: str | None,
         actor: str,
         at: datetime,
+        check: SessionCheck | None = None,
     ) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             cur = self._locked_session(c, name)
             if cur is None:
                 raise NotFound(name)

@@ -293,26 +293,14 @@ def test_two_admins_updating_one_session_through_two_replicas_one_wins_50_of_50(
         bodies = [(base.replace("predecessor: null", f"predecessor: {predecessor}")
                    + f"# run {run}, admin {k}\n").encode() for k in range(2)]
         headers = [sign_request(keys[k], "PUT", path, bodies[k]) for k in range(2)]
-        barrier = threading.Barrier(2)
-        answers: list[HttpResult | None] = [None, None]
-
-        def put(k: int, cas: CasProcess, barrier: threading.Barrier = barrier,
-                answers: list[HttpResult | None] = answers, bodies: list[bytes] = bodies,
-                headers: list[str] = headers) -> None:
-            barrier.wait(10)
-            answers[k] = cas.request("PUT", path, bodies[k],
-                                     headers={"Authorization": headers[k]})
-
-        threads = [threading.Thread(target=put, args=(k, cas)) for k, cas in enumerate(pair)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert all(x is not None for x in answers), f"run {run}: a request got no answer"
-        got = sorted((x.status, x.code) for x in answers if x is not None)
+        answers = _at_once([
+            lambda cas=cas, body=body, header=header: cas.request(  # type: ignore[misc]
+                "PUT", path, body, headers={"Authorization": header})
+            for cas, body, header in zip(pair, bodies, headers, strict=True)])
+        got = sorted((x.status, x.code) for x in answers)
         assert got == [(200, None), (409, "predecessor_mismatch")], (run, answers)
-        winner = next(x for x in answers if x is not None and x.status == 200)
-        loser = next(x for x in answers if x is not None and x.status == 409)
+        winner = next(x for x in answers if x.status == 200)
+        loser = next(x for x in answers if x.status == 409)
         predecessor = winner.json()["policy_hash"]
         assert predecessor in loser.json()["error"]["message"], loser.body
     print(f"50 races, each won by exactly one admin, in {time.monotonic() - started:.1f} s")
@@ -323,6 +311,42 @@ def test_two_admins_updating_one_session_through_two_replicas_one_wins_50_of_50(
     assert len(rows) == 50, len(rows)
     assert all(rows[k][1] == rows[k - 1][0] for k in range(1, 50)), rows[:3]
     assert rows[-1][0] == predecessor
+
+
+def _at_once(calls: list[Callable[[], HttpResult]]) -> list[HttpResult]:
+    """Each call on a thread of its own, all released by one barrier."""
+    barrier = threading.Barrier(len(calls))
+    out: list[HttpResult | None] = [None] * len(calls)
+
+    def run(k: int) -> None:
+        barrier.wait(10)
+        out[k] = calls[k]()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(x is not None for x in out), "a request got no answer"
+    return [x for x in out if x is not None]
+
+
+def test_two_sessions_claiming_one_dns_name_through_two_replicas_one_wins(
+        replicas: list[CasProcess]) -> None:
+    a = replicas[0]
+    for run in range(20):
+        pair = (replicas[run % 3], replicas[(run + 1) % 3])
+        name = f"api-{run}.shop.example"
+        bodies = [a.sim_policy(f"t{run}x{k}").replace(
+            "dns: [backend, ", f"dns: [{name}, ").encode() for k in range(2)]
+        answers = _at_once([
+            lambda cas=cas, body=body: cas.request(  # type: ignore[misc]
+                "POST", "/v1/sessions", body, admin=True)
+            for cas, body in zip(pair, bodies, strict=True)])
+        got = sorted((x.status, x.code) for x in answers)
+        assert got == [(201, None), (400, "policy_invalid")], (run, [x.body for x in answers])
+        loser = next(x for x in answers if x.status == 400)
+        assert f"{name!r} already belongs to" in loser.json()["error"]["message"], loser.body
 
 
 def test_a_nonce_and_a_signed_admin_request_are_used_once_on_any_replica(
@@ -338,19 +362,9 @@ def test_a_nonce_and_a_signed_admin_request_are_used_once_on_any_replica(
     # One nonce sent to all three at the same instant: exactly one attestation.
     nonce = a.post_json("/v1/attest/nonce", {}).json()["nonce"]
     bodies = [cas.attest_body("shop", "backend", nonce=nonce)[1] for cas in replicas]
-    barrier = threading.Barrier(3)
-    results: list[HttpResult | None] = [None, None, None]
-
-    def race(k: int) -> None:
-        barrier.wait(10)
-        results[k] = replicas[k].post_json("/v1/attest", bodies[k])
-
-    threads = [threading.Thread(target=race, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    codes = sorted(str(r.code) if r and r.status != 200 else "issued" for r in results)
+    results = _at_once([lambda cas=cas, body=body: cas.post_json("/v1/attest", body)  # type: ignore[misc]
+                        for cas, body in zip(replicas, bodies, strict=True)])
+    codes = sorted(str(r.code) if r.status != 200 else "issued" for r in results)
     assert codes == ["issued", "nonce_invalid", "nonce_invalid"], codes
 
     # A signed DELETE captured at A: refused at B and C, the session stays.
