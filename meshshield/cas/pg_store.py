@@ -16,7 +16,11 @@ of its own: one round trip instead of three. Decisions that must hold across
 replicas are taken by the database, not by a cache: a session's predecessor under a
 row lock (`SELECT ... FOR UPDATE`), nonces with one `DELETE ... RETURNING`, the admin
 replay guard with a primary key and `ON CONFLICT DO NOTHING`, the CA set under a table
-lock (two replicas making the first CA at once: one wins, the other reloads it).
+lock (two replicas making the first CA at once: one wins, the other reloads it),
+DNS-name ownership and who may update a session in a check run inside the session
+write's transaction, which such writes take in turns (an advisory lock). Every epoch
+bump notifies `NOTIFY_CHANNEL` with the new epoch in its transaction, which the other
+replicas LISTEN to (`pg_listen.py`).
 
 The database going away: every connection failure (refused, reset, server shut down,
 no connection free within the pool's timeout) becomes `StoreUnavailable`

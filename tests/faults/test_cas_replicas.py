@@ -9,7 +9,10 @@ postgresql://...` processes, sidecars, clients).
   spread over all three: every change a client was told succeeded is in the database,
   and a client that retries on another replica succeeds.
 - Two admins updating one session through two replicas at the same instant: exactly
-  one wins and the other hears predecessor_mismatch, 50 times out of 50.
+  one wins and the other hears predecessor_mismatch, 50 times out of 50; two sessions
+  claiming one DNS name through two replicas at once: exactly one gets it.
+- An attestation at A is decided on a policy change or revocation made through B a
+  moment before.
 - A nonce is used once on any replica; a signed admin request captured at one replica
   is refused at every other, also after every replica restarted.
 """
@@ -30,7 +33,16 @@ import psycopg
 import pytest
 from faultlib import metric, warm_up
 from harness import CasProcess, HttpResult
-from meshpeers import EofWatch, Mesh, apply, connect, roundtrip, status, wait_until
+from meshpeers import (
+    EofWatch,
+    Mesh,
+    apply,
+    connect,
+    roundtrip,
+    sim_service,
+    status,
+    wait_until,
+)
 from replicas import launch_all, replicas_of, start_pg_cas
 
 from meshshield.adminauth import load_admin_key, sign_request, write_admin_key
@@ -71,6 +83,24 @@ def _revoke(cas: CasProcess, session: str, body: dict[str, Any],
             key: object = True) -> HttpResult:
     return cas.request("POST", f"/v1/sessions/{session}/revocations",
                        json.dumps(body).encode(), admin=key)  # type: ignore[arg-type]
+
+
+def _at_once(calls: list[Callable[[], HttpResult]]) -> list[HttpResult]:
+    """Each call on a thread of its own, all released by one barrier."""
+    barrier = threading.Barrier(len(calls))
+    out: list[HttpResult | None] = [None] * len(calls)
+
+    def run(k: int) -> None:
+        barrier.wait(10)
+        out[k] = calls[k]()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(x is not None for x in out), "a request got no answer"
+    return [x for x in out if x is not None]
 
 
 def test_a_revocation_through_c_closes_a_connection_of_a_mesh_following_a_within_1s(
@@ -273,6 +303,38 @@ def test_sigkill_of_a_replica_during_a_burst_loses_no_acknowledged_change(
           f"another replica after B was killed ({', '.join(sorted(set(burst.retried)))})")
 
 
+def test_an_attestation_at_a_is_decided_on_a_change_just_made_through_b(
+        replicas: list[CasProcess]) -> None:
+    """Issuance reads the database's epoch first: a policy change or a revocation made
+    through B a moment ago decides A's next attestation, notification or not."""
+    a, b, _c = replicas
+    with_extra = a.sim_policy("shop", extra=sim_service("extra", a.measurement()))
+    without = a.sim_policy("shop")
+    apply(a, with_extra)
+    current = a.get("/v1/sessions/shop", admin=True).headers["X-Policy-Hash"]
+
+    def put_via_b(text: str, rev: int) -> str:
+        body = text.replace("predecessor: null", f"predecessor: {current}") + f"# {rev}\n"
+        r = b.request("PUT", "/v1/sessions/shop", body.encode(), admin=True)
+        assert r.status == 200, r.body
+        return str(r.json()["policy_hash"])
+
+    for rev in range(10):
+        _key, body = a.attest_body("shop", "extra")  # its nonce from A, before the change
+        current = put_via_b(without, 2 * rev)
+        r = a.post_json("/v1/attest", body)
+        assert r.code == "service_unknown", (rev, r.body)
+        _key, body = a.attest_body("shop", "extra")
+        current = put_via_b(with_extra, 2 * rev + 1)
+        r = a.post_json("/v1/attest", body)
+        assert r.status == 200, (rev, r.body)
+        assert r.json()["trust"]["policy_hash"] == current
+    _key, body = a.attest_body("shop", "backend")
+    assert _revoke(b, "shop", {"measurement": a.measurement()}).status == 201
+    r = a.post_json("/v1/attest", body)
+    assert r.code == "revoked", r.body
+
+
 def test_two_admins_updating_one_session_through_two_replicas_one_wins_50_of_50(
         replicas: list[CasProcess], tmp_path: Path, pg_url: str) -> None:
     a = replicas[0]
@@ -311,24 +373,6 @@ def test_two_admins_updating_one_session_through_two_replicas_one_wins_50_of_50(
     assert len(rows) == 50, len(rows)
     assert all(rows[k][1] == rows[k - 1][0] for k in range(1, 50)), rows[:3]
     assert rows[-1][0] == predecessor
-
-
-def _at_once(calls: list[Callable[[], HttpResult]]) -> list[HttpResult]:
-    """Each call on a thread of its own, all released by one barrier."""
-    barrier = threading.Barrier(len(calls))
-    out: list[HttpResult | None] = [None] * len(calls)
-
-    def run(k: int) -> None:
-        barrier.wait(10)
-        out[k] = calls[k]()
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert all(x is not None for x in out), "a request got no answer"
-    return [x for x in out if x is not None]
 
 
 def test_two_sessions_claiming_one_dns_name_through_two_replicas_one_wins(
