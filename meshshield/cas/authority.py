@@ -412,34 +412,36 @@ class Authority:
                 + "; choose names of your own",
             )
 
-    def _stored_check(self, pol: Policy, updater: str | None = None) -> SessionCheck:
-        """What a session write checks inside its transaction, on the sessions as the
-        database holds them (not this replica's cache, which another replica's change
-        may not have reached): that `updater` (for an update) may update the stored
-        version, and that no other session claims the policy's DNS names. Cached
-        sessions whose hash is current are not read again."""
+    def _stored(self, name: str, h: str, read: Callable[[str], SessionRecord | None]
+                ) -> LoadedSession | None:
+        """Session `name` at policy hash `h`: cached if current, else read and parsed."""
+        s = self._sessions.get(name)
+        if s is not None and s.record.policy_hash == h:
+            return s
+        rec = read(name)
+        if rec is None:
+            return None
+        try:
+            return LoadedSession(rec, self._parse_stored(rec))
+        except PolicyInvalid:
+            return None  # kept out of service (see _load_sessions)
+
+    def _stored_check(self, name: str, pol: Policy | None, updater: str | None = None
+                      ) -> SessionCheck:
+        """What a write of session `name` checks inside its transaction, on the sessions
+        as the database holds them (not this replica's cache, which another replica's
+        change may not have reached): that `updater` (an update, a delete) may update
+        the stored version, and that no other session claims `pol`'s DNS names."""
 
         def check(hashes: Mapping[str, str], read: Callable[[str], SessionRecord | None]
                   ) -> None:
-            cached = self._sessions
-            policies: list[Policy] = []
-            for name, h in hashes.items():
-                s = cached.get(name)
-                if s is not None and s.record.policy_hash == h:
-                    rec, p = s.record, s.policy
-                else:
-                    stored = read(name)
-                    if stored is None:
-                        continue
-                    try:
-                        rec, p = stored, self._parse_stored(stored)
-                    except PolicyInvalid:
-                        continue  # kept out of service (see _load_sessions)
-                if name == pol.name and updater is not None:
-                    if updater not in p.updaters(rec.creator):
-                        raise _forbidden(updater, name, "update")
-                policies.append(p)
-            self._check_dns_unclaimed(pol, policies)
+            if updater is not None and name in hashes:
+                s = self._stored(name, hashes[name], read)
+                if s is None or updater not in s.policy.updaters(s.record.creator):
+                    raise _forbidden(updater, name, "update")
+            if pol is not None:
+                others = (self._stored(n, h, read) for n, h in hashes.items() if n != name)
+                self._check_dns_unclaimed(pol, [s.policy for s in others if s is not None])
 
         return check
 
@@ -456,7 +458,7 @@ class Authority:
         with self._write:
             try:
                 epoch = self.store.create_session(pol.name, body, h, who, self.clock.now(),
-                                                  check=self._stored_check(pol))
+                                                  check=self._stored_check(pol.name, pol))
             except AlreadyExists:
                 raise MeshError(
                     Reason.CONFLICT,
@@ -487,7 +489,7 @@ class Authority:
                 # Who may update, and the DNS names, decided on the stored sessions.
                 epoch = self.store.update_session(
                     name, body, h, pol.predecessor, who, self.clock.now(),
-                    check=self._stored_check(pol, who),
+                    check=self._stored_check(name, pol, who),
                 )
             except PredecessorMismatch as e:
                 raise MeshError(
@@ -511,7 +513,8 @@ class Authority:
         with self._write:
             self._authorised(who, name, update=True)
             try:
-                epoch = self.store.delete_session(name, who, self.clock.now())
+                epoch = self.store.delete_session(name, who, self.clock.now(),
+                                                  check=self._stored_check(name, None, who))
             except NotFound:
                 raise self._gone(name) from None
             self._changed(epoch)

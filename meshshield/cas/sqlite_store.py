@@ -437,8 +437,11 @@ class SqliteStore:
             self._audit(c, at, actor, "session.update", name, f"{predecessor} -> {policy_hash}")
             return self._bump(c)
 
-    def delete_session(self, name: str, actor: str, at: datetime) -> int:
+    def delete_session(self, name: str, actor: str, at: datetime,
+                       check: SessionCheck | None = None) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             cur = self._session_row(c, name)
             if cur is None:
                 raise NotFound(name)

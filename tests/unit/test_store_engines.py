@@ -232,7 +232,8 @@ def test_a_session_write_check_sees_the_stored_sessions_and_refuses_whole(
 
     for write in (lambda: store.create_session("cafe", b"c", "hc", "admin", T0, check=refuse),
                   lambda: store.update_session("shop", b"v2", "h2", "h1", "admin", T0,
-                                               check=refuse)):
+                                               check=refuse),
+                  lambda: store.delete_session("shop", "admin", T0, check=refuse)):
         with pytest.raises(ValueError, match="no"):
             write()
     assert store.epoch() == 2
