@@ -213,6 +213,12 @@ def test_postgresql_stopped_and_restarted_under_load(
             wait_until(serving, 5, "full service within 5 s of the database's return",
                        interval=0.1)
             assert time.monotonic() - up <= 5.5
+
+            def listening_again() -> bool:
+                changes = cas.get("/v1/ready").json().get("changes", {})
+                return bool(changes.get("listening")) and changes.get("connects", 0) >= 2
+
+            wait_until(listening_again, 10, "the change notifications' connection back")
             back = time.monotonic()
             wait_until(lambda: sum(a[1] == "attest" and a[2] == 200
                                    for a in load.since(back)) >= 3, 10,
