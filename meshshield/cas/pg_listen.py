@@ -38,6 +38,9 @@ log = logging.getLogger("meshshield.cas")
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 PING_SECONDS = 5.0
+# A connection that lasted this long resets the backoff; one that keeps failing soon
+# after it was made does not, so a flapping database is not hammered.
+STEADY_SECONDS = 10.0
 CONNECT_TIMEOUT = 5
 STATES = ("connecting", "listening", "backing_off", "stopped")
 
@@ -105,8 +108,9 @@ class ChangeFeed:
                                     self.last_error)
                     if not isinstance(e, psycopg.Error | OSError):
                         log.debug("change feed failure details", exc_info=e)
-                if self.listening_since is not None:
-                    backoff = BACKOFF_MIN  # it had worked: retry soon
+                since = self.listening_since
+                if since is not None and time.monotonic() - since > STEADY_SECONDS:
+                    backoff = BACKOFF_MIN  # it had worked for a while: retry soon
                 self.listening_since = None
                 self.state = "backing_off"
                 await asyncio.sleep(backoff)
