@@ -139,18 +139,20 @@ def test_a_revocation_through_c_closes_a_connection_of_a_mesh_following_a_within
     with connect(m.outbound["echo"]) as s:
         assert roundtrip(s, b"before\n") == b"before\n"
         watch = EofWatch(s)
+        sent = time.monotonic()
         r = _revoke(c, "shop", {"serial": serial})
         answered = time.monotonic()
         assert r.status == 201, r.body
         watch.thread.join(timeout=10)
         assert watch.at is not None, f"the connection was not closed ({watch.how})"
-    closed = watch.at - answered
+    # From the request on (the connection may close before C's answer is read).
+    closed = watch.at - sent
     print(f"changes through B and C applied by the sidecars on A after (ms): "
           f"{', '.join(f'{d * 1000:.0f}' for d in delays)}; median "
           f"{statistics.median(delays) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms; "
-          f"the revoked connection closed ({watch.how}) {closed * 1000:.0f} ms after C's "
-          "answer")
-    assert closed < WITHIN, f"closed {closed:.3f} s after the revocation"
+          f"the revoked connection closed ({watch.how}) {closed * 1000:.0f} ms after the "
+          f"revocation was sent to C ({(answered - sent) * 1000:.0f} ms until C answered)")
+    assert closed < WITHIN, f"closed {closed:.3f} s after the revocation was sent"
     assert max(delays) < WITHIN, delays
     assert statistics.median(delays) < MEDIAN_WITHIN, delays
     # A heard them as notifications (C's and B's writes), not only by polling.
