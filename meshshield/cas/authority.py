@@ -39,6 +39,7 @@ from meshshield.cas.store import (
     NotFound,
     PredecessorMismatch,
     Revocation,
+    SessionCheck,
     SessionRecord,
     Store,
 )
@@ -114,6 +115,15 @@ class AuthorityStats:
     """Work done, for /metrics: what a change costs is counted, not guessed."""
 
     policies_parsed: int = 0
+
+
+def _forbidden(who: str, name: str, what: str) -> MeshError:
+    return MeshError(
+        Reason.FORBIDDEN,
+        f"admin key {who[:16]}… may not {what} session {name!r}: no access_policy."
+        f"{what} of a session by that name names it; ask the session's owners to add "
+        "the key, or check the session name",
+    )
 
 
 def _bad(message: str) -> MeshError:
@@ -281,6 +291,17 @@ class Authority:
         for listener in list(self.listeners):
             self.dispatch(functools.partial(listener, epoch))
 
+    def follow(self, epoch: int | None = None) -> bool:
+        """Another replica changed the store (its notification named `epoch`; None: some
+        may have been missed): catch up now and wake the listeners, instead of waiting
+        for the next tick. Does store I/O: call it off the event loop."""
+        if epoch is not None and epoch <= self._epoch:
+            return False  # this replica's own change, or one it already follows
+        if not self.refresh():
+            return False
+        self._notify(self._epoch)
+        return True
+
     @property
     def epoch(self) -> int:
         return self._epoch
@@ -307,13 +328,7 @@ class Authority:
             s.policy.updaters(s.record.creator) if update else s.policy.readers(s.record.creator)
         )
         if s is None or who not in allowed:
-            what = "update" if update else "read"
-            raise MeshError(
-                Reason.FORBIDDEN,
-                f"admin key {who[:16]}… may not {what} session {name!r}: no access_policy."
-                f"{what} of a session by that name names it; ask the session's owners to add "
-                "the key, or check the session name",
-            )
+            raise _forbidden(who, name, "update" if update else "read")
         return s
 
     def may_act(self, who: str) -> bool:
@@ -353,7 +368,8 @@ class Authority:
         replay guard; a nonce already seen (durably, across restarts) is a replay. Does
         store I/O: call it off the event loop where that matters."""
         who = signed.fingerprint
-        if not self.may_act(who):
+        if not self.may_act(who) and not (self.refresh() and self.may_act(who)):
+            # (Refused on what another replica changed just now? Asked again, current.)
             raise MeshError(
                 Reason.FORBIDDEN,
                 f"admin key {who[:16]}… may not act on this CAS: it is not among the CAS's "
@@ -384,15 +400,15 @@ class Authority:
         self.stats.policies_parsed += 1
         return parse_policy(body, label, cas_dns=self.config.dns)
 
-    def _check_dns_unclaimed(self, pol: Policy) -> None:
+    def _check_dns_unclaimed(self, pol: Policy, sessions: Iterable[Policy]) -> None:
         """A qualified DNS SAN belongs to one session: another session's service could
         otherwise get a certificate that clients verifying by host name accept for this
         one. Single-label names ("backend") are namespace-relative in Kubernetes and are
         legitimately reused by sessions in different namespaces, so they are exempt."""
         owners = {
-            name: f"{s.policy.name}/{svc.name}"
-            for s in self._sessions.values() if s.policy.name != pol.name
-            for svc in s.policy.services for name in svc.dns if "." in name
+            name: f"{p.name}/{svc.name}"
+            for p in sessions if p.name != pol.name
+            for svc in p.services for name in svc.dns if "." in name
         }
         clashes = [
             f"services[{i}].dns: {name!r} already belongs to {owners[name]}"
@@ -405,6 +421,39 @@ class Authority:
                 + "; choose names of your own",
             )
 
+    def _stored(self, name: str, h: str, read: Callable[[str], SessionRecord | None]
+                ) -> LoadedSession | None:
+        """Session `name` at policy hash `h`: cached if current, else read and parsed."""
+        s = self._sessions.get(name)
+        if s is not None and s.record.policy_hash == h:
+            return s
+        rec = read(name)
+        if rec is None:
+            return None
+        try:
+            return LoadedSession(rec, self._parse_stored(rec))
+        except PolicyInvalid:
+            return None  # kept out of service (see _load_sessions)
+
+    def _stored_check(self, name: str, pol: Policy | None, updater: str | None = None
+                      ) -> SessionCheck:
+        """What a write of session `name` checks inside its transaction, on the sessions
+        as the database holds them (not this replica's cache, which another replica's
+        change may not have reached): that `updater` (an update, a delete) may update
+        the stored version, and that no other session claims `pol`'s DNS names."""
+
+        def check(hashes: Mapping[str, str], read: Callable[[str], SessionRecord | None]
+                  ) -> None:
+            if updater is not None and name in hashes:
+                s = self._stored(name, hashes[name], read)
+                if s is None or updater not in s.policy.updaters(s.record.creator):
+                    raise _forbidden(updater, name, "update")
+            if pol is not None:
+                others = (self._stored(n, h, read) for n, h in hashes.items() if n != name)
+                self._check_dns_unclaimed(pol, [s.policy for s in others if s is not None])
+
+        return check
+
     def create_session(self, who: str, body: bytes) -> SessionRecord:
         self.require_admin(who, "create sessions")
         pol = self._parse(body, "policy")
@@ -416,9 +465,9 @@ class Authority:
             )
         h = policy_hash(body)
         with self._write:
-            self._check_dns_unclaimed(pol)
             try:
-                epoch = self.store.create_session(pol.name, body, h, who, self.clock.now())
+                epoch = self.store.create_session(pol.name, body, h, who, self.clock.now(),
+                                                  check=self._stored_check(pol.name, pol))
             except AlreadyExists:
                 raise MeshError(
                     Reason.CONFLICT,
@@ -435,6 +484,7 @@ class Authority:
         return s.record
 
     def update_session(self, who: str, name: str, body: bytes) -> SessionRecord:
+        self.refresh()  # a session another replica created or changed just now
         self._authorised(who, name, update=True)
         pol = self._parse(body, "policy")
         if pol.name != name:
@@ -444,11 +494,11 @@ class Authority:
             )
         h = policy_hash(body)
         with self._write:
-            self._authorised(who, name, update=True)  # may have changed meanwhile
-            self._check_dns_unclaimed(pol)
             try:
+                # Who may update, and the DNS names, decided on the stored sessions.
                 epoch = self.store.update_session(
-                    name, body, h, pol.predecessor, who, self.clock.now()
+                    name, body, h, pol.predecessor, who, self.clock.now(),
+                    check=self._stored_check(name, pol, who),
                 )
             except PredecessorMismatch as e:
                 raise MeshError(
@@ -468,10 +518,12 @@ class Authority:
         return MeshError(Reason.SESSION_UNKNOWN, f"session {name!r} was deleted meanwhile")
 
     def delete_session(self, who: str, name: str) -> None:
+        self.refresh()  # a change another replica made just now
         with self._write:
             self._authorised(who, name, update=True)
             try:
-                epoch = self.store.delete_session(name, who, self.clock.now())
+                epoch = self.store.delete_session(name, who, self.clock.now(),
+                                                  check=self._stored_check(name, None, who))
             except NotFound:
                 raise self._gone(name) from None
             self._changed(epoch)
@@ -506,6 +558,7 @@ class Authority:
         ):
             raise _bad(shape)
         kind = kinds.pop()
+        self.refresh()  # a change another replica made just now
         if mesh_wide:
             self.require_admin(who, "revoke a measurement mesh-wide (a session's updaters "
                                     "may revoke it in their session only)")

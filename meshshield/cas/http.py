@@ -54,6 +54,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTHORITY = web.AppKey("authority", Authority)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+# More of /v1/ready's answer: name -> a status, e.g. "changes" (cas/pg_listen.py).
+READY_DETAILS = web.AppKey("ready_details", dict[str, Callable[[], Any]])
 
 
 async def off_loop(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
@@ -301,7 +303,8 @@ async def ready(request: web.Request) -> web.Response:
     except Exception as e:  # noqa: BLE001 - readiness reports, it does not raise
         return _error(Reason.STORE_UNAVAILABLE, f"store unavailable: {type(e).__name__}",
                       status=503)
-    return web.json_response({"status": "ready", "epoch": epoch})
+    details = {name: f() for name, f in request.app.get(READY_DETAILS, {}).items()}
+    return web.json_response({"status": "ready", "epoch": epoch, **details})
 
 
 async def bundle(request: web.Request) -> web.Response:
@@ -581,6 +584,7 @@ def create_app(authority: Authority) -> web.Application:
     hub = EventHub()
     app[HUB] = hub
     app[EXECUTOR] = ThreadPoolExecutor(WORKERS, thread_name_prefix="cas-work")
+    app[READY_DETAILS] = {}
     m.registry.register(_AuthorityWork(authority))
     authority.listeners.append(hub.notify)
     app.on_startup.append(_bind_loop)

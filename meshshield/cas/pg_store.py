@@ -16,7 +16,11 @@ of its own: one round trip instead of three. Decisions that must hold across
 replicas are taken by the database, not by a cache: a session's predecessor under a
 row lock (`SELECT ... FOR UPDATE`), nonces with one `DELETE ... RETURNING`, the admin
 replay guard with a primary key and `ON CONFLICT DO NOTHING`, the CA set under a table
-lock (two replicas making the first CA at once: one wins, the other reloads it).
+lock (two replicas making the first CA at once: one wins, the other reloads it),
+DNS-name ownership and who may update a session in a check run inside the session
+write's transaction, which such writes take in turns (an advisory lock). Every epoch
+bump notifies `NOTIFY_CHANNEL` with the new epoch in its transaction, which the other
+replicas LISTEN to (`pg_listen.py`).
 
 The database going away: every connection failure (refused, reset, server shut down,
 no connection free within the pool's timeout) becomes `StoreUnavailable`
@@ -63,6 +67,7 @@ from meshshield.cas.store import (
     PredecessorMismatch,
     Report,
     Revocation,
+    SessionCheck,
     SessionRecord,
     StoreUnavailable,
 )
@@ -134,11 +139,15 @@ _VERSION_TABLE = (
 )
 # One key for every process migrating this database (pg_advisory_xact_lock).
 _MIGRATION_LOCK = 0x6D657368_00000001
+# Session writes that check every session (DNS names, access policy) take turns.
+_SESSIONS_LOCK = 0x6D657368_00000002
 
 # Connection failures: the database is down, restarting or out of reach.
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 IDLE_CHECK_SECONDS = 1.0
+# Every epoch bump notifies this channel with the new epoch (pg_listen.py follows it).
+NOTIFY_CHANNEL = "meshshield_cas"
 
 
 def redact(url: str) -> str:
@@ -325,9 +334,11 @@ class PostgresStore:
 
     @staticmethod
     def _bump(c: psycopg.Cursor[Any]) -> int:
+        """The next epoch, and its notification to the other replicas (pg_listen.py),
+        which PostgreSQL delivers when this transaction commits, and only then."""
         row = c.execute(
-            "UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'epoch'"
-            " RETURNING value"
+            "WITH e AS (UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'epoch'"
+            " RETURNING value) SELECT value, pg_notify(%s, value) FROM e", (NOTIFY_CHANNEL,)
         ).fetchone()
         assert row is not None
         return int(row[0])
@@ -435,9 +446,12 @@ class PostgresStore:
 
     # -- sessions -------------------------------------------------------------------------
     def create_session(
-        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime
+        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime,
+        check: SessionCheck | None = None,
     ) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             c.execute(
                 "INSERT INTO sessions VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (name) DO NOTHING",
                 (name, policy, policy_hash, creator, at, at),
@@ -463,6 +477,18 @@ class PostgresStore:
             (name,),
         ).fetchone()
         return None if r is None else self._session(r)
+
+    def _run_check(self, c: psycopg.Cursor[Any], check: SessionCheck) -> None:
+        # Checked session writes of every replica take turns (the lock is released at
+        # commit or rollback), and each reads what the ones before it committed.
+        c.execute("SELECT pg_advisory_xact_lock(%s)", (_SESSIONS_LOCK,))
+        hashes = {r[0]: r[1] for r in c.execute("SELECT name, policy_hash FROM sessions")}
+
+        def read(name: str) -> SessionRecord | None:
+            r = c.execute(_SESSION_SELECT + " WHERE name = %s", (name,)).fetchone()
+            return None if r is None else self._session(r)
+
+        check(hashes, read)
 
     def get_session(self, name: str) -> SessionRecord | None:
         with self._tx(single=True) as c:
@@ -493,8 +519,11 @@ class PostgresStore:
         predecessor: str | None,
         actor: str,
         at: datetime,
+        check: SessionCheck | None = None,
     ) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             cur = self._locked_session(c, name)
             if cur is None:
                 raise NotFound(name)
@@ -513,8 +542,11 @@ class PostgresStore:
             self._audit(c, at, actor, "session.update", name, f"{predecessor} -> {policy_hash}")
             return self._bump(c)
 
-    def delete_session(self, name: str, actor: str, at: datetime) -> int:
+    def delete_session(self, name: str, actor: str, at: datetime,
+                       check: SessionCheck | None = None) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             cur = self._locked_session(c, name)
             if cur is None:
                 raise NotFound(name)

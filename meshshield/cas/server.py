@@ -12,17 +12,18 @@ import sys
 import weakref
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from meshshield.cas.authority import Authority, CasConfig
-from meshshield.cas.http import METRICS, create_app, off_loop
+from meshshield.cas.http import METRICS, READY_DETAILS, create_app, off_loop
 from meshshield.cas.kekstore import KekOutcome, KekRelease
 from meshshield.cas.kekstore import add_routes as add_kek_routes
 from meshshield.cas.selfattest import SelfAttestation, SelfAttestConfig, add_routes
 from meshshield.cas.store import StoreUnavailable
-from meshshield.cas.stores import open_store, where
+from meshshield.cas.stores import is_postgres, open_store, where
 from meshshield.httpserver import BudgetCollector, ConnectionLimits, bound_port, start_site
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.pki.ca import cert_pem, issue_server_cert, load_pem_chain
@@ -30,6 +31,9 @@ from meshshield.pki.keys import generate_p256, spki_der
 from meshshield.pki.spiffe import cas_spiffe_id
 from meshshield.policy.expect import CasExpectation
 from meshshield.tlsutil import load_chain_from_memory
+
+if TYPE_CHECKING:
+    from meshshield.cas.pg_listen import ChangeFeed
 
 log = logging.getLogger("meshshield.cas")
 
@@ -195,6 +199,21 @@ class CasServer:
         add_kek_routes(app, self.kek_release, off_loop)
         return app
 
+    def change_feed(self, app: web.Application) -> ChangeFeed | None:
+        """On PostgreSQL, what follows the other replicas' changes (cas/pg_listen.py),
+        reported in the app's /v1/ready and /metrics; None on SQLite (one process)."""
+        if not is_postgres(self.config.database):
+            return None
+        from meshshield.cas.pg_listen import ChangeFeed, ChangeFeedCollector
+
+        async def caught_up(epoch: int | None) -> None:
+            await asyncio.to_thread(self.authority.follow, epoch)
+
+        feed = ChangeFeed(str(self.config.database), caught_up)
+        app[METRICS].registry.register(ChangeFeedCollector(feed))
+        app[READY_DETAILS]["changes"] = feed.status
+        return feed
+
     def close(self) -> None:
         self.store.close()
 
@@ -209,6 +228,7 @@ async def serve(
     if server.self_attestation is not None:
         print(server.self_attestation.describe(), flush=True)
     app = server.app()
+    feed = server.change_feed(app)
     runner = json_error_runner(app, limits)
     await runner.setup()
     site = await start_site(runner, host, port, ssl_context=server.ssl, limits=limits,
@@ -225,10 +245,15 @@ async def serve(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     keeper = asyncio.create_task(server.housekeeping())
+    follower = None if feed is None else asyncio.create_task(feed.run())
     try:
         await stop.wait()
     finally:
         keeper.cancel()
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower  # its connection closed before the pool's
         await runner.cleanup()
         server.close()
         print("cas stopped", file=sys.stderr, flush=True)

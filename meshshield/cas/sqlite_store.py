@@ -41,6 +41,7 @@ from meshshield.cas.store import (
     PredecessorMismatch,
     Report,
     Revocation,
+    SessionCheck,
     SessionRecord,
     StoreUnavailable,
 )
@@ -392,9 +393,12 @@ class SqliteStore:
 
     # -- sessions ---------------------------------------------------------------
     def create_session(
-        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime
+        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime,
+        check: SessionCheck | None = None,
     ) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             if c.execute("SELECT 1 FROM sessions WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(name)
             c.execute(
@@ -421,6 +425,11 @@ class SqliteStore:
             return None
         return SessionRecord(r[0], bytes(r[1]), r[2], r[3], _dt_req(r[4]), _dt_req(r[5]))
 
+    def _run_check(self, c: sqlite3.Cursor, check: SessionCheck) -> None:
+        # BEGIN IMMEDIATE already lets one writer at a time through.
+        hashes = dict(c.execute("SELECT name, policy_hash FROM sessions").fetchall())
+        check(hashes, lambda n: self._session_row(c, n))
+
     def get_session(self, name: str) -> SessionRecord | None:
         return self._session_row(self._db, name)
 
@@ -444,8 +453,11 @@ class SqliteStore:
         predecessor: str | None,
         actor: str,
         at: datetime,
+        check: SessionCheck | None = None,
     ) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             cur = self._session_row(c, name)
             if cur is None:
                 raise NotFound(name)
@@ -463,8 +475,11 @@ class SqliteStore:
             self._audit(c, at, actor, "session.update", name, f"{predecessor} -> {policy_hash}")
             return self._bump(c)
 
-    def delete_session(self, name: str, actor: str, at: datetime) -> int:
+    def delete_session(self, name: str, actor: str, at: datetime,
+                       check: SessionCheck | None = None) -> int:
         with self._tx() as c:
+            if check is not None:
+                self._run_check(c, check)
             cur = self._session_row(c, name)
             if cur is None:
                 raise NotFound(name)

@@ -12,7 +12,7 @@ transaction, and every change writes its audit row in that transaction too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -141,6 +141,12 @@ class KekWrapRecord:
     blob: bytes
     detail: str
     created_at: datetime
+# A check a session write runs inside its transaction, against the sessions as the
+# database holds them then (every replica's committed changes): it gets {name:
+# policy_hash} of every session and a reader of one session in that transaction, and
+# raises to refuse the write (nothing is written). Session writes that carry a check
+# take turns, so two replicas cannot both pass theirs (say, both claim one DNS name).
+SessionCheck = Callable[[Mapping[str, str], Callable[[str], "SessionRecord | None"]], None]
 
 
 class Store(Protocol):
@@ -197,7 +203,8 @@ class Store(Protocol):
 
     # -- sessions -----------------------------------------------------------
     def create_session(
-        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime
+        self, name: str, policy: bytes, policy_hash: str, creator: str, at: datetime,
+        check: SessionCheck | None = None,
     ) -> int: ...
 
     def get_session(self, name: str) -> SessionRecord | None: ...
@@ -216,9 +223,14 @@ class Store(Protocol):
         predecessor: str | None,
         actor: str,
         at: datetime,
-    ) -> int: ...
+        check: SessionCheck | None = None,
+    ) -> int:
+        """Replace the session's policy if its current hash is `predecessor`
+        (`PredecessorMismatch` otherwise), decided in the write's transaction."""
+        ...
 
-    def delete_session(self, name: str, actor: str, at: datetime) -> int: ...
+    def delete_session(self, name: str, actor: str, at: datetime,
+                       check: SessionCheck | None = None) -> int: ...
 
     def history(self, name: str) -> list[HistoryRecord]: ...
 

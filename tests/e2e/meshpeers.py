@@ -437,6 +437,29 @@ def closed_by_peer(s: socket.socket) -> bool:
         return False
 
 
+class EofWatch:
+    """Blocks in recv() on a thread and notes the moment the connection ends."""
+
+    def __init__(self, s: socket.socket) -> None:
+        self.at: float | None = None
+        self.how = ""
+        s.settimeout(15)
+
+        def run() -> None:
+            try:
+                data = s.recv(65536)
+                self.how = "EOF" if not data else f"unexpected data {data[:40]!r}"
+            except ConnectionResetError:
+                self.how = "RST"
+            except TimeoutError:
+                self.how = "timeout"
+                return
+            self.at = time.monotonic()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+
 @contextlib.contextmanager
 def closing_all(items: list[Any]) -> Iterator[list[Any]]:
     try:

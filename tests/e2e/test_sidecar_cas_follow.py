@@ -11,7 +11,6 @@ import hashlib
 import json
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from harness import CasProcess
 from meshpeers import (
     DATAPLANES,
     LOOPBACK,
+    EofWatch,
     LoopThread,
     Mesh,
     TcpBackend,
@@ -83,29 +83,6 @@ def mesh_of(env: Env) -> Iterator[dict[str, Mesh]]:
         m.stop()
     for m in started.values():
         no_traceback(m.backend, m.frontend)
-
-
-class EofWatch:
-    """Blocks in recv() on a thread and notes the moment the connection ends."""
-
-    def __init__(self, s: socket.socket) -> None:
-        self.at: float | None = None
-        self.how = ""
-        s.settimeout(15)
-
-        def run() -> None:
-            try:
-                data = s.recv(65536)
-                self.how = "EOF" if not data else f"unexpected data {data[:40]!r}"
-            except ConnectionResetError:
-                self.how = "RST"
-            except TimeoutError:
-                self.how = "timeout"
-                return
-            self.at = time.monotonic()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
 
 
 def _live(sc_mesh: Mesh) -> list[dict[str, object]]:

@@ -28,13 +28,12 @@ from faultlib import warm_up
 from harness import MESHSHIELD, CasProcess, run_cli
 from meshpeers import LOOPBACK, Mesh, apply, connect, free_ports, roundtrip, status, wait_until
 from pgserver import PgServer
+from replicas import launch_all, start_pg_cas, store_state
 
 from meshshield.adminauth import write_admin_key
 from meshshield.attestation.sim import generate_sim_platform_key, write_sim_platform_key
 from meshshield.cas import pg_store
-from meshshield.cas.pg_store import PostgresStore
 from meshshield.cas.schema import latest
-from meshshield.cas.sqlite_store import SqliteStore
 from meshshield.pki.seal import load_or_create_kek
 
 if TYPE_CHECKING:
@@ -46,36 +45,13 @@ if TYPE_CHECKING:
 # restarted, refused or relaunched on another store as the scenario's last step).
 
 
-def _cas(root: Path, url: str, *extra: str) -> CasProcess:
-    (port,) = free_ports(1)
-    return CasProcess.start(root, "--listen", f"{LOOPBACK}:{port}", "--database", url, *extra)
-
-
 @pytest.fixture
 def pg_cas(tmp_path: Path, pg_url: str) -> Iterator[CasProcess]:
-    cas = _cas(tmp_path / "mesh", pg_url)
+    cas = start_pg_cas(tmp_path / "mesh", pg_url)
     try:
         yield cas
     finally:
         cas.stop()
-
-
-def _state(url_or_path: str | Path) -> dict[str, object]:
-    """Sessions, history, revocations and CAs as a store reads them."""
-    store = (SqliteStore(url_or_path) if isinstance(url_or_path, Path)
-             else PostgresStore(url_or_path))
-    try:
-        sessions = store.list_sessions()
-        return {
-            "cas": [(c.fingerprint, c.state, c.sealed_key) for c in store.load_cas()],
-            "sessions": [(s.name, s.policy, s.policy_hash, s.creator) for s in sessions],
-            "history": {s.name: [(h.policy_hash, h.predecessor, h.author, h.action)
-                                 for h in store.history(s.name)] for s in sessions},
-            "revocations": [(r.session, r.kind, r.value, r.actor) for r in store.revocations()],
-            "certificates": store.count_certificates(),
-        }
-    finally:
-        store.close()
 
 
 def _serve_until_exit(args: list[str]) -> tuple[int, str, str]:
@@ -134,21 +110,8 @@ def test_replicas_started_at_once_on_an_empty_database_make_one_ca(
         replicas.append(CasProcess(root, root / "data", admin_dir, fp, sim_dir, workload,
                                    extra_args=("--listen", f"{LOOPBACK}:{port}",
                                                "--database", pg_url)))
-    errors: list[BaseException] = []
-
-    def start(c: CasProcess) -> None:
-        try:
-            c.launch()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(c,)) for c in replicas]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert errors == []
+        launch_all(replicas)
         assert len({c.ca_fingerprint for c in replicas}) == 1
         bundles = {c.get("/v1/bundle").json()["bundle"] for c in replicas}
         assert len(bundles) == 1
@@ -215,7 +178,7 @@ def test_postgresql_stopped_and_restarted_under_load(
         own_pg_server: PgServer, tmp_path: Path, echo_port: int,
         meshes: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     url = own_pg_server.create_database()
-    cas = _cas(tmp_path / "mesh", url)
+    cas = start_pg_cas(tmp_path / "mesh", url)
     load: Load | None = None
     try:
         apply(cas, cas.sim_policy("shop"))
@@ -253,6 +216,12 @@ def test_postgresql_stopped_and_restarted_under_load(
             wait_until(serving, 5, "full service within 5 s of the database's return",
                        interval=0.1)
             assert time.monotonic() - up <= 5.5
+
+            def listening_again() -> bool:
+                changes = cas.get("/v1/ready").json().get("changes", {})
+                return bool(changes.get("listening")) and changes.get("connects", 0) >= 2
+
+            wait_until(listening_again, 10, "the change notifications' connection back")
             back = time.monotonic()
             wait_until(lambda: sum(a[1] == "attest" and a[2] == 200
                                    for a in load.since(back)) >= 3, 10,
@@ -287,7 +256,7 @@ def test_backup_and_restore_into_a_fresh_database(pg_cas: CasProcess, pg_url: st
     policy.write_text(cas.sim_policy("shop").replace("predecessor: null",
                                                      f"predecessor: {h}"))
     assert cas.cli("policy", "apply", str(policy)).returncode == 0, "update"
-    before = _state(pg_url)
+    before = store_state(pg_url)
     out = tmp_path / "backup.json"
     b = run_cli("cas", "backup", "--database", pg_url, "--out", str(out))
     assert b.returncode == 0, b.stderr
@@ -299,7 +268,7 @@ def test_backup_and_restore_into_a_fresh_database(pg_cas: CasProcess, pg_url: st
     fresh = pg_server.create_database()
     r2 = run_cli("cas", "restore", "--in", str(out), "--database", fresh)
     assert r2.returncode == 0, r2.stderr
-    assert _state(fresh) == before
+    assert store_state(fresh) == before
     # Never over a store that holds records.
     again = run_cli("cas", "restore", "--in", str(out), "--database", fresh)
     assert again.returncode == 1 and "refusing to restore" in again.stderr, again.stderr
@@ -329,14 +298,14 @@ def test_a_sqlite_cas_restored_into_postgresql_keeps_serving_its_mesh(
         leak_check.watch(sc)
     fingerprint = cas.ca_fingerprint
     assert cas.stop() == 0
-    before = _state(cas.data / "cas.db")
+    before = store_state(cas.data / "cas.db")
     serials = {sc.name: status(sc)["identity"]["serial"] for sc in sidecars}
     backup = tmp_path / "sqlite.json"
     assert run_cli("cas", "backup", "--data", str(cas.data), "--out",
                    str(backup)).returncode == 0
     r = run_cli("cas", "restore", "--in", str(backup), "--database", pg_url)
     assert r.returncode == 0, r.stderr
-    assert _state(pg_url) == before
+    assert store_state(pg_url) == before
     cas.extra_args = (*cas.extra_args, "--database", pg_url)
     cas.launch()  # same port, same KEK, now on PostgreSQL
     assert cas.ca_fingerprint == fingerprint

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from pgserver import PgServer
 
@@ -23,6 +25,7 @@ from meshshield.cas.store import (
     IssuedCertificate,
     NotFound,
     PredecessorMismatch,
+    SessionRecord,
     Store,
     StoreUnavailable,
 )
@@ -214,6 +217,74 @@ def test_two_replicas_racing_on_a_predecessor_exactly_one_wins(pg_url: str) -> N
 
 LATEST = latest(sqlite_store.MIGRATIONS)
 assert LATEST == latest(pg_store.MIGRATIONS)
+def test_a_session_write_check_sees_the_stored_sessions_and_refuses_whole(
+        store: Store) -> None:
+    store.create_session("blog", b"b", "hb", "admin", T0)
+    seen: list[tuple[dict[str, str], bytes | None]] = []
+
+    def look(hashes: Mapping[str, str], read: Callable[[str], SessionRecord | None]) -> None:
+        rec = read("blog")
+        seen.append((dict(hashes), None if rec is None else rec.policy))
+
+    assert store.create_session("shop", b"v1", "h1", "admin", T0, check=look) == 2
+    assert seen == [({"blog": "hb"}, b"b")]
+
+    def refuse(_h: Mapping[str, str], _r: Callable[[str], SessionRecord | None]) -> None:
+        raise ValueError("no")
+
+    for write in (lambda: store.create_session("cafe", b"c", "hc", "admin", T0, check=refuse),
+                  lambda: store.update_session("shop", b"v2", "h2", "h1", "admin", T0,
+                                               check=refuse),
+                  lambda: store.delete_session("shop", "admin", T0, check=refuse)):
+        with pytest.raises(ValueError, match="no"):
+            write()
+    assert store.epoch() == 2
+    assert store.session_hashes() == {"blog": "hb", "shop": "h1"}
+    assert [h.action for h in store.history("shop")] == ["create"]
+    assert store.history("cafe") == []
+    assert store.update_session("shop", b"v2", "h2", "h1", "admin", T0, check=look) == 3
+    assert seen[-1] == ({"blog": "hb", "shop": "h1"}, b"b")
+
+
+def test_checked_session_writes_of_two_replicas_take_turns(pg_url: str) -> None:
+    """Each check sees what the write before it committed: of two replicas creating
+    sessions at once, the second's check sees the first's session."""
+    stores = [pg_store.PostgresStore(pg_url) for _ in range(2)]
+    seen: dict[str, set[str]] = {}
+    barrier = threading.Barrier(2)
+
+    def create(s: Store, name: str) -> None:
+        def check(hashes: Mapping[str, str], _read: Callable[[str], SessionRecord | None]
+                  ) -> None:
+            seen[name] = set(hashes)
+            time.sleep(0.3)  # a slow check: the other write would overtake it, if it could
+
+        barrier.wait()
+        s.create_session(name, b"p", "h" + name, "admin", T0, check=check)
+
+    ts = [threading.Thread(target=create, args=(s, n)) for s, n in zip(stores, "ab", strict=True)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(map(len, seen.values())) == [0, 1], seen
+    for s in stores:
+        s.close()
+
+
+def test_every_change_notifies_its_epoch_at_commit_and_a_refusal_none(pg_url: str) -> None:
+    store = pg_store.PostgresStore(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {pg_store.NOTIFY_CHANNEL}".encode())
+        epochs = [store.create_session("shop", b"v1", "h1", "admin", T0),
+                  store.add_revocation("shop", "measurement", "ab" * 32, "admin", T0),
+                  store.update_session("shop", b"v2", "h2", "h1", "admin", T0)]
+        with pytest.raises(PredecessorMismatch):
+            store.update_session("shop", b"v3", "h3", "h1", "admin", T0)
+        epochs.append(store.delete_session("shop", "admin", T0))
+        got = [n.payload for n in listener.notifies(timeout=1.0)]
+    assert got == [str(e) for e in epochs] == ["1", "2", "3", "4"]
+    store.close()
 
 
 # -- schema versions & migrations ------------------------------------------------------
