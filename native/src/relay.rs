@@ -26,8 +26,12 @@ use tokio::time::{sleep, Instant};
 
 use crate::tls::rustls_error;
 
-/// Bytes read per direction before they are written on (one chunk in flight).
+/// The most bytes read per direction before they are written on (one chunk in flight).
 const CHUNK: usize = 64 * 1024;
+/// A direction's first buffer. It doubles (up to CHUNK) each time a read fills it, so an
+/// idle or request/response connection holds a few KiB and a bulk one soon reads
+/// CHUNK at a time.
+const FIRST_CHUNK: usize = 4 * 1024;
 /// How often an idle connection's byte counts are sampled within one idle period.
 const IDLE_SAMPLES: u32 = 4;
 /// A timer that never fires in practice (about 30 years).
@@ -111,6 +115,14 @@ pub fn reset_on_close(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
+/// Read into `buf`, growing it first when the last read filled it.
+async fn read_growing<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, last: usize) -> io::Result<usize> {
+    if last == buf.len() && buf.len() < CHUNK {
+        buf.resize((buf.len() * 2).clamp(FIRST_CHUNK, CHUNK), 0);
+    }
+    r.read(buf).await
+}
+
 enum Dir {
     Clean,
     End(Ending, String),
@@ -139,9 +151,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK];
+    let (mut buf, mut n) = (Vec::new(), 0);
     loop {
-        let n = match mesh.read(&mut buf).await {
+        n = match read_growing(mesh, &mut buf, n).await {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) => return mesh_read_error(&e),
@@ -163,9 +175,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK];
+    let (mut buf, mut n) = (Vec::new(), 0);
     loop {
-        let n = match app.read(&mut buf).await {
+        n = match read_growing(app, &mut buf, n).await {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) => return Dir::End(Ending::Reset, format!("app side: {e}")),
