@@ -330,6 +330,7 @@ class NetPath:
     name: str
     ports: dict[str, int]  # route -> the port a client connects to
     pids: list[int] = field(default_factory=list)  # the proxy processes (empty: direct)
+    metrics: list[str] = field(default_factory=list)  # meshshield: the sidecars' /metrics
 
 
 class IdleServer:
@@ -561,8 +562,30 @@ def start_meshshield(procs: Procs, tmp: Path, backends: dict[str, int], max_conn
         cas, "shop", "frontend", extra=extra,
         outbound=[f"{HOST}:{outbound[r]}=backend@{HOST}:{inbound[r]}" for r in backends])
     procs.stoppers.append(frontend.stop)
-    return NetPath("meshshield", outbound, [frontend.proc.pid, backend.proc.pid]), (
+    return NetPath("meshshield", outbound, [frontend.proc.pid, backend.proc.pid],
+                   [f"{frontend.admin}/metrics", f"{backend.admin}/metrics"]), (
         cas, frontend, backend)
+
+
+PEER_CHECK = ("meshshield_sidecar_native_peer_checks_total",
+              "meshshield_sidecar_native_peer_check_seconds_total",
+              "meshshield_sidecar_native_peer_check_gil_wait_seconds_total")
+
+
+def peer_check_counts(urls: list[str]) -> tuple[float, float, float]:
+    """(peer checks, seconds holding the GIL for them, seconds waiting for it), summed over
+    the sidecars (the native plane's counters; zeros on the Python plane)."""
+    import urllib.request
+
+    total = [0.0, 0.0, 0.0]
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in PEER_CHECK:
+                total[PEER_CHECK.index(name)] += float(value)
+    return total[0], total[1], total[2]
 
 
 class SkipPath(Exception):
@@ -933,8 +956,8 @@ def everything() -> Iterator[Procs]:
 
 
 METRICS = ("a", "a_cpu", "a_eff", "b_set_rps", "b_set_p50", "b_set_p99", "b_get_rps",
-           "b_get_p50", "b_get_p99", "b_cpu", "c", "c_cpu", "c_err", "c_client", "d", "f",
-           "f_lat", "f_cpu")
+           "b_get_p50", "b_get_p99", "b_cpu", "c", "c_cpu", "c_err", "c_client", "c_check",
+           "c_check_wait", "d", "f", "f_lat", "f_cpu")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1121,7 +1144,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += [("(c) new connections/s (full mTLS)", row("c"), 0, "hi"),
                  ("    errors per run", row("c_err"), 0, ""),
                  ("    the clients' CPU, cores", row("c_client"), 2, ""),
-                 ("(e)   pair CPU per connection, us", row("c_cpu"), 0, "lo?")]
+                 ("(e)   pair CPU per connection, us", row("c_cpu"), 0, "lo?"),
+                 ("    peer check, GIL held per check, us", row("c_check"), 0, ""),
+                 ("    peer check, GIL wait per check, us", row("c_check_wait"), 0, "")]
     if "d" in only:
         rows += [(f"(d) KiB per idle conn ({idle_n:,}), pair", row("d"), 1, "hap")]
     if "f" in only:
@@ -1184,10 +1209,17 @@ def one_round(args: argparse.Namespace, run: int, name: str, np_: NetPath, only:
         except (RuntimeError, KeyError, ValueError, subprocess.TimeoutExpired) as e:
             log(f"run {run} {name:<10} (b) failed: {e}")
     if "c" in only:
+        checks0 = peer_check_counts(np_.metrics) if np_.metrics else None
         meter = CpuMeter(np_.pids)
         rate, errs, kinds, client = conn_rate(np_.ports["byte"], args.conn_clients,
                                               args.conn_seconds, 500_000)
         cpu, _wall = meter.done()
+        if checks0 is not None:
+            n_checks, held, wait = (b - a for a, b in zip(
+                checks0, peer_check_counts(np_.metrics), strict=True))
+            if n_checks:
+                results["c_check"][name].append(1e6 * held / n_checks)
+                results["c_check_wait"][name].append(1e6 * wait / n_checks)
         results["c"][name].append(rate)
         results["c_err"][name].append(errs)
         results["c_client"][name].append(client)
