@@ -219,6 +219,33 @@ fn suites_are_named_as_openssl_names_them() {
     assert_eq!(suite_name(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384), "TLS_AES_256_GCM_SHA384");
 }
 
+#[tokio::test]
+async fn the_mesh_negotiates_aes_128_gcm_whatever_the_client_prefers() {
+    let server = tls("server");
+    let (s, c) = tls_pair(&server, tls("client").client.clone()).await;
+    let suite = |common: &rustls::CommonState| common.negotiated_cipher_suite().map(|s| s.suite());
+    assert_eq!(suite(s.unwrap().get_ref().1), Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    assert_eq!(suite(c.unwrap().get_ref().1), Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    // A client listing AES-256 first (as OpenSSL's does) still gets the server's choice.
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let provider = std::sync::Arc::new(provider);
+    let chain = CertificateDer::pem_slice_iter(&common::data("client.pem")).map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_slice(&common::data("client.key")).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(common::AnyServer(provider)))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let (s, c) = tls_pair(&server, std::sync::Arc::new(client)).await;
+    assert!(c.is_ok());
+    assert_eq!(suite(s.unwrap().get_ref().1), Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+}
+
 #[test]
 fn unusable_material_is_an_error_not_a_panic() {
     use _native::tls::Tls;
