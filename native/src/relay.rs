@@ -213,7 +213,11 @@ where
         let lifetime = sleep(bounds.lifetime.unwrap_or(FAR));
         let idle_every = bounds.idle.map(|d| (d / IDLE_SAMPLES).max(Duration::from_millis(10)));
         let idle_tick = sleep(idle_every.unwrap_or(FAR));
-        tokio::pin!(expiry, lifetime, idle_tick);
+        // One waiter for the whole relay (registered now, so a close command that comes
+        // between two wake-ups is kept), rather than a new one per wake-up.
+        let abort = ctl.abort.notified();
+        tokio::pin!(expiry, lifetime, idle_tick, abort);
+        abort.as_mut().enable();
         let mut seen = ctl.bytes();
         let mut quiet_since = Instant::now();
         let (mut down_done, mut up_done) = (false, false);
@@ -222,7 +226,7 @@ where
                 // An abort comes first: one issued before the relay started (a trust
                 // event while the app was being connected) forwards nothing.
                 biased;
-                _ = ctl.abort.notified() => break (Ending::Aborted, "closed on command".into()),
+                _ = &mut abort => break (Ending::Aborted, "closed on command".into()),
                 _ = &mut expiry => {
                     break (Ending::CertificateExpired, "the peer's certificate expired".into())
                 }
