@@ -8,7 +8,7 @@ sidecar's peer checks without copying. Hex values are stored lowercase.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, Literal
 
@@ -163,6 +163,71 @@ class PeerRef:
         return service if self.session is None else f"{self.session}/{service}"
 
 
+class SecretKind(StrEnum):
+    """How the CAS makes a secret's value (SPEC §3 `secrets:`)."""
+
+    RANDOM = "random"  # `size` random bytes
+    ASCII = "ascii"  # `size` printable ASCII characters
+    X509 = "x509"  # a P-256 key and a certificate from the session's secrets CA
+    VALUE = "value"  # uploaded by an admin with `meshshield secret put`
+
+
+SECRETS_MAX = 64
+"""Secrets a session may define, and uses a service may list."""
+SECRET_SIZE_DEFAULT = 32
+SECRET_SIZE_MAX = 4096
+"""Bytes (random) or characters (ascii) of a generated secret."""
+SECRET_VALUE_MAX_BYTES = 64 * 1024
+"""The largest value `meshshield secret put` uploads."""
+SECRET_DNS_MAX = 32
+SECRET_EXPORTS_MAX = 64
+SECRET_FILE_DIR = "/run/secrets"  # noqa: S105 (a folder, not a password)
+"""Where a service's `file:` secrets appear in the app (the sidecar's tmpfs folder)."""
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True, slots=True)
+class SecretImport:
+    """`import: {session, secret}`: the value is the exporting session's secret."""
+
+    session: str
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """One entry of the top-level `secrets:` list.
+
+    An imported secret has no kind of its own here (`kind` None): the exporting
+    session's policy defines it.
+    """
+
+    name: str
+    kind: SecretKind | None
+    size: int | None = None
+    dns: tuple[str, ...] = ()
+    export: tuple[str, ...] = ()
+    source: SecretImport | None = None
+    # Where the entry is in the policy text, so the CAS can locate an import that no
+    # other session exports (a check that needs the other session's policy).
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretUse:
+    """One entry of a service's `secrets:` list: which secret, and how the app gets it."""
+
+    name: str
+    env: str | None = None
+    file: str | None = None
+
+    @property
+    def file_name(self) -> str | None:
+        """The file's name inside the secrets folder (`file` without its folder)."""
+        return None if self.file is None else self.file.rsplit("/", 1)[-1]
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
@@ -173,6 +238,7 @@ class Service:
     # The raw evidence rides in the certificate beside the claims, so that a third
     # party can verify the hardware report again (RA-TLS).
     embed_evidence: bool = False
+    secrets: tuple[SecretUse, ...] = ()
 
     @property
     def platforms(self) -> tuple[Platform, ...]:
@@ -190,6 +256,13 @@ class Policy:
     ignore_advisories: IgnoreAdvisories = ()
     access_read: tuple[str, ...] = (CREATOR,)
     access_update: tuple[str, ...] = (CREATOR,)
+    secrets: tuple[Secret, ...] = ()
+
+    def secret(self, name: str) -> Secret | None:
+        for secret in self.secrets:
+            if secret.name == name:
+                return secret
+        return None
 
     def service(self, name: str) -> Service | None:
         for service in self.services:

@@ -32,7 +32,8 @@ from meshshield.policy.model import (
     Policy,
     Tolerance,
 )
-from meshshield.policy.services import ServiceChecker
+from meshshield.policy.secrets import SecretChecker
+from meshshield.policy.services import SessionState
 
 __all__ = ["MAX_POLICY_BYTES", "PolicyInvalid", "Problem", "parse_policy", "policy_hash"]
 
@@ -83,7 +84,7 @@ def _cas_names(cas_dns: Iterable[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-class _PolicyChecker(ServiceChecker):
+class _PolicyChecker(SecretChecker):
     """The top level, security and access_policy; services come from ServiceChecker."""
 
     # -- the document --------------------------------------------------------------------
@@ -91,7 +92,8 @@ class _PolicyChecker(ServiceChecker):
     def policy(self, root: Node, cas_dns: tuple[str, ...]) -> Policy:
         top = self.mapping(
             root, "",
-            ("name", "version", "predecessor", "services", "security", "access_policy"),
+            ("name", "version", "predecessor", "services", "security", "access_policy",
+             "secrets"),
             {
                 "name": "the session name, e.g. name: shop",
                 "version": 'the policy language version: version: "1"',
@@ -109,8 +111,13 @@ class _PolicyChecker(ServiceChecker):
         )
         tolerate, ignore = self.security(top.get("security"))
         read, update = self.access_policy(top.get("access_policy"))
-        services = self.services(top.get("services"), session, tolerate, cas_dns)
-        return Policy(session, version, predecessor, services, tolerate, ignore, read, update)
+        # Services name secrets defined anywhere in the top-level list: read it first.
+        secrets_state = SessionState(session, set(), tolerate, cas_dns)
+        secrets = self.secrets(top.get("secrets"), secrets_state)
+        services = self.services(top.get("services"), session, tolerate, cas_dns,
+                                 secrets_state.secrets)
+        return Policy(session, version, predecessor, services, tolerate, ignore, read, update,
+                      secrets)
 
     def version(self, node: Node | None) -> str:
         if node is None:

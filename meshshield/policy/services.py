@@ -28,6 +28,8 @@ from meshshield.policy.model import (
     CERT_TTL_MAX_SECONDS,
     CERT_TTL_MIN_SECONDS,
     PeerRef,
+    Secret,
+    SecretUse,
     Service,
     SevSnpEntry,
     SgxEntry,
@@ -50,6 +52,7 @@ class ServiceChecker(Checker):
         session: str,
         tolerate: frozenset[Tolerance],
         cas_dns: tuple[str, ...],
+        secrets: dict[str, Secret] | None = None,
     ) -> tuple[Service, ...]:
         if node is None:
             return ()
@@ -63,7 +66,7 @@ class ServiceChecker(Checker):
                 name = next((v for k, v in item.value if is_str(k) and k.value == "name"), None)
                 if name is not None and is_str(name):
                     names.add(str(name.value))
-        state = SessionState(session, names, tolerate, cas_dns)
+        state = SessionState(session, names, tolerate, cas_dns, secrets=dict(secrets or {}))
         services = []
         for i, item in enumerate(items):
             service = self.service(item, index("services", i), state)
@@ -73,7 +76,8 @@ class ServiceChecker(Checker):
 
     def service(self, node: Node, path: str, state: SessionState) -> Service | None:
         fields = self.mapping(
-            node, path, ("name", "tee", "dns", "allow_from", "cert_ttl", "embed_evidence"),
+            node, path, ("name", "tee", "dns", "allow_from", "cert_ttl", "embed_evidence",
+                         "secrets"),
             {
                 "name": "the service name, e.g. name: backend",
                 "tee": "the list of TEE configurations that may run this service",
@@ -96,7 +100,13 @@ class ServiceChecker(Checker):
         allow_from = self.allow_from(fields.get("allow_from"), join(path, "allow_from"), state)
         ttl = self.cert_ttl(fields.get("cert_ttl"), join(path, "cert_ttl"))
         embed = self.flag(fields.get("embed_evidence"), join(path, "embed_evidence"))
-        return Service(name, tee, dns, allow_from, ttl, embed)
+        uses = self.service_secrets(fields.get("secrets"), join(path, "secrets"), state)
+        return Service(name, tee, dns, allow_from, ttl, embed, uses)
+
+    def service_secrets(self, node: Node | None, path: str, state: SessionState
+                        ) -> tuple[SecretUse, ...]:
+        """A service's `secrets:` list; checked by SecretChecker (policy/secrets.py)."""
+        return ()
 
     def flag(self, node: Node | None, path: str) -> bool:
         """An optional boolean, written true or false (not YAML 1.1's yes/no/on/off)."""
@@ -372,6 +382,7 @@ class SessionState:
     cas_dns: tuple[str, ...]
     service_lines: dict[str, int] = field(default_factory=dict)
     dns_owners: dict[str, tuple[str, int]] = field(default_factory=dict)
+    secrets: dict[str, Secret] = field(default_factory=dict)
 
 
 def _dns_problem(name: str, cas_dns: tuple[str, ...]) -> str | None:
