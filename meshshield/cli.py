@@ -183,6 +183,56 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- secrets ----------------------------------------------------------------------------
+
+
+def _secret_path(args: argparse.Namespace, tail: str = "") -> str:
+    session = _name(args.session)
+    if tail:
+        return f"/v1/sessions/{session}/{tail}"
+    import re
+
+    if not re.fullmatch(r"[a-z0-9-]{1,63}", args.name):
+        raise UsageError(f"secret name {args.name!r} must match [a-z0-9-]{{1,63}}")
+    return f"/v1/sessions/{session}/secrets/{args.name}"
+
+
+def cmd_secret_put(args: argparse.Namespace) -> int:
+    from meshshield.policy import SECRET_VALUE_MAX_BYTES
+
+    path = _secret_path(args)
+    try:
+        value = _read_input(args.from_file, "secret value file", SECRET_VALUE_MAX_BYTES)
+    except OSError as e:
+        _err(f"cannot read {args.from_file}: {e.strerror}")
+        return 1
+    r = _client(args).request("PUT", path, value, content_type="application/octet-stream",
+                              sign=True).json()
+    print(f"stored secret {r['secret']} of session {r['session']} (version {r['version']})")
+    return 0
+
+
+def cmd_secret_rotate(args: argparse.Namespace) -> int:
+    r = _client(args).post_json(_secret_path(args) + "/rotation", {}, sign=True)
+    print(f"rotated secret {r['secret']} of session {r['session']} (version {r['version']}); "
+          "services get the new value at their next attestation")
+    return 0
+
+
+def cmd_secret_audit(args: argparse.Namespace) -> int:
+    r = _client(args).request("GET", _secret_path(args, "secret-releases"), sign=True).json()
+    if args.json:
+        print(json.dumps(r, indent=2, sort_keys=True))
+        return 0
+    print("AT                    SERVICE              SERIAL                            "
+          "MEASUREMENT       SECRETS")
+    for rel in r["releases"]:
+        names = ",".join(f"{x['name']}@{x['version']}" for x in rel["secrets"])
+        print(f"{rel['at']:<21} {rel['service']:<20} {rel['serial']:<33} "
+              f"{rel['measurement'][:16]:<17} {names}")
+    return 0
+
+
 # -- keys & measurement ------------------------------------------------------------------
 
 
@@ -1083,6 +1133,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="revoke the measurement in every session (a CAS admin key only)")
     _cas_flags(p)
     p.set_defaults(func=cmd_revoke)
+
+    sec = sub.add_parser("secret", help="upload, rotate and audit a session's secrets")
+    ssub = sec.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("put", help="upload the value of a `kind: value` secret")
+    p.add_argument("session")
+    p.add_argument("name")
+    p.add_argument("--from-file", required=True, metavar="FILE", help="the value (- for stdin)")
+    _cas_flags(p)
+    p.set_defaults(func=cmd_secret_put)
+    p = ssub.add_parser("rotate", help="replace a generated secret with a fresh value")
+    p.add_argument("session")
+    p.add_argument("name")
+    _cas_flags(p)
+    p.set_defaults(func=cmd_secret_rotate)
+    p = ssub.add_parser("audit", help="every release of the session's secrets")
+    p.add_argument("session")
+    p.add_argument("--json", action="store_true")
+    _cas_flags(p)
+    p.set_defaults(func=cmd_secret_audit)
 
     adm = sub.add_parser("admin", help="admin keys")
     asub = adm.add_subparsers(dest="admin_command", required=True, metavar="ACTION")

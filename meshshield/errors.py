@@ -58,6 +58,11 @@ class Reason(StrEnum):
     # The CAS's database cannot be reached or used right now (PostgreSQL down or
     # restarting): retry shortly; sidecars keep serving with the certificates they hold.
     STORE_UNAVAILABLE = "store_unavailable"
+    # Secrets (policy `secrets:`): a service's secret cannot be released (an uploaded
+    # value not yet put, an import its exporter no longer allows), and an envelope of
+    # secrets that does not open.
+    SECRET_UNAVAILABLE = "secret_unavailable"  # noqa: S105 (a reason code)
+    SECRETS_ENVELOPE_INVALID = "secrets_envelope_invalid"
 
 
 # HTTP status for each reason when it ends a request to the CAS.
@@ -102,6 +107,8 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.CONFLICT: 409,
     Reason.INTERNAL: 500,
     Reason.STORE_UNAVAILABLE: 503,
+    Reason.SECRET_UNAVAILABLE: 409,
+    Reason.SECRETS_ENVELOPE_INVALID: 400,
 }
 
 

@@ -32,6 +32,7 @@ from meshshield.attestation.verify import VerifierConfig, platform_of, verify_ev
 from meshshield.cas.castate import CaState
 from meshshield.cas.edges import own_connections
 from meshshield.cas.jwt import JwtAuthority
+from meshshield.cas.secrets import SecretVault
 from meshshield.cas.standing import FailingCertificates, judge_certificates
 from meshshield.cas.store import (
     AlreadyExists,
@@ -55,7 +56,15 @@ from meshshield.pki.csr import public_key_from_csr
 from meshshield.pki.keys import spki_der
 from meshshield.pki.spiffe import spiffe_id
 from meshshield.pki.spiffe_bundle import spiffe_bundle_document
-from meshshield.policy import Policy, PolicyInvalid, decide_issuance, parse_policy, policy_hash
+from meshshield.policy import (
+    Policy,
+    PolicyInvalid,
+    Secret,
+    decide_issuance,
+    import_problems,
+    parse_policy,
+    policy_hash,
+)
 from meshshield.policy.decide import allows_inbound
 
 log = logging.getLogger("meshshield.cas")
@@ -150,6 +159,7 @@ class Authority:
         self.clock = config.clock
         self.ca = CaState(store, config.kek, config.trust_domain)
         self.jwt = JwtAuthority(store, config.kek)
+        self.secrets = SecretVault(store, config.kek, config.trust_domain)
         collateral = load_collateral(config.collateral_dir) if config.collateral_dir else None
         self.verifier = VerifierConfig(
             sim_platform_keys=config.sim_platform_keys, collateral=collateral
@@ -440,7 +450,8 @@ class Authority:
         """What a write of session `name` checks inside its transaction, on the sessions
         as the database holds them (not this replica's cache, which another replica's
         change may not have reached): that `updater` (an update, a delete) may update
-        the stored version, and that no other session claims `pol`'s DNS names."""
+        the stored version, that no other session claims `pol`'s DNS names, and that
+        every secret `pol` imports is exported to it."""
 
         def check(hashes: Mapping[str, str], read: Callable[[str], SessionRecord | None]
                   ) -> None:
@@ -449,8 +460,15 @@ class Authority:
                 if s is None or updater not in s.policy.updaters(s.record.creator):
                     raise _forbidden(updater, name, "update")
             if pol is not None:
-                others = (self._stored(n, h, read) for n, h in hashes.items() if n != name)
-                self._check_dns_unclaimed(pol, [s.policy for s in others if s is not None])
+                others = {n: self._stored(n, h, read) for n, h in hashes.items() if n != name}
+                self._check_dns_unclaimed(pol, [s.policy for s in others.values()
+                                                if s is not None])
+
+                def exporter(session: str) -> Policy | None:
+                    s = others.get(session)
+                    return None if s is None else s.policy
+
+                self._check_imports(pol, exporter)  # each import matched by an export
 
         return check
 
@@ -787,8 +805,53 @@ class Authority:
             )
         revoked = self._revoked_measurements | self._session_measurements.get(session, frozenset())
         svc = decide_issuance(s.policy, service, claims, revoked)
-        return self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now,
-                           embed_evidence=svc.embed_evidence)
+        # Secrets are looked up before the certificate is issued: one that cannot be
+        # released refuses the attestation instead of leaving the service without it.
+        resolved = self.secrets.resolve(s.policy, svc.name, self._policy_of, now)
+        out = self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now,
+                          embed_evidence=svc.embed_evidence)
+        if resolved:
+            out["secrets"] = self.secrets.release(
+                resolved, session=session, service=svc.name, measurement=claims.measurement,
+                serial=out["serial"], spiffe_id=out["spiffe_id"], recipient=key,
+                x509_ttl=timedelta(seconds=svc.cert_ttl_seconds), now=now,
+            )
+        return out
+
+    def _policy_of(self, session: str) -> Policy | None:
+        s = self._sessions.get(session)
+        return None if s is None else s.policy
+
+    # -- secrets (admin) -------------------------------------------------------------------
+    def _check_imports(self, pol: Policy, exporter: Callable[[str], Policy | None]) -> None:
+        problems = import_problems(pol, "policy", exporter)
+        if problems:
+            raise PolicyInvalid(problems)
+
+    def _secret_of(self, who: str, session: str, name: str, update: bool) -> Secret:
+        s = self._authorised(who, session, update=update)
+        secret = s.policy.secret(name)
+        if secret is None:
+            known = ", ".join(x.name for x in s.policy.secrets) or "none"
+            raise MeshError(Reason.NOT_FOUND, f"session {session!r} defines no secret {name!r} "
+                                              f"(its secrets: {known})")
+        return secret
+
+    def put_secret(self, who: str, session: str, name: str, value: bytes) -> dict[str, Any]:
+        with self._write:
+            secret = self._secret_of(who, session, name, update=True)
+            row = self.secrets.put(session, secret, value, who, self.clock.now())
+        return {"session": session, "secret": name, "version": row.version}
+
+    def rotate_secret(self, who: str, session: str, name: str) -> dict[str, Any]:
+        with self._write:
+            secret = self._secret_of(who, session, name, update=True)
+            row = self.secrets.rotate(session, secret, who, self.clock.now())
+        return {"session": session, "secret": name, "version": row.version}
+
+    def secret_audit(self, who: str, session: str) -> dict[str, Any]:
+        self._authorised(who, session, update=False)
+        return {"session": session, "releases": self.secrets.audit(session)}
 
     def _platform(self, declared: object, evidence: object) -> Platform:
         found = platform_of(evidence)

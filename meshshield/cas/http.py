@@ -372,6 +372,32 @@ async def revoke(request: web.Request) -> web.Response:
     return web.json_response(result, status=201)
 
 
+async def put_secret(request: web.Request) -> web.Response:
+    """An admin's upload of a `value` secret: the raw bytes are the value."""
+    body = await _read_body(request)
+    who = await _admin(request, body)
+    authority = request.app[AUTHORITY]
+    result = await off_loop(request, authority.put_secret, who, request.match_info["name"],
+                            request.match_info["secret"], body)
+    return web.json_response(result)
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    who = await _admin(request, body)
+    authority = request.app[AUTHORITY]
+    result = await off_loop(request, authority.rotate_secret, who, request.match_info["name"],
+                            request.match_info["secret"])
+    return web.json_response(result, status=201)
+
+
+async def secret_releases(request: web.Request) -> web.Response:
+    who = await _admin(request)
+    authority = request.app[AUTHORITY]
+    result = await off_loop(request, authority.secret_audit, who, request.match_info["name"])
+    return web.json_response(result)
+
+
 async def nonce(request: web.Request) -> web.Response:
     await _read_body(request)
     return web.json_response(await off_loop(request, request.app[AUTHORITY].new_nonce))
@@ -600,6 +626,9 @@ def create_app(authority: Authority) -> web.Application:
     r.add_put("/v1/sessions/{name}", put_session)
     r.add_delete("/v1/sessions/{name}", delete_session)
     r.add_post("/v1/sessions/{name}/revocations", revoke)
+    r.add_put("/v1/sessions/{name}/secrets/{secret}", put_secret)
+    r.add_post("/v1/sessions/{name}/secrets/{secret}/rotation", rotate_secret)
+    r.add_get("/v1/sessions/{name}/secret-releases", secret_releases)
     r.add_post("/v1/attest/nonce", nonce)
     r.add_post("/v1/attest", attest)
     r.add_get("/v1/events", events)

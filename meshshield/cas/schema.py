@@ -109,11 +109,16 @@ TABLES: dict[str, tuple[Column, ...]] = {
     # Schema version 2: the key-encryption key wrapped for each holder (cas/kekstore.py).
     "kek_wraps": _cols("kind:text", "key_id:text", "blob:bytes", "detail:text",
                        "created_at:time"),
+    # Schema version 3: secrets (sealed values) and their releases.
+    "secrets": _cols("session:text", "name:text", "version:int", "kind:text", "sealed:bytes",
+                     "actor:text", "created_at:time"),
+    "secret_releases": _cols("id:int", "at:time", "session:text", "service:text",
+                             "measurement:text", "serial:text", "secrets:text"),
 }
 
 # Tables added after version 1, by the version that added them: a backup written by an
 # older schema lacks them and restores with them empty.
-ADDED_IN: dict[str, int] = {"kek_wraps": 2}
+ADDED_IN: dict[str, int] = {"kek_wraps": 2, "secrets": 3, "secret_releases": 3}
 
 # Tables whose integer `id` comes from a sequence the import must move past.
-ID_TABLES = ("policy_history", "revocations", "audit")
+ID_TABLES = ("policy_history", "revocations", "audit", "secret_releases")

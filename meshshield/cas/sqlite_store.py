@@ -41,8 +41,10 @@ from meshshield.cas.store import (
     PredecessorMismatch,
     Report,
     Revocation,
+    SecretRelease,
     SessionCheck,
     SessionRecord,
+    StoredSecret,
     StoreUnavailable,
 )
 
@@ -91,10 +93,23 @@ CREATE TABLE kek_wraps (
     created_at REAL NOT NULL, PRIMARY KEY (kind, key_id))
 """
 
+_SCHEMA_V3 = """
+CREATE TABLE secrets (
+    session TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, kind TEXT NOT NULL,
+    sealed BLOB NOT NULL, actor TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (session, name));
+CREATE TABLE secret_releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, session TEXT NOT NULL,
+    service TEXT NOT NULL, measurement TEXT NOT NULL, serial TEXT NOT NULL,
+    secrets TEXT NOT NULL);
+CREATE INDEX secret_releases_session ON secret_releases(session, id)
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", split_sql(_SCHEMA_V1)),
     Migration(2, "kek_wraps: the key-encryption key sealed to TEEs and recovery keys",
               split_sql(_SCHEMA_V2)),
+    Migration(3, "secrets and their releases", split_sql(_SCHEMA_V3)),
 )
 
 _VERSION_TABLE = (
@@ -237,7 +252,7 @@ class SqliteStore:
     _COUNTED = {
         "CA": "ca", "session": "sessions", "policy version": "policy_history",
         "certificate": "certificates", "revocation": "revocations", "audit record": "audit",
-        "report": "reports",
+        "report": "reports", "secret": "secrets", "secret release": "secret_releases",
     }
 
     def record_counts(self) -> dict[str, int]:
@@ -484,6 +499,8 @@ class SqliteStore:
             if cur is None:
                 raise NotFound(name)
             c.execute("DELETE FROM sessions WHERE name=?", (name,))
+            # A session made again under this name starts with values of its own.
+            c.execute("DELETE FROM secrets WHERE session=?", (name,))
             c.execute(
                 "INSERT INTO policy_history (session, policy_hash, predecessor, policy, author,"
                 " at, action) VALUES (?,?,?,NULL,?,?, 'delete')",
@@ -658,6 +675,73 @@ class SqliteStore:
             (limit,),
         ).fetchall()
         return [AuditRecord(r[0], _dt_req(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+    # -- secrets ----------------------------------------------------------------------
+    _VAULT_COLUMNS = "session, name, version, kind, sealed, actor, created_at"
+
+    @staticmethod
+    def _secret(r: Sequence[Any]) -> StoredSecret:
+        return StoredSecret(r[0], r[1], int(r[2]), r[3], bytes(r[4]), r[5], _dt_req(r[6]))
+
+    def get_secret(self, session: str, name: str) -> StoredSecret | None:
+        r = self._db.execute(
+            f"SELECT {self._VAULT_COLUMNS} FROM secrets WHERE session=? AND name=?",  # noqa: S608 - fixed names
+            (session, name),
+        ).fetchone()
+        return None if r is None else self._secret(r)
+
+    def create_secret(self, secret: StoredSecret) -> StoredSecret:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO secrets VALUES (?,?,1,?,?,?,?) ON CONFLICT(session, name) DO NOTHING",
+                (secret.session, secret.name, secret.kind, secret.sealed, secret.actor,
+                 _ts(secret.created_at)),
+            )
+            if c.rowcount:
+                self._audit(c, secret.created_at, secret.actor, "secret.create",
+                            secret.session, f"{secret.name} version 1")
+            r = c.execute(
+                f"SELECT {self._VAULT_COLUMNS} FROM secrets WHERE session=? AND name=?",  # noqa: S608 - fixed names
+                (secret.session, secret.name),
+            ).fetchone()
+        return self._secret(r)
+
+    def replace_secret(self, secret: StoredSecret, action: str) -> StoredSecret:
+        with self._tx() as c:
+            r = c.execute(
+                "SELECT version FROM secrets WHERE session=? AND name=?",
+                (secret.session, secret.name),
+            ).fetchone()
+            version = 1 if r is None else int(r[0]) + 1
+            c.execute(
+                "INSERT INTO secrets VALUES (?,?,?,?,?,?,?) ON CONFLICT(session, name) DO UPDATE"
+                " SET version=excluded.version, kind=excluded.kind, sealed=excluded.sealed,"
+                " actor=excluded.actor, created_at=excluded.created_at",
+                (secret.session, secret.name, version, secret.kind, secret.sealed, secret.actor,
+                 _ts(secret.created_at)),
+            )
+            self._audit(c, secret.created_at, secret.actor, action, secret.session,
+                        f"{secret.name} version {version}")
+        return StoredSecret(secret.session, secret.name, version, secret.kind, secret.sealed,
+                            secret.actor, secret.created_at)
+
+    def record_secret_release(self, release: SecretRelease) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO secret_releases (at, session, service, measurement, serial,"
+                " secrets) VALUES (?,?,?,?,?,?)",
+                (_ts(release.at), release.session, release.service, release.measurement,
+                 release.serial, release.secrets_json),
+            )
+
+    def secret_releases(self, session: str, limit: int = 1000) -> list[SecretRelease]:
+        rows = self._db.execute(
+            "SELECT id, at, session, service, measurement, serial, secrets FROM"
+            " secret_releases WHERE session=? ORDER BY id DESC LIMIT ?",
+            (session, limit),
+        ).fetchall()
+        return [SecretRelease(int(r[0]), _dt_req(r[1]), r[2], r[3], r[4], r[5], r[6])
+                for r in rows]
 
     # -- backup & restore ---------------------------------------------------------------
     def export_tables(self) -> tuple[int, dict[str, list[tuple[Any, ...]]]]:

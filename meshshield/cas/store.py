@@ -141,12 +141,40 @@ class KekWrapRecord:
     blob: bytes
     detail: str
     created_at: datetime
+
+
 # A check a session write runs inside its transaction, against the sessions as the
 # database holds them then (every replica's committed changes): it gets {name:
 # policy_hash} of every session and a reader of one session in that transaction, and
 # raises to refuse the write (nothing is written). Session writes that carry a check
 # take turns, so two replicas cannot both pass theirs (say, both claim one DNS name).
 SessionCheck = Callable[[Mapping[str, str], Callable[[str], "SessionRecord | None"]], None]
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    """One secret's current value, sealed under the secrets key (cas/secrets.py)."""
+
+    session: str
+    name: str
+    version: int  # 1 when first made; each rotate or put adds 1
+    kind: str
+    sealed: bytes
+    actor: str  # "cas" for a generated value, else the admin key's fingerprint
+    created_at: datetime  # when this version was made
+
+
+@dataclass(frozen=True)
+class SecretRelease:
+    """One attest response that carried secrets: who got which (names, never values)."""
+
+    id: int
+    at: datetime
+    session: str
+    service: str
+    measurement: str
+    serial: str
+    secrets_json: str  # [{"name", "from", "version"}...]
 
 
 class Store(Protocol):
@@ -295,3 +323,21 @@ class Store(Protocol):
     def reports(self) -> list[Report]: ...
 
     def audit_log(self, limit: int = 100) -> list[AuditRecord]: ...
+
+    # -- secrets ------------------------------------------------------------------
+    def get_secret(self, session: str, name: str) -> StoredSecret | None: ...
+
+    def create_secret(self, secret: StoredSecret) -> StoredSecret:
+        """Store a first value unless one exists; the value stored now either way (two
+        replicas making one at once keep the first)."""
+        ...
+
+    def replace_secret(self, secret: StoredSecret, action: str) -> StoredSecret:
+        """Store a new value (version one more than the last), audited as `action`."""
+        ...
+
+    def record_secret_release(self, release: SecretRelease) -> None: ...
+
+    def secret_releases(self, session: str, limit: int = 1000) -> list[SecretRelease]:
+        """The session's releases, newest first."""
+        ...

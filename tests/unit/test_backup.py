@@ -16,7 +16,14 @@ from pgserver import PgServer
 from meshshield.cas.backup import BackupError, make_backup, parse_backup, restore, write_backup
 from meshshield.cas.schema import latest
 from meshshield.cas.sqlite_store import MIGRATIONS
-from meshshield.cas.store import CaStoredRecord, IssuedCertificate, KekWrapRecord, Store
+from meshshield.cas.store import (
+    CaStoredRecord,
+    IssuedCertificate,
+    KekWrapRecord,
+    SecretRelease,
+    Store,
+    StoredSecret,
+)
 from meshshield.cas.stores import open_store
 from meshshield.errors import MeshError, Reason
 
@@ -42,6 +49,11 @@ def _fill(s: Store) -> None:
     s.add_jwt_key("kid1", b"\x01sealed-jwt", T0)
     s.put_kek_wrap(KekWrapRecord("tee-sealed", "sim:ab:cd", b"MSKEKW\x01\x01w", "sim", T0),
                    "cas")
+    s.create_secret(StoredSecret("shop", "db-password", 1, "ascii", b"\x02sealed", "cas", T0))
+    s.replace_secret(StoredSecret("shop", "db-password", 0, "ascii", b"\x03sealed", "admin",
+                                  T0 + timedelta(1)), "secret.rotate")
+    s.record_secret_release(SecretRelease(0, T0, "shop", "api", "ab" * 32, "0a",
+                                          '[{"name":"db-password","version":2}]'))
 
 
 def _open(kind: str, tmp: Path, pg: PgServer | None) -> Store:

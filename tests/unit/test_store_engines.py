@@ -308,6 +308,7 @@ def test_sqlite_files_of_earlier_releases_open_as_version_1(tmp_path: Path) -> N
     s = open_store(None, tmp_path, migrate=True)
     assert s.schema_version() == LATEST  # type: ignore[attr-defined]
     assert s.get_session("old") is not None
+    assert s.get_secret("old", "x") is None  # the secrets table is there
     assert s.remember_request_nonce("fp", "n", T0, T0)
     s.close()
 
