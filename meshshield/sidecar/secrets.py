@@ -152,7 +152,7 @@ def filesystem_type(path: Path) -> str | None:
     except OSError:
         return None
     target = os.path.realpath(path)
-    best, found = -1, None
+    best, found = -1, "unknown"  # the longest mount point holding the path decides
     for line in lines:
         left, sep, right = line.partition(" - ")
         fields = left.split()
@@ -161,7 +161,8 @@ def filesystem_type(path: Path) -> str | None:
         mount = fields[4].replace("\\040", " ")
         inside = target == mount or target.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) > best:
-            best, found = len(mount), (right.split() or [None])[0]
+            kinds = right.split()
+            best, found = len(mount), kinds[0] if kinds else "unknown"
     return found
 
 
