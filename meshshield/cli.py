@@ -853,6 +853,30 @@ def cmd_attest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshshield.attestclient import AttestRequest
+    from meshshield.runsecrets import exec_program, prepare
+
+    command = list(args.command_line or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError("name the program to run after --: meshshield run ... -- CMD ARGS")
+    req = AttestRequest(
+        session=_name(args.session), service=_name(args.service), platform=args.platform,
+        workload=tuple(args.workload or ()),
+        sim_key=Path(args.sim_key) if args.sim_key else None,
+    )
+    env = prepare(_client(args, admin=False), req,
+                  Path(args.secrets_dir) if args.secrets_dir else None,
+                  args.secrets_dir_on_disk, dict(os.environ))
+    try:
+        exec_program(command, env)
+    except OSError as e:
+        _err(f"cannot run {command[0]}: {e.strerror or e}")
+    return 1
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     """Fetch the mesh trust bundle, as PEM or as a SPIFFE bundle document (JWK Set)."""
     from meshshield.pki.ca import load_pem_chain
@@ -976,6 +1000,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         "sds": args.sds,
         "cas_expect": args.cas_expect, "cas_trust_sim_platform": args.cas_trust_sim_platform,
         "dataplane": args.dataplane, "workers": args.workers,
+        "secrets_dir": args.secrets_dir, "secrets_dir_on_disk": args.secrets_dir_on_disk or None,
     }
     try:
         values = load_config_file(Path(args.config)) if args.config else {}
@@ -1245,6 +1270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-key", metavar="FILE")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_attest)
+    p = sub.add_parser("run", help="attest, then exec a program with its secrets",
+                       usage="meshshield run --cas URL --cas-bundle PEM --session S --service "
+                             "NAME --platform P [--workload PATH] [--sim-key FILE] "
+                             "[--secrets-dir DIR] -- CMD [ARGS...]")
+    _cas_flags(p, admin=False)
+    p.add_argument("--session", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--platform", required=True, choices=["sim", "sev-snp", "tdx", "sgx"])
+    p.add_argument("--workload", action="append", metavar="PATH")
+    p.add_argument("--sim-key", metavar="FILE")
+    p.add_argument("--secrets-dir", metavar="DIR",
+                   help="write file secrets here too (a tmpfs)")
+    p.add_argument("--secrets-dir-on-disk", action="store_true",
+                   help="development only: accept a --secrets-dir that is not in memory")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("bundle", help="fetch the mesh trust bundle (PEM or SPIFFE JWKS)")
     _cas_flags(p, admin=False)
     p.add_argument("--format", choices=["pem", "spiffe"], default="pem",
@@ -1318,6 +1359,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who carries the bytes: the asyncio relay (default) or the Rust one")
     p.add_argument("--workers", type=int, metavar="N",
                    help="threads of the native data plane (default 2)")
+    p.add_argument("--secrets-dir", metavar="DIR",
+                   help="write the service's file secrets here (a tmpfs; the app sees it as "
+                        "/run/secrets)")
+    p.add_argument("--secrets-dir-on-disk", action="store_true",
+                   help="development only: accept a --secrets-dir that is not in memory")
     p.set_defaults(func=cmd_sidecar)
 
     p = sub.add_parser("status", help="a sidecar's live connections, or the mesh's edges")

@@ -25,6 +25,9 @@ STATUS = PREFIX + "status"
 WORKLOAD_API = PREFIX + "workload-api"
 # "CONFIGMAP/KEY": the sidecar verifies the CAS's attestation against that expect file.
 CAS_EXPECT = PREFIX + "cas-expect"
+# "true": the sidecar writes the service's file secrets into a memory-backed emptyDir
+# that the app's containers mount read-only at /run/secrets.
+SECRETS = PREFIX + "secrets"
 _CONFIGMAP_KEY_RE = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 # Labels a service name falls back to when meshshield.io/service is absent.
@@ -100,6 +103,7 @@ class MeshAnnotations:
     outbound: tuple[OutboundRoute, ...]
     workload_api: bool = False  # serve the SPIFFE Workload API to the app's containers
     cas_expect: tuple[str, str] | None = None  # (ConfigMap, key) of the CAS expect file
+    secrets: bool = False  # file secrets in a memory-backed emptyDir at /run/secrets
 
 
 def injection_requested(annotations: Mapping[str, object]) -> bool:
@@ -148,9 +152,13 @@ def parse_mesh_annotations(
     workload_api = annotations.get(WORKLOAD_API, "false")
     if workload_api not in ("true", "false"):
         raise AnnotationError(WORKLOAD_API, 'the string "true" or "false"', workload_api)
+    secrets = annotations.get(SECRETS, "false")
+    if secrets not in ("true", "false"):
+        raise AnnotationError(SECRETS, 'the string "true" or "false"', secrets)
     return MeshAnnotations(session, service, platform, inbound, outbound,
                            workload_api=workload_api == "true",
-                           cas_expect=_cas_expect(annotations.get(CAS_EXPECT)))
+                           cas_expect=_cas_expect(annotations.get(CAS_EXPECT)),
+                           secrets=secrets == "true")
 
 
 def _cas_expect(value: object) -> tuple[str, str] | None:

@@ -50,8 +50,13 @@ VOLUME_TMP = "meshshield-tmp"
 VOLUME_SIM_KEY = "meshshield-sim-key"
 VOLUME_WORKLOAD_API = "meshshield-workload-api"
 VOLUME_CAS_EXPECT = "meshshield-cas-expect"
+VOLUME_SECRETS = "meshshield-secrets"
 OUR_VOLUMES = (VOLUME_CAS_BUNDLE, VOLUME_TMP, VOLUME_SIM_KEY, VOLUME_WORKLOAD_API,
-               VOLUME_CAS_EXPECT)
+               VOLUME_CAS_EXPECT, VOLUME_SECRETS)
+# File secrets (policy `file: /run/secrets/NAME`): the sidecar writes them into a
+# memory-backed emptyDir, mounted read-only into the app's containers at /run/secrets.
+SECRETS_SIDECAR_DIR = "/run/meshshield-secrets"
+SECRETS_APP_DIR = "/run/secrets"
 CAS_EXPECT_DIR = "/etc/meshshield/cas-expect"
 # The Workload API, as SPIRE's agent is set up: an emptyDir shared by the sidecar
 # (writable) and the app's containers (read-only), SPIFFE_ENDPOINT_SOCKET naming the
@@ -107,6 +112,13 @@ def inject_pod_spec(
         container["env"] = [*container.get("env", []), app_listen]
     had_security_context = "securityContext" in spec
     group_added = _add_workload_api(spec, config) if mesh.workload_api else None
+    if mesh.secrets:
+        for container in spec["containers"]:
+            if not isinstance(container.get("volumeMounts") or [], list):
+                raise InjectError(f"container {container.get('name')}: volumeMounts must be a "
+                                  "list")
+            mount = {"name": VOLUME_SECRETS, "mountPath": SECRETS_APP_DIR, "readOnly": True}
+            container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
     annotations = meta.setdefault("annotations", {})
     if mesh.platform in CONFIDENTIAL_VM_PLATFORMS and config.coco_kernel_params:
         annotations[KATA_KERNEL_PARAMS] = _with_rest_api_param(annotations.get(KATA_KERNEL_PARAMS))
@@ -268,7 +280,8 @@ def _strip(meta: Manifest, spec: Manifest) -> None:
                    or e == {"name": SPIFFE_SOCKET_ENV, "value": WORKLOAD_API_SOCKET}))]
         _set_or_drop(container, "env", env)
         mounts = [m for m in container.get("volumeMounts") or []
-                  if not (isinstance(m, dict) and m.get("name") == VOLUME_WORKLOAD_API)]
+                  if not (isinstance(m, dict)
+                          and m.get("name") in (VOLUME_WORKLOAD_API, VOLUME_SECRETS))]
         _set_or_drop(container, "volumeMounts", mounts)
     annotations = meta.get("annotations")
     if isinstance(annotations, dict):
@@ -341,6 +354,9 @@ def _sidecar_container(mesh: MeshAnnotations, config: InjectConfig) -> Manifest:
         args += ["--workload-api", WORKLOAD_API_SOCKET,
                  "--workload-api-group", str(config.workload_api_group)]
         mounts.append({"name": VOLUME_WORKLOAD_API, "mountPath": WORKLOAD_API_DIR})
+    if mesh.secrets:
+        args += ["--secrets-dir", SECRETS_SIDECAR_DIR]
+        mounts.append({"name": VOLUME_SECRETS, "mountPath": SECRETS_SIDECAR_DIR})
     health = config.health_port
     ports = [{"containerPort": r.listen_port, "protocol": "TCP"} for r in mesh.inbound]
     ports.append({"containerPort": health, "protocol": "TCP"})
@@ -408,6 +424,9 @@ def _volumes(mesh: MeshAnnotations, config: InjectConfig) -> list[Manifest]:
     if mesh.workload_api:
         volumes.append({"name": VOLUME_WORKLOAD_API,
                         "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+    if mesh.secrets:
+        volumes.append({"name": VOLUME_SECRETS,
+                        "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}})
     return volumes
 
 

@@ -80,6 +80,8 @@ class SidecarState:
             "uptime_seconds": round(time.time() - self.started, 1),
             "runtime": runtime_counts(),
             "workload_api": None if self.workload_api is None else self.workload_api.status(),
+            "secrets": None if self.identity.secret_files is None else (
+                self.identity.secret_files.status()),
         }
 
 

@@ -81,6 +81,10 @@ class SidecarConfig:
     # meshshield._native), on `workers` threads.
     dataplane: str = "python"
     workers: int = 2
+    # Where file secrets are written for the app (sidecar/secrets.py): a memory-backed
+    # folder, unless `secrets_dir_on_disk` says this is a development machine.
+    secrets_dir: Path | None = None
+    secrets_dir_on_disk: bool = False
 
 
 def parse_endpoint(text: str, what: str) -> Endpoint:
@@ -172,7 +176,7 @@ FILE_KEYS = {
     "workload_api", "workload_api_group",
     "idle_timeout", "max_connection_lifetime", "sds",
     "cas_expect", "cas_trust_sim_platform",
-    "dataplane", "workers",
+    "dataplane", "workers", "secrets_dir", "secrets_dir_on_disk",
 }
 
 
@@ -206,8 +210,9 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
     inbound = tuple(parse_inbound(x) for x in _list("inbound"))
     outbound = tuple(parse_outbound(x) for x in _list("outbound"))
     sds = _unix_socket(values.get("sds"), "--sds")
-    if not inbound and not outbound and sds is None:
-        raise ConfigError("give at least one --inbound or --outbound route (or --sds)")
+    if not inbound and not outbound and sds is None and not values.get("secrets_dir"):
+        raise ConfigError("give at least one --inbound or --outbound route (or --sds, or "
+                          "--secrets-dir)")
     listens = [str(r.listen) for r in inbound] + [str(r.listen) for r in outbound]
     dup = {x for x in listens if listens.count(x) > 1}
     if dup:
@@ -255,6 +260,8 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
         cas_trust_sim_platform=tuple(Path(p) for p in _list("cas_trust_sim_platform")),
         dataplane=dataplane,
         workers=workers,
+        secrets_dir=Path(str(values["secrets_dir"])) if values.get("secrets_dir") else None,
+        secrets_dir_on_disk=bool(values.get("secrets_dir_on_disk")),
     )
 
 

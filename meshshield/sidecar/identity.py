@@ -41,6 +41,7 @@ from meshshield.pki.keys import generate_p256, spki_der
 from meshshield.sidecar.castrust import CasTrust
 from meshshield.sidecar.config import SidecarConfig
 from meshshield.sidecar.peercheck import TrustView
+from meshshield.sidecar.secrets import SecretFiles, open_released
 from meshshield.tlsutil import load_chain_from_memory
 
 log = logging.getLogger("meshshield.sidecar")
@@ -247,6 +248,8 @@ class Identity:
         # Called after every new certificate or bundle (views for other software: the
         # Workload API pushes each one to its clients).
         self.tls_listeners: list[Callable[[], None]] = []
+        # File secrets of each attest answer (--secrets-dir); None: none are written.
+        self.secret_files: SecretFiles | None = None
 
     # The contexts of the current generation; read at every new handshake or request.
     @property
@@ -336,6 +339,16 @@ class Identity:
     def _install(self, key: ec.EllipticCurvePrivateKey, resp: object) -> None:
         """Validate the whole answer, build the new contexts, then apply all at once."""
         answer = validate_answer(key, resp)
+        released = open_released(key, resp.get("secrets") if isinstance(resp, dict) else None,
+                                 answer.spiffe_id, answer.serial)
+        if self.secret_files is not None:
+            # Before the certificate is applied: an answer whose secrets cannot be
+            # written is retried like any other failed renewal.
+            self.secret_files.update(released)
+        elif any(s.file for s in released):
+            log.warning("%s/%s: the CAS released file secrets but this sidecar has no "
+                        "--secrets-dir; they are not written", self.config.session,
+                        self.config.service)
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),

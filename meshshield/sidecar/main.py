@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 
 import aiohttp
 from aiohttp import web
 
+from meshshield.errors import MeshError
 from meshshield.httpserver import ConnectionLimits, bound_port, start_site
 from meshshield.httpserver import runner as json_error_runner
 from meshshield.sidecar.admin import SidecarState, create_admin_app
@@ -20,6 +22,7 @@ from meshshield.sidecar.identity import Identity
 from meshshield.sidecar.proxy import Proxy, SidecarMetrics
 from meshshield.sidecar.registry import ConnectionRegistry
 from meshshield.sidecar.sds import SdsCollector, SdsServer, identity_material
+from meshshield.sidecar.secrets import open_secrets_dir
 
 log = logging.getLogger("meshshield.sidecar")
 
@@ -40,6 +43,12 @@ async def _site(app: web.Application, ep: Endpoint) -> tuple[web.AppRunner, str]
 
 async def run_sidecar(config: SidecarConfig) -> int:
     identity = Identity(config)
+    if config.secrets_dir is not None:
+        try:
+            identity.secret_files = open_secrets_dir(config)
+        except MeshError as e:
+            print(f"meshshield: {e.message}", file=sys.stderr, flush=True)
+            return 1
     metrics = SidecarMetrics()
     registry = ConnectionRegistry()
     proxy = Proxy(config, identity, registry, metrics)

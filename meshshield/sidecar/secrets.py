@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import os
 import secrets as _random
 from collections.abc import Iterable, Mapping
@@ -25,6 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshshield.errors import MeshError, Reason
 from meshshield.pki import envelope
 from meshshield.policy.model import ENV_NAME_PATTERN, FILE_NAME_PATTERN, SECRET_FILE_DIR
+
+log = logging.getLogger("meshshield.sidecar")
 
 MEDIA_TYPE = envelope.MEDIA_TYPE
 MAX_ENVELOPE_B64 = (envelope.MAX_ENVELOPE + 2) // 3 * 4
@@ -212,3 +215,38 @@ def write_secret_files(folder: Path, released: Iterable[ReleasedSecret],
             (folder / base).unlink()
         del written[base]
     return written
+
+
+class SecretFiles:
+    """The sidecar's secrets folder: checked once at start, rewritten when values change."""
+
+    def __init__(self, folder: Path, *, allow_disk: bool) -> None:
+        self.folder = folder
+        self.filesystem = check_memory_folder(folder, allow_disk=allow_disk)
+        self.on_disk = self.filesystem not in MEMORY_FILESYSTEMS
+        self.versions: dict[str, int] = {}
+        self.updates = 0
+
+    def update(self, released: Iterable[ReleasedSecret]) -> None:
+        try:
+            self.versions = write_secret_files(self.folder, released, self.versions)
+        except OSError as e:
+            raise MeshError(Reason.INTERNAL, f"cannot write secrets into {self.folder}: "
+                                             f"{e.strerror or e}") from None
+        self.updates += 1
+
+    def status(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "filesystem": self.filesystem,
+                "on_disk": self.on_disk, "files": dict(sorted(self.versions.items()))}
+
+
+def open_secrets_dir(config: Any) -> SecretFiles:
+    """The --secrets-dir of a sidecar config, checked; says where files go and on what."""
+    assert config.secrets_dir is not None
+    files = SecretFiles(config.secrets_dir, allow_disk=config.secrets_dir_on_disk)
+    if files.on_disk:
+        log.warning("%s/%s: --secrets-dir %s is on a %s filesystem, NOT in memory "
+                    "(--secrets-dir-on-disk): secrets reach persistent disk; development only",
+                    config.session, config.service, files.folder, files.filesystem)
+    print(f"secrets-dir {files.folder} ({files.filesystem})", flush=True)
+    return files

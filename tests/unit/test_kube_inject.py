@@ -572,3 +572,35 @@ def test_cas_expect_annotation_is_checked(value: object) -> None:
     pod["metadata"]["annotations"]["meshshield.io/cas-expect"] = value
     with pytest.raises(AnnotationError, match="meshshield.io/cas-expect"):
         inject_pod_spec(pod["metadata"], pod["spec"])
+
+
+def test_secrets_annotation_mounts_a_memory_folder_read_only_into_the_app() -> None:
+    pod = patched_pod(review_with({"meshshield.io/secrets": "true"}))
+    spec = pod["spec"]
+    sidecar = sidecar_of(spec)
+    assert flags(sidecar)["--secrets-dir"] == ["/run/meshshield-secrets"]
+    assert {"name": "meshshield-secrets", "mountPath": "/run/meshshield-secrets"} in \
+        sidecar["volumeMounts"]
+    for app in spec["containers"]:
+        assert {"name": "meshshield-secrets", "mountPath": "/run/secrets",
+                "readOnly": True} in app["volumeMounts"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["meshshield-secrets"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Mi"}
+    plain = patched_pod(review_with({}))
+    assert "--secrets-dir" not in flags(sidecar_of(plain["spec"]))
+    assert "meshshield-secrets" not in {v["name"] for v in plain["spec"]["volumes"]}
+
+
+def test_secrets_injection_is_idempotent_and_reversible() -> None:
+    pod = load_review()["request"]["object"]
+    plain = inject_pod_spec(pod["metadata"], pod["spec"])
+    pod["metadata"]["annotations"]["meshshield.io/secrets"] = "true"
+    once = inject_pod_spec(pod["metadata"], pod["spec"])
+    assert inject_pod_spec(*once) == once
+    meta, spec = copy.deepcopy(once)
+    meta["annotations"]["meshshield.io/secrets"] = "false"
+    off = inject_pod_spec(meta, spec)
+    assert off[1] == plain[1]
+    pod["metadata"]["annotations"]["meshshield.io/secrets"] = "yes"
+    with pytest.raises(AnnotationError, match="meshshield.io/secrets"):
+        inject_pod_spec(pod["metadata"], pod["spec"])
