@@ -235,3 +235,66 @@ def store_location(store_engine: str, tmp_path: Path, request: pytest.FixtureReq
     server: PgServer = request.getfixturevalue("pg_server")
     return server.create_database()
 
+
+
+# -- a server whose password comes from the environment ---------------------------------
+#
+# `python tests/pgserver.py serve-with-password --root DIR --port P --password-env NAME`
+# makes a cluster whose superuser `meshshield` logs in with the password in $NAME
+# (SCRAM over TCP; no trust), then execs `postgres` in place of itself: the way a
+# program started by `meshshield run` takes a secret from its environment. The password
+# reaches initdb through a file in a memory folder (/dev/shm) that is removed at once.
+
+
+def serve_with_password(root: Path, port: int, password: str) -> None:
+    initdb, postgres = _binary("initdb"), _binary("postgres")
+    if not initdb or not postgres:
+        raise SystemExit("initdb/postgres not found")
+    root.mkdir(parents=True, exist_ok=True)
+    user = os.environ.get("MESHSHIELD_PG_USER", "nobody") if os.geteuid() == 0 else None
+    ids = (pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid) if user else None
+    if ids:
+        os.chown(root, *ids)
+    root.chmod(0o700)
+    shm = Path(tempfile.mkdtemp(prefix="meshshield-pgpw-", dir="/dev/shm"))
+    try:
+        pwfile = shm / "pw"
+        pwfile.write_text(password)
+        pwfile.chmod(0o400)
+        if ids:
+            os.chown(shm, *ids)
+            os.chown(pwfile, *ids)
+        as_user: dict[str, object] = (
+            {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {})
+        r = subprocess.run(  # noqa: S603 - the test's own binaries
+            [initdb, "-D", str(root / "data"), "-U", "meshshield", "--auth-local=trust",
+             "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C",
+             "--no-sync"], capture_output=True, timeout=120, cwd=root, **as_user)  # type: ignore[arg-type]
+        if r.returncode != 0:
+            raise SystemExit(f"initdb failed: {r.stderr.decode()[-800:]}")
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    if ids:
+        os.setgroups([])
+        os.setgid(ids[1])
+        os.setuid(ids[0])
+    os.execv(postgres, [postgres, "-D", str(root / "data"), "-p", str(port), "-k", str(root),  # noqa: S606
+                        "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                        "-c", "password_encryption=scram-sha-256"])
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["serve-with-password"])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--password-env", required=True)
+    a = parser.parse_args()
+    secret = os.environ.get(a.password_env)
+    if not secret:
+        print(f"${a.password_env} is not set: no password to start with", file=sys.stderr)
+        raise SystemExit(1)
+    serve_with_password(Path(a.root), a.port, secret)
