@@ -5,6 +5,10 @@ import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 INVENTORY = {"tea": 12, "scones": 4}
+# From the CAS, through `meshshield run` (dev up generates it for local use).
+HAS_DB_PASSWORD = bool(os.environ.get("DB_PASSWORD"))
+print(f"backend: database password {'received' if HAS_DB_PASSWORD else 'MISSING'}",
+      flush=True)
 
 
 class Handler(BaseHTTPRequestHandler):
