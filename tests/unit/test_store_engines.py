@@ -423,3 +423,38 @@ def test_a_write_failing_half_way_leaves_nothing_on_postgresql(pg_url: str) -> N
         assert store.add_revocation("shop", "serial", "cc", "admin", T0) == 2
     finally:
         store.close()
+
+
+def test_a_version_1_database_migrates_to_the_secrets_schema_keeping_its_rows(
+    store_engine: str, store_location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written by a release that knew only version 1 (monkeypatched here)
+    is refused until `cas migrate`, which adds the secrets tables and keeps every row."""
+    from meshshield.cas.store import SecretRelease, StoredSecret
+
+    loc = store_location or None
+    module = sqlite_store if store_engine == "sqlite" else pg_store
+    monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+    old = open_store(loc, tmp_path)
+    old.create_session("shop", b"name: shop\n", "h1", "admin", T0)
+    old.close()
+    monkeypatch.undo()
+    with pytest.raises(StoreUnavailable) as e:
+        open_store(loc, tmp_path)
+    assert f"schema version 1, this release needs {LATEST}" in e.value.message
+    s = open_store(loc, tmp_path, migrate=True)
+    assert s.applied == [m.version for m in module.MIGRATIONS[1:]]  # type: ignore[attr-defined]
+    assert s.get_session("shop") is not None
+    row = s.create_secret(StoredSecret("shop", "pw", 1, "ascii", b"sealed", "cas", T0))
+    assert row.version == 1
+    assert s.create_secret(StoredSecret("shop", "pw", 1, "ascii", b"other", "cas", T0)
+                           ).sealed == b"sealed"  # the first value stays
+    assert s.replace_secret(StoredSecret("shop", "pw", 0, "ascii", b"new", "a", T0),
+                            "secret.rotate").version == 2
+    s.record_secret_release(SecretRelease(0, T0, "shop", "db", "ab" * 32, "0a", "[]"))
+    (rel,) = s.secret_releases("shop")
+    assert (rel.service, rel.serial, rel.measurement) == ("db", "0a", "ab" * 32)
+    assert s.secret_releases("other") == []
+    s.delete_session("shop", "admin", T0)
+    assert s.get_secret("shop", "pw") is None  # a deleted session's values go with it
+    s.close()
