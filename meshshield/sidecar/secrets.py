@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -187,10 +188,15 @@ def check_memory_folder(path: Path, *, allow_disk: bool) -> str:
     return fs
 
 
+Written = dict[str, tuple[int, str]]
+"""What a folder holds, by file name: (version, SHA-256 of the contents)."""
+
+
 def write_secret_files(folder: Path, released: Iterable[ReleasedSecret],
-                       previous: Mapping[str, int] | None = None) -> dict[str, int]:
+                       previous: Mapping[str, tuple[int, str]] | None = None) -> Written:
     """Write each file secret into `folder` (mode 0400, atomically replaced), skipping
-    those whose version is the one already written; the versions now written by name."""
+    those whose contents are the ones already written (an x509 secret's certificate is
+    issued anew at each attestation, under the same version); what it holds now."""
     written = dict(previous or {})
     wanted = set()
     for s in released:
@@ -198,7 +204,8 @@ def write_secret_files(folder: Path, released: Iterable[ReleasedSecret],
         if base is None:
             continue
         wanted.add(base)
-        if written.get(base) == s.version:
+        digest = hashlib.sha256(s.value).hexdigest()
+        if written.get(base) == (s.version, digest):
             continue
         tmp = folder / f".{base}.{_random.token_hex(8)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
@@ -209,7 +216,7 @@ def write_secret_files(folder: Path, released: Iterable[ReleasedSecret],
         finally:
             os.close(fd)
         os.replace(tmp, folder / base)
-        written[base] = s.version
+        written[base] = (s.version, digest)
     for base in set(written) - wanted:  # the policy no longer gives this secret
         with contextlib.suppress(FileNotFoundError):
             (folder / base).unlink()
@@ -224,12 +231,12 @@ class SecretFiles:
         self.folder = folder
         self.filesystem = check_memory_folder(folder, allow_disk=allow_disk)
         self.on_disk = self.filesystem not in MEMORY_FILESYSTEMS
-        self.versions: dict[str, int] = {}
+        self.written: Written = {}
         self.updates = 0
 
     def update(self, released: Iterable[ReleasedSecret]) -> None:
         try:
-            self.versions = write_secret_files(self.folder, released, self.versions)
+            self.written = write_secret_files(self.folder, released, self.written)
         except OSError as e:
             raise MeshError(Reason.INTERNAL, f"cannot write secrets into {self.folder}: "
                                              f"{e.strerror or e}") from None
@@ -237,7 +244,8 @@ class SecretFiles:
 
     def status(self) -> dict[str, Any]:
         return {"folder": str(self.folder), "filesystem": self.filesystem,
-                "on_disk": self.on_disk, "files": dict(sorted(self.versions.items()))}
+                "on_disk": self.on_disk,
+                "files": {name: v for name, (v, _) in sorted(self.written.items())}}
 
 
 def open_secrets_dir(config: Any) -> SecretFiles:

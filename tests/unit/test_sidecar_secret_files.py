@@ -56,17 +56,21 @@ def test_a_folder_on_disk_a_symlink_or_a_file_is_refused(tmp_path: Path, shm: Pa
 
 def test_files_are_0400_rewritten_only_when_their_version_changes(shm: Path) -> None:
     versions = write_secret_files(shm, [secret("a", b"one"), secret("b", b"\x00\xff")])
-    assert versions == {"a": 1, "b": 1}
+    assert {k: v for k, (v, _) in versions.items()} == {"a": 1, "b": 1}
     assert (shm / "a").read_bytes() == b"one" and (shm / "b").read_bytes() == b"\x00\xff"
     assert stat.S_IMODE((shm / "a").stat().st_mode) == 0o400
     inode_a, inode_b = (shm / "a").stat().st_ino, (shm / "b").stat().st_ino
     versions = write_secret_files(shm, [secret("a", b"two", 2), secret("b", b"\x00\xff")],
                                   versions)
-    assert versions == {"a": 2, "b": 1}
+    assert {k: v for k, (v, _) in versions.items()} == {"a": 2, "b": 1}
     assert (shm / "a").read_bytes() == b"two" and (shm / "a").stat().st_ino != inode_a
     assert (shm / "b").stat().st_ino == inode_b  # unchanged: not rewritten
-    versions = write_secret_files(shm, [secret("b", b"\x00\xff")], versions)
-    assert versions == {"b": 1} and not (shm / "a").exists()  # dropped from the policy
+    # The same version with new contents (an x509 secret's certificate issued anew).
+    versions = write_secret_files(shm, [secret("a", b"two"), secret("b", b"renewed cert")],
+                                  versions)
+    assert (shm / "b").read_bytes() == b"renewed cert" and (shm / "b").stat().st_ino != inode_b
+    versions = write_secret_files(shm, [secret("b", b"renewed cert")], versions)
+    assert list(versions) == ["b"] and not (shm / "a").exists()  # dropped from the policy
     assert sorted(p.name for p in shm.iterdir()) == ["b"]  # no temporary file left
 
 
