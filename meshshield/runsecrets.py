@@ -18,7 +18,7 @@ from meshshield.attestclient import AttestRequest, attest_once
 from meshshield.casclient import CasClient
 from meshshield.errors import MeshError, Reason
 from meshshield.sidecar.identity import validate_answer
-from meshshield.sidecar.secrets import SecretFiles, environment, open_released
+from meshshield.sidecar.secrets import SecretFiles, environment, issuer_key, open_released
 
 log = logging.getLogger("meshshield.run")
 
@@ -30,8 +30,10 @@ def prepare(client: CasClient, req: AttestRequest, secrets_dir: Path | None,
     files = SecretFiles(secrets_dir, allow_disk=allow_disk) if secrets_dir else None
     result = attest_once(client, req)
     answer = validate_answer(result.key, result.response)
-    released = open_released(result.key, result.response.get("secrets"), answer.spiffe_id,
-                             answer.serial)
+    field = result.response.get("secrets")
+    released = () if field is None else open_released(
+        result.key, field, answer.spiffe_id, answer.serial,
+        issuer_key(answer.leaf, answer.bundle_pem))
     if files is not None:
         files.update(released)
     else:

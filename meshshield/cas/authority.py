@@ -814,9 +814,16 @@ class Authority:
             out["secrets"] = self.secrets.release(
                 resolved, session=session, service=svc.name, measurement=claims.measurement,
                 serial=out["serial"], spiffe_id=out["spiffe_id"], recipient=key,
-                x509_ttl=timedelta(seconds=svc.cert_ttl_seconds), now=now,
+                signer=self._leaf_signer(now), x509_ttl=timedelta(seconds=svc.cert_ttl_seconds),
+                now=now,
             )
         return out
+
+    def _leaf_signer(self, now: datetime) -> ec.EllipticCurvePrivateKey:
+        """The key of the CA that signed the certificate just issued (the same `now`)."""
+        key = self.ca.signing(now).key
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key
 
     def _policy_of(self, session: str) -> Policy | None:
         s = self._sessions.get(session)

@@ -236,7 +236,7 @@ class SecretVault:
     def release(
         self, resolved: list[Resolved], *, session: str, service: str, measurement: str,
         serial: str, spiffe_id: str, recipient: ec.EllipticCurvePublicKey,
-        x509_ttl: timedelta, now: datetime,
+        signer: ec.EllipticCurvePrivateKey, x509_ttl: timedelta, now: datetime,
     ) -> dict[str, Any]:
         """The sealed envelope for the attest response, recorded in the release log first."""
         items = []
@@ -258,7 +258,10 @@ class SecretVault:
             raise MeshError(Reason.BODY_TOO_LARGE, f"service {service}'s secrets come to "
                             f"{len(plaintext)} bytes, more than an envelope holds "
                             f"({envelope.MAX_PLAINTEXT})")
-        sealed = envelope.seal(recipient, plaintext, envelope.context_for(spiffe_id, serial))
+        context = envelope.context_for(spiffe_id, serial)
+        sealed = envelope.seal(recipient, plaintext, context)
+        signature = signer.sign(envelope.signed_message(sealed, context),
+                                ec.ECDSA(hashes.SHA256()))
         names = [{"name": r.use.name, "from": f"{r.session}/{r.name}", "version": r.version}
                  for r in resolved]
         self._store.record_secret_release(SecretRelease(
@@ -267,7 +270,8 @@ class SecretVault:
         log.info("session %s: released secrets %s to %s/%s (serial %s, measurement %s)",
                  session, ",".join(r.use.name for r in resolved), session, service, serial,
                  measurement)
-        return {"media_type": envelope.MEDIA_TYPE, "envelope": base64.b64encode(sealed).decode()}
+        return {"media_type": envelope.MEDIA_TYPE, "envelope": base64.b64encode(sealed).decode(),
+                "signature": base64.b64encode(signature).decode()}
 
     def audit(self, session: str, limit: int = 1000) -> list[dict[str, Any]]:
         from meshshield.clock import rfc3339

@@ -20,10 +20,15 @@ HPKE-style, from `cryptography` primitives (ephemeral-static ECDH):
 the certificate issued with it), so an envelope replayed into another response or to
 another identity does not open. Any change to any byte fails authentication. The
 plaintext is at most MAX_PLAINTEXT bytes.
+
+Sealing to a public key needs no secret, so the CA that signed the certificate beside
+the envelope also signs `signed_message(envelope, context)`: a hop that terminates TLS
+can neither read the values nor put values of its own in their place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from cryptography.exceptions import InvalidTag
@@ -51,6 +56,13 @@ MEDIA_TYPE = "application/vnd.meshshield.secrets+json;v=1"
 def context_for(spiffe_id: str, serial: str) -> bytes:
     """What the CAS binds an envelope to: the certificate issued beside it."""
     return f"{spiffe_id}\n{serial}".encode()
+
+
+def signed_message(blob: bytes, context: bytes) -> bytes:
+    """What the CA that issued the certificate beside an envelope signs (ECDSA P-256,
+    SHA-256): anyone can seal to a public key, so the signature says the CAS did."""
+    return (b"meshshield secrets envelope signature/v1\n" + context + b"\n"
+            + hashlib.sha256(blob).digest())
 
 
 class EnvelopeError(MeshError):

@@ -41,7 +41,7 @@ from meshshield.pki.keys import generate_p256, spki_der
 from meshshield.sidecar.castrust import CasTrust
 from meshshield.sidecar.config import SidecarConfig
 from meshshield.sidecar.peercheck import TrustView
-from meshshield.sidecar.secrets import SecretFiles, open_released
+from meshshield.sidecar.secrets import SecretFiles, issuer_key, open_released
 from meshshield.tlsutil import load_chain_from_memory
 
 log = logging.getLogger("meshshield.sidecar")
@@ -339,8 +339,10 @@ class Identity:
     def _install(self, key: ec.EllipticCurvePrivateKey, resp: object) -> None:
         """Validate the whole answer, build the new contexts, then apply all at once."""
         answer = validate_answer(key, resp)
-        released = open_released(key, resp.get("secrets") if isinstance(resp, dict) else None,
-                                 answer.spiffe_id, answer.serial)
+        field = resp.get("secrets") if isinstance(resp, dict) else None
+        released = () if field is None else open_released(
+            key, field, answer.spiffe_id, answer.serial,
+            issuer_key(answer.leaf, answer.bundle_pem))
         if self.secret_files is not None:
             # Before the certificate is applied: an answer whose secrets cannot be
             # written is retried like any other failed renewal.

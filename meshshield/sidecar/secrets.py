@@ -22,10 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshshield.errors import MeshError, Reason
 from meshshield.pki import envelope
+from meshshield.pki.ca import load_pem_chain
 from meshshield.policy.model import ENV_NAME_PATTERN, FILE_NAME_PATTERN, SECRET_FILE_DIR
 
 log = logging.getLogger("meshshield.sidecar")
@@ -72,12 +76,13 @@ class ReleasedSecret:
 
 
 def open_released(key: ec.EllipticCurvePrivateKey, field: object, spiffe_id: str,
-                  serial: str) -> tuple[ReleasedSecret, ...]:
-    """The `secrets` field of an attest response, opened with the CSR's private key."""
+                  serial: str, issuer: ec.EllipticCurvePublicKey) -> tuple[ReleasedSecret, ...]:
+    """The `secrets` field of an attest response, checked against the key of the CA that
+    issued the answer's certificate (`issuer`), opened with the CSR's private key."""
     if field is None:
         return ()
-    if not isinstance(field, dict) or set(field) != {"media_type", "envelope"}:
-        raise _bad('"secrets" must be {"media_type", "envelope"}')
+    if not isinstance(field, dict) or set(field) != {"media_type", "envelope", "signature"}:
+        raise _bad('"secrets" must be {"media_type", "envelope", "signature"}')
     if field["media_type"] != MEDIA_TYPE:
         raise _bad(f"secrets media type {str(field['media_type'])[:80]!r}, expected "
                    f"{MEDIA_TYPE}")
@@ -85,12 +90,37 @@ def open_released(key: ec.EllipticCurvePrivateKey, field: object, spiffe_id: str
     if not isinstance(text, str) or len(text) > MAX_ENVELOPE_B64:
         raise _bad(f"secrets envelope must be base64 text of at most {MAX_ENVELOPE_B64} "
                    "characters")
+    signature = field["signature"]
+    if not isinstance(signature, str) or len(signature) > 256:
+        raise _bad("secrets signature must be base64 text of at most 256 characters")
     try:
         blob = base64.b64decode(text, validate=True)
+        sig = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
-        raise _bad("secrets envelope is not valid base64") from None
-    return parse_released(envelope.open_envelope(key, blob,
-                                                 envelope.context_for(spiffe_id, serial)))
+        raise _bad("secrets envelope or signature is not valid base64") from None
+    context = envelope.context_for(spiffe_id, serial)
+    try:
+        issuer.verify(sig, envelope.signed_message(blob, context), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise _bad("secrets envelope is not signed by the CA that issued the certificate "
+                   "beside it: it was replaced on the way") from None
+    return parse_released(envelope.open_envelope(key, blob, context))
+
+
+def issuer_key(leaf: x509.Certificate, bundle_pem: str) -> ec.EllipticCurvePublicKey:
+    """The public key of the CA in `bundle_pem` that signed `leaf`."""
+    for ca in load_pem_chain(bundle_pem):
+        if ca.subject != leaf.issuer:
+            continue
+        try:
+            leaf.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        public = ca.public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            return public
+    raise _bad("no CA of the bundle issued the certificate, so the secrets beside it "
+               "cannot be checked")
 
 
 def parse_released(plaintext: bytes) -> tuple[ReleasedSecret, ...]:

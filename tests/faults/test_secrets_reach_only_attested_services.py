@@ -35,7 +35,9 @@ with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="meshshield",
                      sslmode="disable", connect_timeout=10) as conn:
     print("logged in as", conn.execute("SELECT current_user").fetchone()[0])
 """
-DUMP = "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps(dict(os.environ)))"
+# The program's environment as it was given, raw: NAME=VALUE entries separated by NUL.
+DUMP = ("import os, sys; open(sys.argv[1], 'wb').write(b'\\0'.join("
+        "k + b'=' + v for k, v in os.environb.items()))")
 
 
 def shop_policy(db_m: str, reader: str) -> str:
@@ -95,10 +97,13 @@ class World:
     def env_of(self, session: str, service: str, workload: Path, **kw: object
                ) -> tuple[subprocess.CompletedProcess[str], dict[str, str] | None]:
         """What a program started by `meshshield run` was given (None: never started)."""
-        out = self.root / f"env-{os.urandom(4).hex()}.json"
+        out = self.root / f"env-{os.urandom(4).hex()}"
         r = run_cli("run", *self.run_flags(session, service, workload, **kw),  # type: ignore[arg-type]
                     "--", sys.executable, "-c", DUMP, str(out))
-        return r, (json.loads(out.read_text()) if out.exists() else None)
+        if not out.exists():
+            return r, None
+        entries = (e.partition(b"=") for e in out.read_bytes().split(b"\0"))
+        return r, {k.decode(): v.decode() for k, _, v in entries}
 
 
 @pytest.fixture
@@ -266,8 +271,10 @@ def test_secrets_reach_only_attested_services_and_nothing_else_holds_them(
     dumps = [p for p in files if p.name.startswith("env-")]
     assert any(password.encode() in p.read_bytes() for p in dumps)  # the search finds it
     for value in (password, rotated, uploaded):
+        forms = {value.encode(), json.dumps(value)[1:-1].encode()}  # as is, JSON-escaped
         for path in files:
             if path.name.startswith("env-") or path == value_file:
                 continue  # what the test's own programs wrote, and the upload's source
-            assert value.encode() not in path.read_bytes(), f"{value!r} found in {path}"
-        assert value.encode() not in stdout_text
+            data = path.read_bytes()
+            assert not any(f in data for f in forms), f"{value!r} found in {path}"
+        assert not any(f in stdout_text for f in forms)

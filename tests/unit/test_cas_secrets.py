@@ -22,7 +22,7 @@ from meshshield.clock import FixedClock
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.keys import generate_p256
 from meshshield.policy import PolicyInvalid
-from meshshield.sidecar.secrets import ReleasedSecret, open_released
+from meshshield.sidecar.secrets import ReleasedSecret, issuer_key, open_released
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 ADMIN = "a" * 64
@@ -72,6 +72,13 @@ secrets:
 """.encode()
 
 
+def open_answer(key: ec.EllipticCurvePrivateKey, out: dict[str, object],
+                serial: str | None = None) -> tuple[ReleasedSecret, ...]:
+    leaf = x509.load_pem_x509_certificate(str(out["certificate"]).encode())
+    return open_released(key, out.get("secrets"), str(out["spiffe_id"]),
+                         serial or str(out["serial"]), issuer_key(leaf, str(out["bundle"])))
+
+
 class World:
     def __init__(self, root: Path, location: str | None) -> None:
         self.root = root
@@ -105,8 +112,7 @@ class World:
         req = AttestRequest(session, service, "sim", (str(self.root / app),),
                             self.root / "sim" / "sim-platform.key")
         out = self.cas.attest(build_attest_body(req, key, self.cas.new_nonce()["nonce"]))
-        got = open_released(key, out.get("secrets"), str(out["spiffe_id"]), str(out["serial"]))
-        return out, got
+        return out, open_answer(key, out)
 
 
 @pytest.fixture
@@ -320,7 +326,39 @@ def test_an_envelope_opens_only_with_the_attested_key(world: World) -> None:
     out = world.cas.attest(build_attest_body(req, key, world.cas.new_nonce()["nonce"]))
     other = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(MeshError) as e:
-        open_released(other, out["secrets"], str(out["spiffe_id"]), str(out["serial"]))
+        open_answer(other, out)
     assert e.value.reason is Reason.SECRETS_ENVELOPE_INVALID
-    with pytest.raises(MeshError):  # bound to the certificate issued with it
-        open_released(key, out["secrets"], str(out["spiffe_id"]), "1234")
+    with pytest.raises(MeshError, match="not signed by the CA"):  # bound to its certificate
+        open_answer(key, out, serial="1234")
+    assert {s.name for s in open_answer(key, out)} == {"db-password", "salt", "tls"}
+
+
+def test_values_sealed_to_the_key_by_someone_else_are_refused(world: World) -> None:
+    """A hop that terminates TLS can seal values of its own to the CSR's public key (that
+    needs no secret), but cannot sign them as the CA that issued the certificate."""
+    import base64
+    import json as _json
+
+    from meshshield.pki import envelope
+
+    key = generate_p256()
+    req = AttestRequest("shop", "db", "sim", (str(world.root / "app"),),
+                        world.root / "sim" / "sim-platform.key")
+    out = world.cas.attest(build_attest_body(req, key, world.cas.new_nonce()["nonce"]))
+    forged_plain = _json.dumps({"secrets": [{"name": "db-password", "kind": "ascii",
+                                             "version": 1, "value": "ZXZpbA==",
+                                             "env": "DB_PASSWORD"}]}).encode()
+    context = envelope.context_for(str(out["spiffe_id"]), str(out["serial"]))
+    forged = envelope.seal(key.public_key(), forged_plain, context)
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    from cryptography.hazmat.primitives import hashes
+
+    signature = attacker.sign(envelope.signed_message(forged, context),
+                              ec.ECDSA(hashes.SHA256()))
+    secrets_field = dict(out["secrets"])  # type: ignore[call-overload]
+    for sig in (secrets_field["signature"], base64.b64encode(signature).decode()):
+        tampered = {**out, "secrets": {**secrets_field,
+                                       "envelope": base64.b64encode(forged).decode(),
+                                       "signature": sig}}
+        with pytest.raises(MeshError, match="not signed by the CA"):
+            open_answer(key, tampered)

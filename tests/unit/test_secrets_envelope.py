@@ -7,6 +7,7 @@ import base64
 import json
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -131,18 +132,46 @@ def test_malformed_releases_are_refused(data: bytes, message: str) -> None:
     assert message in e.value.message
 
 
+CA_KEY = ec.generate_private_key(ec.SECP256R1())
+M = envelope.MEDIA_TYPE
+
+
+def signed_field(plaintext: bytes, signer: ec.EllipticCurvePrivateKey = CA_KEY
+                 ) -> dict[str, str]:
+    blob = seal(KEY.public_key(), plaintext, CTX)
+    sig = signer.sign(envelope.signed_message(blob, CTX), ec.ECDSA(hashes.SHA256()))
+    return {"media_type": M, "envelope": base64.b64encode(blob).decode(),
+            "signature": base64.b64encode(sig).decode()}
+
+
 @pytest.mark.parametrize(("field", "message"), [
-    ("text", 'must be {"media_type", "envelope"}'),
-    ({"media_type": "text/plain", "envelope": ""}, "secrets media type"),
-    ({"media_type": envelope.MEDIA_TYPE, "envelope": 5}, "base64 text of at most"),
-    ({"media_type": envelope.MEDIA_TYPE, "envelope": "A" * (4 * 1024 * 1024)},
+    ("text", 'must be {"media_type", "envelope", "signature"}'),
+    ({"media_type": M, "envelope": ""}, 'must be {"media_type", "envelope", "signature"}'),
+    ({"media_type": "text/plain", "envelope": "", "signature": ""}, "secrets media type"),
+    ({"media_type": M, "envelope": 5, "signature": ""}, "base64 text of at most"),
+    ({"media_type": M, "envelope": "A" * (4 * 1024 * 1024), "signature": ""},
      "base64 text of at most"),
-    ({"media_type": envelope.MEDIA_TYPE, "envelope": "!!"}, "not valid base64"),
+    ({"media_type": M, "envelope": "AAAA", "signature": 7}, "signature must be base64"),
+    ({"media_type": M, "envelope": "AAAA", "signature": "A" * 300},
+     "signature must be base64"),
+    ({"media_type": M, "envelope": "!!", "signature": ""}, "not valid base64"),
+    ({"media_type": M, "envelope": "AAAA", "signature": "AAAA"}, "not signed by the CA"),
 ])
 def test_malformed_response_fields_are_refused(field: object, message: str) -> None:
     with pytest.raises(MeshError) as e:
-        open_released(KEY, field, "spiffe://d/shop/db", "0a1b")
+        open_released(KEY, field, "spiffe://d/shop/db", "0a1b", CA_KEY.public_key())
     assert message in e.value.message
+
+
+def test_a_signed_envelope_opens_and_one_signed_by_another_key_does_not() -> None:
+    good = signed_field(doc(GOOD))
+    (s,) = open_released(KEY, good, "spiffe://d/shop/db", "0a1b", CA_KEY.public_key())
+    assert s.value == b"pw"
+    forged = signed_field(doc(GOOD), ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(MeshError, match="not signed by the CA"):
+        open_released(KEY, forged, "spiffe://d/shop/db", "0a1b", CA_KEY.public_key())
+    with pytest.raises(MeshError, match="not signed by the CA"):  # another certificate
+        open_released(KEY, good, "spiffe://d/shop/db", "0a1c", CA_KEY.public_key())
 
 
 @SETTINGS
