@@ -159,7 +159,7 @@ class Authority:
         self.clock = config.clock
         self.ca = CaState(store, config.kek, config.trust_domain)
         self.jwt = JwtAuthority(store, config.kek)
-        self.secrets = SecretVault(store, config.kek, config.trust_domain)
+        self.secrets = SecretVault(store, self.key_encryption_key(), config.trust_domain)
         collateral = load_collateral(config.collateral_dir) if config.collateral_dir else None
         self.verifier = VerifierConfig(
             sim_platform_keys=config.sim_platform_keys, collateral=collateral

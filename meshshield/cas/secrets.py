@@ -1,8 +1,8 @@
 """The CAS's secrets: made once, stored sealed, released only to a service just attested.
 
 Values live in the store's `secrets` table sealed under the *secrets key*, derived with
-HKDF from the CAS's key-encryption key (`key_encryption_key`) under a label of its own,
-so a secrets blob and a sealed CA key never share a key. Each blob is bound to its
+HKDF from the CAS's key-encryption key (`Authority.key_encryption_key()`) under a label
+of its own, so a secrets blob and a sealed CA key never share a key. Each blob is bound to its
 session, name and kind (AES-256-GCM associated data): a blob copied onto another row
 does not open.
 
@@ -55,16 +55,10 @@ CA_NAME = ".ca"  # the session's x509 secrets CA (not a policy name: those have 
 X509_CA_DAYS = 3650
 
 
-def key_encryption_key(kek: bytes) -> bytes:
-    """The KEK the secrets key comes from. One place to repoint when the KEK's source
-    changes (sealed to the TEE, recovered from peers)."""
-    return kek
-
-
 def secrets_key(kek: bytes) -> bytes:
     """The AES-256 key values are sealed under: HKDF-SHA256 of the KEK, a label of its own."""
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SECRETS_KEY_INFO)
-    return hkdf.derive(key_encryption_key(kek))
+    return hkdf.derive(kek)
 
 
 def _aad(session: str, name: str, kind: str) -> bytes:
