@@ -30,8 +30,7 @@ READER = "b" * 64
 KEK = b"k" * 32
 
 
-def shop_policy(m: str, predecessor: str | None = None, tampered_ok: bool = False) -> bytes:
-    del tampered_ok
+def shop_policy(m: str, predecessor: str | None = None) -> bytes:
     return f"""name: shop
 version: "1"
 predecessor: {predecessor or "null"}
