@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    """Pids whose environment holds `marker`: the demo's descendants inherit it, so
+    this finds what this run left behind and nothing another run on the machine owns."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker in env.split(b"\0"):
+            found.append(int(d.name))
+    return found
 
 
 def test_demo_runs_every_step_and_cleans_up() -> None:
     before = set(Path(tempfile.gettempdir()).glob("meshshield-demo-*"))
     shm_before = set(Path("/dev/shm").glob("meshshield-demo-*"))
+    tag = f"MESHSHIELD_DEMO_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
     r = subprocess.run([sys.executable, "-m", "meshshield.cli", "demo"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "SIMULATED" in out
@@ -33,5 +53,4 @@ def test_demo_runs_every_step_and_cleans_up() -> None:
     assert after <= before, f"left behind: {after - before}"
     first = re.search(r"first request through the mesh after ([0-9.]+) s", out)
     assert first is not None
-    leftover = subprocess.run(["pgrep", "-f", "meshshield-demo-"], capture_output=True)
-    assert leftover.returncode == 1, leftover.stdout
+    assert _processes_with(tag.encode()) == [], "the demo left processes running"
