@@ -1356,7 +1356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sds", metavar="unix:///PATH",
                    help="serve Envoy's Secret Discovery Service on this unix socket")
     p.add_argument("--dataplane", choices=["python", "native"],
-                   help="who carries the bytes: the asyncio relay (default) or the Rust one")
+                   help="who carries the bytes: the Rust relay (default) or the asyncio "
+                        "one (where the extension meshshield._native is not built)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="threads of the native data plane (default 2)")
     p.add_argument("--secrets-dir", metavar="DIR",

@@ -77,9 +77,9 @@ class SidecarConfig:
     # (sidecar/castrust.py); sim evidence of it verifies against these public keys.
     cas_expect: Path | None = None
     cas_trust_sim_platform: tuple[Path, ...] = ()
-    # Who carries the bytes: the asyncio relay ("python") or the Rust one ("native",
-    # meshshield._native), on `workers` threads.
-    dataplane: str = "python"
+    # Who carries the bytes: the Rust relay ("native", meshshield._native, the default)
+    # on `workers` threads, or the asyncio one ("python", where the extension is not built).
+    dataplane: str = "native"
     workers: int = 2
     # Where file secrets are written for the app (sidecar/secrets.py): a memory-backed
     # folder, unless `secrets_dir_on_disk` says this is a development machine.
@@ -218,7 +218,7 @@ def build_config(values: Mapping[str, Any]) -> SidecarConfig:
     if dup:
         raise ConfigError(f"listen address used by two routes: {sorted(dup)}")
     health = values.get("health_listen")
-    dataplane = str(values.get("dataplane") or "python")
+    dataplane = str(values.get("dataplane") or "native")
     if dataplane not in DATAPLANES:
         raise ConfigError(f"--dataplane {dataplane!r}: one of {', '.join(DATAPLANES)}")
     workers = _count(values, "workers", 2)

@@ -1,4 +1,4 @@
-"""The native data plane's Python side (`--dataplane native`).
+"""The native data plane's Python side (`--dataplane native`, the default).
 
 Rust (`meshshield._native`, built from native/) owns the listeners, mutual TLS 1.3, the
 relay and its bounds for the connections it carries; everything that decides trust
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshshield.sidecar")
 
+# How long a drained connection may take to end cleanly (the plane's relay::DRAIN_GRACE),
+# and a little more for its event to arrive.
+_DRAIN_GRACE = 1.5
+
 # Ways a connection ends that the plane's own timers decide.
 _BOUNDS = {"certificate_expired", "idle_timeout", "max_connection_lifetime"}
 
@@ -44,8 +48,9 @@ def load_dataplane() -> type[DataPlane]:
         from meshshield._native import DataPlane
     except ImportError as e:
         raise MeshError(Reason.BAD_REQUEST,
-                        f"--dataplane native: the extension meshshield._native is not built "
-                        f"({e}); reinstall meshshield (`make install` builds it with cargo)"
+                        f"--dataplane native (the default): the extension meshshield._native "
+                        f"is not built ({e}); reinstall meshshield (`make install` builds it "
+                        "with cargo), or run the asyncio relay with --dataplane python"
                         ) from None
     return DataPlane
 
@@ -125,12 +130,20 @@ class NativePlane:
         self.plane.stop_accepting()
 
     async def drain(self) -> None:
-        """Until the native connections have ended; when cut short, reset the rest."""
+        """Until the native connections have ended. When cut short (--drain-timeout),
+        each one still open is ended gracefully (both directions end cleanly, within the
+        plane's grace of 1 s), then whatever is left is reset."""
         try:
             while self.proxy.registry.live:
                 await asyncio.sleep(0.05)
         finally:
-            self.plane.close_all()
+            self.plane.drain_all()
+            try:
+                deadline = time.monotonic() + _DRAIN_GRACE
+                while self.proxy.registry.live and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            finally:
+                self.plane.close_all()
 
     def _push_identity(self) -> None:
         identity = self.proxy.identity
@@ -230,15 +243,17 @@ class NativePlane:
             proxy._refuse(direction, self._local(direction, route), str(peer),
                           handshake_error(str(why), str(detail), str(peer)))
         elif kind == "counted":
-            _, direction, reason = event
+            # Closes coalesced by direction and reason (a flood is one event).
+            _, direction, reason, count = event
+            assert isinstance(count, int)
             if reason == "tls_handshake_failed":
                 # A TCP probe or port scan: counted, the refusal list is for peers.
-                proxy.metrics.refused.labels(str(direction), str(reason)).inc()
+                proxy.metrics.refused.labels(str(direction), str(reason)).inc(count)
             else:
                 proxy._over_budget(str(direction), MeshError(
                     Reason(str(reason)),
                     f"{direction} connections over budget (--max-connections, "
-                    "--max-handshakes, --max-handshakes-per-source)"))
+                    "--max-handshakes, --max-handshakes-per-source)"), count)
         elif kind == "ended":
             _, conn_id, ending, detail, bytes_in, bytes_out = event
             assert isinstance(conn_id, int)

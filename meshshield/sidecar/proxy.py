@@ -192,10 +192,11 @@ class Proxy:
 
         self.accept_tasks.append(asyncio.ensure_future(loop_accept()))
 
-    def _over_budget(self, direction: str, err: MeshError) -> None:
-        """Count a connection closed at once for want of budget; log it at most every
-        10 s per direction and reason (a flood must not become a flood of log lines)."""
-        self.metrics.refused.labels(direction, err.reason.value).inc()
+    def _over_budget(self, direction: str, err: MeshError, count: int = 1) -> None:
+        """Count `count` connections closed at once for want of budget; log it at most
+        every 10 s per direction and reason (a flood must not become a flood of log
+        lines)."""
+        self.metrics.refused.labels(direction, err.reason.value).inc(count)
         now = time.monotonic()
         key = (direction, err.reason.value)
         if now - self._over_budget_logged.get(key, -1e9) >= 10.0:

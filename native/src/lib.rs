@@ -168,6 +168,16 @@ impl DataPlane {
         self.plane.close_all();
     }
 
+    /// End one live connection gracefully (clean ends both ways within a grace of 1 s,
+    /// else a reset); False if it is not live.
+    fn drain(&self, id: u64) -> bool {
+        self.plane.drain(id)
+    }
+
+    fn drain_all(&self) {
+        self.plane.drain_all();
+    }
+
     /// (bytes_in, bytes_out) of a live connection.
     fn bytes(&self, id: u64) -> Option<(u64, u64)> {
         self.plane.bytes(id)
@@ -176,6 +186,11 @@ impl DataPlane {
     /// (id, bytes_in, bytes_out) of every live connection.
     fn live(&self) -> Vec<(u64, u64, u64)> {
         self.plane.live()
+    }
+
+    /// Events waiting to be taken.
+    fn events_waiting(&self) -> usize {
+        self.plane.events_waiting()
     }
 
     fn handshakes_in_progress(&self, direction_: &str) -> PyResult<usize> {
@@ -191,9 +206,10 @@ impl DataPlane {
         )
     }
 
-    /// Every event since the last call, oldest first, as tuples:
+    /// Every event since the last call, oldest first, as tuples (taking them gives back
+    /// the budget slots they held: see `plane::Event`):
     /// ("refused", direction, route, peer, kind, detail),
-    /// ("counted", direction, reason),
+    /// ("counted", direction, reason, count): closes coalesced by direction and reason,
     /// ("ended", id, ending, detail, bytes_in, bytes_out),
     /// ("unreachable", id, detail).
     fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
@@ -203,8 +219,8 @@ impl DataPlane {
                 Event::Refused { direction, route, peer, kind, detail } => {
                     ("refused", direction.as_str(), route, peer, kind, detail).into_pyobject(py)?.into_any()
                 }
-                Event::Counted { direction, reason } => {
-                    ("counted", direction.as_str(), reason).into_pyobject(py)?.into_any()
+                Event::Counted { direction, reason, count } => {
+                    ("counted", direction.as_str(), reason, count).into_pyobject(py)?.into_any()
                 }
                 Event::Ended { id, ending, detail, bytes_in, bytes_out } => {
                     ("ended", id, ending.as_str(), detail, bytes_in, bytes_out)

@@ -5,7 +5,7 @@
 //! asks Python's peer check once per handshake, and reports what happened (refusals,
 //! ended connections, counts) as events Python drains when woken through a socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
@@ -79,6 +79,13 @@ pub enum Verdict {
 pub type Checker = Box<dyn Fn(CheckRequest) -> Verdict + Send + Sync>;
 
 /// What Python learns of, in order.
+///
+/// The queue Python drains is bounded without dropping anything: each refusal, ended
+/// or unreachable event holds its connection's budget slot (handshake or established)
+/// until Python has taken it, so at most `max_handshakes + max_connections` of them
+/// wait per direction. While Python does not drain, the budgets fill and new
+/// connections are closed at once, which is counted (`Counted`, one entry per direction
+/// and reason however many: a flood coalesces) and reported when Python drains again.
 #[derive(Debug)]
 pub enum Event {
     /// A handshake or connect that failed before the peer check.
@@ -89,10 +96,11 @@ pub enum Event {
         kind: &'static str,
         detail: String,
     },
-    /// Closed at once and counted only (probes, budgets).
+    /// `count` connections closed at once and counted only (probes, budgets).
     Counted {
         direction: Direction,
         reason: &'static str,
+        count: u64,
     },
     /// A connection that passed the peer check has ended.
     Ended {
@@ -108,6 +116,21 @@ pub enum Event {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The events waiting for Python (see `Event` for why they are bounded).
+#[derive(Default)]
+struct Events {
+    /// Each with the slot it gives back once Python has taken it.
+    queue: VecDeque<(Event, Option<Slot>)>,
+    /// Closes counted only, coalesced by direction and reason.
+    counted: Vec<(Direction, &'static str, u64)>,
+}
+
+impl Events {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.counted.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -129,7 +152,7 @@ struct Shared {
     tls: RwLock<Option<Arc<Tls>>>,
     conns: Mutex<HashMap<u64, Arc<Control>>>,
     next_id: AtomicU64,
-    events: Mutex<Vec<Event>>,
+    events: Mutex<Events>,
     wake: UnixStream,
     checker: Checker,
     budgets: [Mutex<BudgetState>; 2],
@@ -208,25 +231,45 @@ impl Drop for Slot {
 }
 
 impl Shared {
-    fn event(&self, e: Event) {
+    /// Queue `e` for Python, holding `slot` until Python has taken it.
+    fn event(&self, e: Event, slot: Option<Slot>) {
         let mut q = lock(&self.events);
         let was_empty = q.is_empty();
-        q.push(e);
+        q.queue.push_back((e, slot));
         drop(q);
+        self.wake_if(was_empty);
+    }
+
+    /// One connection closed at once and counted only.
+    fn counted(&self, direction: Direction, reason: &'static str) {
+        let mut q = lock(&self.events);
+        let was_empty = q.is_empty();
+        match q.counted.iter_mut().find(|(d, r, _)| *d == direction && *r == reason) {
+            Some(entry) => entry.2 += 1,
+            None => q.counted.push((direction, reason, 1)),
+        }
+        drop(q);
+        self.wake_if(was_empty);
+    }
+
+    fn wake_if(&self, was_empty: bool) {
         if was_empty {
             // A full socket already holds a wake-up; Python drains the whole queue.
             let _ = (&self.wake).write(&[1]);
         }
     }
 
-    fn refused(&self, route: &Route, peer: String, kind: &'static str, detail: String) {
-        self.event(Event::Refused {
-            direction: route.direction,
-            route: route.index,
-            peer,
-            kind,
-            detail,
-        });
+    fn refused(&self, route: &Route, peer: String, kind: &'static str, detail: String, slot: Slot) {
+        self.event(
+            Event::Refused {
+                direction: route.direction,
+                route: route.index,
+                peer,
+                kind,
+                detail,
+            },
+            Some(slot),
+        );
     }
 
     fn tls(&self) -> Option<Arc<Tls>> {
@@ -249,16 +292,19 @@ impl Shared {
         lock(&self.conns).remove(&id);
     }
 
-    fn finish(&self, id: u64, ending: Ending, detail: String) {
+    fn finish(&self, id: u64, ending: Ending, detail: String, slot: Slot) {
         let ctl = lock(&self.conns).remove(&id);
         let (bytes_in, bytes_out) = ctl.map(|c| c.bytes()).unwrap_or((0, 0));
-        self.event(Event::Ended {
-            id,
-            ending,
-            detail,
-            bytes_in,
-            bytes_out,
-        });
+        self.event(
+            Event::Ended {
+                id,
+                ending,
+                detail,
+                bytes_in,
+                bytes_out,
+            },
+            Some(slot),
+        );
     }
 
     fn bounds(&self, expires_in: Duration) -> Bounds {
@@ -297,7 +343,7 @@ impl Plane {
             tls: RwLock::new(None),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(Events::default()),
             wake,
             checker,
             budgets: [Mutex::default(), Mutex::default()],
@@ -354,6 +400,24 @@ impl Plane {
         }
     }
 
+    /// End one live connection gracefully (each direction ends cleanly, within
+    /// `relay::DRAIN_GRACE`, else it is reset); false if it is not live.
+    pub fn drain(&self, id: u64) -> bool {
+        match lock(&self.shared.conns).get(&id) {
+            Some(ctl) => {
+                ctl.drain.ask();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn drain_all(&self) {
+        for ctl in lock(&self.shared.conns).values() {
+            ctl.drain.ask();
+        }
+    }
+
     pub fn close_all(&self) {
         for ctl in lock(&self.shared.conns).values() {
             ctl.abort.notify_one();
@@ -378,8 +442,24 @@ impl Plane {
         lock(&self.shared.budgets[direction.index()]).handshakes
     }
 
+    /// Every waiting event, oldest first (the counted closes last); the budget slots
+    /// they held are given back.
     pub fn take_events(&self) -> Vec<Event> {
-        std::mem::take(&mut *lock(&self.shared.events))
+        let Events { queue, counted } = std::mem::take(&mut *lock(&self.shared.events));
+        let mut out = Vec::with_capacity(queue.len() + counted.len());
+        for (event, slot) in queue {
+            out.push(event);
+            drop(slot);
+        }
+        for (direction, reason, count) in counted {
+            out.push(Event::Counted { direction, reason, count });
+        }
+        out
+    }
+
+    /// Events waiting for Python (refusals, ended and unreachable connections).
+    pub fn events_waiting(&self) -> usize {
+        lock(&self.shared.events).queue.len()
     }
 }
 
@@ -399,10 +479,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, route: Arc<Rout
             Ok(slot) => slot,
             Err(reason) => {
                 reset_on_close(&tcp);
-                shared.event(Event::Counted {
-                    direction: route.direction,
-                    reason,
-                });
+                shared.counted(route.direction, reason);
                 continue;
             }
         };
@@ -482,38 +559,34 @@ async fn inbound(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, route: A
     match timeout_at(deadline, tcp.peek(&mut probe)).await {
         Err(_) => {
             reset_on_close(&tcp);
-            return shared.refused(&route, peer, HandshakeFailure::Timeout.as_str(), timed_out());
+            return shared.refused(&route, peer, HandshakeFailure::Timeout.as_str(), timed_out(), slot);
         }
         Ok(Ok(0)) | Ok(Err(_)) => {
             // A TCP probe or port scan: counted, but the refusal list is for peers.
             reset_on_close(&tcp);
-            return shared.event(Event::Counted {
-                direction: Direction::Inbound,
-                reason: "tls_handshake_failed",
-            });
+            return shared.counted(Direction::Inbound, "tls_handshake_failed");
         }
         Ok(Ok(_)) => {}
     }
     let accept = TlsAcceptor::from(tls.server.clone()).accept(tcp).into_fallible();
     let stream = match timeout_at(deadline, accept).await {
-        Err(_) => return shared.refused(&route, peer, HandshakeFailure::Timeout.as_str(), timed_out()),
+        Err(_) => {
+            return shared.refused(&route, peer, HandshakeFailure::Timeout.as_str(), timed_out(), slot)
+        }
         Ok(Err((e, tcp))) => {
             reset_on_close(&tcp);
-            return shared.refused(&route, peer, classify(&e).as_str(), e.to_string());
+            return shared.refused(&route, peer, classify(&e).as_str(), e.to_string(), slot);
         }
         Ok(Ok(stream)) => stream,
     };
     let (der, cipher) = peer_of(stream.get_ref().1);
     let Some(der) = der else {
         reset_on_close(stream.get_ref().0);
-        return shared.refused(&route, peer, HandshakeFailure::Missing.as_str(), String::new());
+        return shared.refused(&route, peer, HandshakeFailure::Missing.as_str(), String::new(), slot);
     };
     if !slot.establish() {
         reset_on_close(stream.get_ref().0);
-        return shared.event(Event::Counted {
-            direction: Direction::Inbound,
-            reason: "over_connection_budget",
-        });
+        return shared.counted(Direction::Inbound, "over_connection_budget");
     }
     let (id, ctl) = shared.register();
     let req = CheckRequest {
@@ -533,16 +606,13 @@ async fn inbound(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, route: A
         Err(e) => {
             reset_on_close(stream.get_ref().0);
             shared.unregister(id);
-            return shared.event(Event::Unreachable {
-                id,
-                detail: format!("app at {} unreachable: {e}", route.target),
-            });
+            let detail = format!("app at {} unreachable: {e}", route.target);
+            return shared.event(Event::Unreachable { id, detail }, Some(slot));
         }
     };
     let bounds = shared.bounds(expires_in);
     let (ending, detail) = relay::run(tokio_rustls::TlsStream::Server(stream), app, &ctl, bounds).await;
-    shared.finish(id, ending, detail);
-    drop(slot);
+    shared.finish(id, ending, detail, slot);
 }
 
 async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut slot: Slot) {
@@ -550,13 +620,13 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
     let target = route.target.clone();
     let Some(tls) = shared.tls() else {
         reset_on_close(&app);
-        return shared.refused(&route, target, "no_identity", String::new());
+        return shared.refused(&route, target, "no_identity", String::new(), slot);
     };
     let raw = match connect(&target, shared.limits.connect_timeout).await {
         Ok(raw) => raw,
         Err(e) => {
             reset_on_close(&app);
-            return shared.refused(&route, target, "connect", e.to_string());
+            return shared.refused(&route, target, "connect", e.to_string(), slot);
         }
     };
     let deadline = Instant::now() + shared.limits.handshake_timeout;
@@ -566,13 +636,13 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
     let stream = match timeout_at(deadline, handshake).await {
         Err(_) => {
             reset_on_close(&app);
-            return shared.refused(&route, target, HandshakeFailure::Timeout.as_str(),
-                                  "TLS handshake timed out".into());
+            let detail = "TLS handshake timed out".to_string();
+            return shared.refused(&route, target, HandshakeFailure::Timeout.as_str(), detail, slot);
         }
         Ok(Err((e, raw))) => {
             reset_on_close(&raw);
             reset_on_close(&app);
-            return shared.refused(&route, target, classify(&e).as_str(), e.to_string());
+            return shared.refused(&route, target, classify(&e).as_str(), e.to_string(), slot);
         }
         Ok(Ok(stream)) => stream,
     };
@@ -583,14 +653,11 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
     };
     let Some(der) = der else {
         refuse(&stream);
-        return shared.refused(&route, target, HandshakeFailure::Missing.as_str(), String::new());
+        return shared.refused(&route, target, HandshakeFailure::Missing.as_str(), String::new(), slot);
     };
     if !slot.establish() {
         refuse(&stream);
-        return shared.event(Event::Counted {
-            direction: Direction::Outbound,
-            reason: "over_connection_budget",
-        });
+        return shared.counted(Direction::Outbound, "over_connection_budget");
     }
     let (id, ctl) = shared.register();
     let req = CheckRequest {
@@ -606,6 +673,5 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
     };
     let bounds = shared.bounds(expires_in);
     let (ending, detail) = relay::run(tokio_rustls::TlsStream::Client(stream), app, &ctl, bounds).await;
-    shared.finish(id, ending, detail);
-    drop(slot);
+    shared.finish(id, ending, detail, slot);
 }

@@ -11,12 +11,15 @@
 //! - a TCP FIN on the mesh side without close_notify is truncation: both sides reset;
 //! - a TLS error after the handshake resets both sides;
 //! - an abort on command, the peer certificate's expiry, the idle timeout and the
-//!   connection lifetime reset both sides.
+//!   connection lifetime reset both sides;
+//! - a drain (shutdown) ends it gracefully: each direction stops reading, writes what it
+//!   holds and ends cleanly (FIN; close_notify then FIN); what has not ended within
+//!   `DRAIN_GRACE` is reset.
 //!
 //! The first way a connection ends is the one it keeps.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,6 +39,8 @@ const FIRST_CHUNK: usize = 4 * 1024;
 const IDLE_SAMPLES: u32 = 4;
 /// A timer that never fires in practice (about 30 years).
 const FAR: Duration = Duration::from_secs(1 << 30);
+/// How long a drained connection may take to end both directions cleanly.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -47,6 +52,7 @@ pub enum Ending {
     CertificateExpired,
     IdleTimeout,
     MaxConnectionLifetime,
+    Drained,
 }
 
 impl Ending {
@@ -60,6 +66,7 @@ impl Ending {
             Ending::CertificateExpired => "certificate_expired",
             Ending::IdleTimeout => "idle_timeout",
             Ending::MaxConnectionLifetime => "max_connection_lifetime",
+            Ending::Drained => "drained",
         }
     }
 }
@@ -72,6 +79,33 @@ pub struct Control {
     /// From the app towards the mesh peer.
     pub bytes_out: AtomicU64,
     pub abort: Notify,
+    pub drain: Drain,
+}
+
+/// A graceful end asked of a connection (see the module's rules).
+#[derive(Default)]
+pub struct Drain {
+    asked: AtomicBool,
+    notify: Notify,
+}
+
+impl Drain {
+    pub fn ask(&self) {
+        self.asked.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Ready once a drain was asked (before or after the call).
+    async fn asked(&self) {
+        loop {
+            // Created before the check: a notify_waiters in between still wakes it.
+            let woken = self.notify.notified();
+            if self.asked.load(Ordering::SeqCst) {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 impl Control {
@@ -145,15 +179,20 @@ fn mesh_read_error(e: &io::Error) -> Dir {
     Dir::End(Ending::Reset, format!("mesh side: {e}"))
 }
 
-/// The peer's bytes to the app; a close_notify becomes the app's FIN.
-async fn mesh_to_app<R, W>(mesh: &mut R, app: &mut W, count: &AtomicU64) -> Dir
+/// The peer's bytes to the app; a close_notify (or a drain) becomes the app's FIN.
+async fn mesh_to_app<R, W>(mesh: &mut R, app: &mut W, count: &AtomicU64, drain: &Drain) -> Dir
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let (mut buf, mut n) = (Vec::new(), 0);
     loop {
-        n = match read_growing(mesh, &mut buf, n).await {
+        let read = tokio::select! {
+            biased;
+            _ = drain.asked() => break,
+            r = read_growing(mesh, &mut buf, n) => r,
+        };
+        n = match read {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) => return mesh_read_error(&e),
@@ -169,15 +208,20 @@ where
     }
 }
 
-/// The app's bytes to the peer; the app's FIN becomes close_notify then FIN.
-async fn app_to_mesh<R, W>(app: &mut R, mesh: &mut W, count: &AtomicU64) -> Dir
+/// The app's bytes to the peer; the app's FIN (or a drain) becomes close_notify then FIN.
+async fn app_to_mesh<R, W>(app: &mut R, mesh: &mut W, count: &AtomicU64, drain: &Drain) -> Dir
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let (mut buf, mut n) = (Vec::new(), 0);
     loop {
-        n = match read_growing(app, &mut buf, n).await {
+        let read = tokio::select! {
+            biased;
+            _ = drain.asked() => break,
+            r = read_growing(app, &mut buf, n) => r,
+        };
+        n = match read {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) => return Dir::End(Ending::Reset, format!("app side: {e}")),
@@ -206,27 +250,38 @@ where
     let (mut mesh_r, mut mesh_w) = tokio::io::split(mesh);
     let (mut app_r, mut app_w) = app.into_split();
     let (ending, detail) = {
-        let down = mesh_to_app(&mut mesh_r, &mut app_w, &ctl.bytes_in);
-        let up = app_to_mesh(&mut app_r, &mut mesh_w, &ctl.bytes_out);
+        let down = mesh_to_app(&mut mesh_r, &mut app_w, &ctl.bytes_in, &ctl.drain);
+        let up = app_to_mesh(&mut app_r, &mut mesh_w, &ctl.bytes_out, &ctl.drain);
         tokio::pin!(down, up);
         let expiry = sleep(bounds.expires_in);
         let lifetime = sleep(bounds.lifetime.unwrap_or(FAR));
         let idle_every = bounds.idle.map(|d| (d / IDLE_SAMPLES).max(Duration::from_millis(10)));
         let idle_tick = sleep(idle_every.unwrap_or(FAR));
         // One waiter for the whole relay (registered now, so a close command that comes
-        // between two wake-ups is kept), rather than a new one per wake-up.
+        // between two wake-ups is kept), rather than a new one per wake-up; the same for
+        // a drain.
         let abort = ctl.abort.notified();
-        tokio::pin!(expiry, lifetime, idle_tick, abort);
+        let drain = ctl.drain.asked();
+        let grace = sleep(FAR);
+        tokio::pin!(expiry, lifetime, idle_tick, abort, drain, grace);
         abort.as_mut().enable();
         let mut seen = ctl.bytes();
         let mut quiet_since = Instant::now();
         let (mut down_done, mut up_done) = (false, false);
+        let mut draining = false;
         loop {
             tokio::select! {
                 // An abort comes first: one issued before the relay started (a trust
                 // event while the app was being connected) forwards nothing.
                 biased;
                 _ = &mut abort => break (Ending::Aborted, "closed on command".into()),
+                _ = &mut grace, if draining => {
+                    break (Ending::Aborted, "drained, but not ended within the grace".into())
+                }
+                _ = &mut drain, if !draining => {
+                    draining = true;
+                    grace.as_mut().reset(Instant::now() + DRAIN_GRACE);
+                }
                 _ = &mut expiry => {
                     break (Ending::CertificateExpired, "the peer's certificate expired".into())
                 }
@@ -254,6 +309,9 @@ where
                 },
             }
             if down_done && up_done {
+                if draining {
+                    break (Ending::Drained, "ended cleanly on shutdown".into());
+                }
                 break (Ending::Closed, String::new());
             }
         }
@@ -261,7 +319,7 @@ where
     let mesh = mesh_r.unsplit(mesh_w);
     // Reunited, so that dropping the write half does not send a FIN before the reset.
     let app = app_r.reunite(app_w);
-    if ending != Ending::Closed {
+    if !matches!(ending, Ending::Closed | Ending::Drained) {
         reset_on_close(mesh.tcp());
         if let Ok(app) = &app {
             reset_on_close(app);

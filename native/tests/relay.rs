@@ -272,3 +272,51 @@ async fn an_abort_issued_before_the_relay_starts_forwards_nothing() {
     let mut buf = [0u8; 64];
     assert!(matches!(app.read(&mut buf).await, Err(_) | Ok(0)), "bytes reached the app");
 }
+
+#[tokio::test]
+async fn a_drain_ends_both_directions_cleanly_after_what_was_in_flight() {
+    let Setup { mut peer, mut app, ctl, relay } = setup(LONG).await;
+    peer.write_all(b"before the drain").await.unwrap();
+    peer.flush().await.unwrap();
+    let mut got = [0u8; 16];
+    app.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"before the drain");
+    ctl.drain.ask();
+    assert_eq!(relay.await.unwrap().0, Ending::Drained);
+    // Clean ends both ways: the app reads EOF, the peer close_notify then EOF.
+    assert_eq!(read_to_end_or_error(&mut app).await.unwrap(), b"");
+    assert_eq!(read_to_end_or_error(&mut peer).await.unwrap(), b"");
+    assert_eq!(ctl.bytes(), (16, 0));
+}
+
+#[tokio::test]
+async fn a_drained_connection_that_cannot_end_within_the_grace_is_reset() {
+    let Setup { peer, app, ctl, relay } = setup(LONG).await;
+    // The app reads nothing, so the mesh-to-app direction cannot end: the peer's bytes
+    // fill the app's socket buffers and the pump's chunk waits to be written.
+    let (_peer_r, mut peer_w) = tokio::io::split(peer);
+    let flood = tokio::spawn(async move {
+        let block = vec![7u8; 64 * 1024];
+        while peer_w.write_all(&block).await.is_ok() {}
+    });
+    // Until the relay has stopped taking bytes in (the app's buffers are full).
+    let filling = std::time::Instant::now();
+    let mut seen = 0;
+    while filling.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = ctl.bytes().0;
+        if now > 0 && now == seen {
+            break;
+        }
+        seen = now;
+    }
+    let asked = std::time::Instant::now();
+    ctl.drain.ask();
+    let (ending, detail) = relay.await.unwrap();
+    assert_eq!(ending, Ending::Aborted, "{detail}");
+    assert!(detail.contains("grace"), "{detail}");
+    let took = asked.elapsed();
+    assert!(took >= relay::DRAIN_GRACE && took < relay::DRAIN_GRACE * 3, "{took:?}");
+    flood.abort();
+    drop(app);
+}

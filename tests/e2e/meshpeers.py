@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -246,17 +247,32 @@ class UploadServer:
 
 NATIVE_BUILT = importlib.util.find_spec("meshshield._native") is not None
 
+# The sidecar's default data plane (`--dataplane`); the Python relay is the fallback.
+DEFAULT_DATAPLANE = "native"
+
 # Parameters for a fixture that starts sidecars: each test runs on both data planes.
+# Without the extension the native runs are skipped, except under CI=true, where they
+# fail (require_dataplane).
 DATAPLANES = [
+    pytest.param("native", id="native"),
     pytest.param("python", id="python"),
-    pytest.param("native", id="native", marks=pytest.mark.skipif(
-        not NATIVE_BUILT, reason="meshshield._native is not built (make install builds it)")),
 ]
 
 
+def require_dataplane(dataplane: str) -> None:
+    """Skip (or, under CI=true, fail) a test on the native plane when the extension
+    meshshield._native is not built."""
+    if dataplane == "native" and not NATIVE_BUILT:
+        why = "meshshield._native is not built (make install builds it with cargo)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 def plane_args(dataplane: str) -> tuple[str, ...]:
-    """The sidecar flags that select `dataplane` (python is the default)."""
-    return ("--dataplane", dataplane) if dataplane != "python" else ()
+    """The sidecar flags that select `dataplane`; checks the extension is built."""
+    require_dataplane(dataplane)
+    return ("--dataplane", dataplane)
 
 
 # -- policies and the mesh ----------------------------------------------------------------
@@ -325,7 +341,8 @@ class Mesh:
 def start_mesh(cas: CasProcess, session: str, apps: dict[str, int], *,
                backend_workload: Path | None = None, frontend_workload: Path | None = None,
                backend_extra: tuple[str, ...] = (),
-               frontend_extra: tuple[str, ...] = (), dataplane: str = "python") -> Mesh:
+               frontend_extra: tuple[str, ...] = (),
+               dataplane: str = DEFAULT_DATAPLANE) -> Mesh:
     backend_extra = (*backend_extra, *plane_args(dataplane))
     frontend_extra = (*frontend_extra, *plane_args(dataplane))
     names = list(apps)
@@ -458,6 +475,28 @@ class EofWatch:
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
+
+
+def closed_with_at_most_an_alert(s: socket.socket) -> bool:
+    """True when the peer has closed (EOF or reset) having sent nothing but TLS alert
+    records (rustls answers a malformed handshake with a fatal alert, as RFC 8446
+    asks; OpenSSL closes silently); False if anything else or nothing arrived."""
+    data = b""
+    try:
+        while block := s.recv(65536):
+            data += block
+            if len(data) > 64:
+                return False
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return False
+    while data:
+        # An alert record: type 21, version 3.x, length 2, level and description.
+        if len(data) < 7 or data[0] != 21 or data[1] != 3 or data[3:5] != b"\x00\x02":
+            return False
+        data = data[7:]
+    return True
 
 
 @contextlib.contextmanager

@@ -26,8 +26,11 @@ and it offers these fixtures:
 - ``cas_front``: ``cas_front(cas) -> CasFront`` (casfront.py), a CAS front whose
   answers and event stream the scenario writes; closed at teardown.
 - ``onpath_mesh`` (one per module): onpath.py's ``OnPathMesh``, two sidecars with an
-  on-path host between them; on both data planes with ``pytestmark =
-  pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True)``.
+  on-path host between them.
+- ``dataplane`` (one per module): the data plane the sidecars of ``meshes``,
+  ``shop_mesh``, ``sidecar`` and ``onpath_mesh`` run (``--dataplane``; the default one
+  unless parametrised); a module runs on both with ``pytestmark =
+  pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)``.
 - ``leak_check``: ``leak_check.watch(proc)`` takes a baseline of a long-lived process
   (a ``CasProcess``, a ``SidecarProcess``, or any other subprocess, counted by its
   descriptors only): its open descriptors (``/proc/PID/fd``) and its asyncio tasks
@@ -85,12 +88,14 @@ from casfront import CasFront, FrontCas  # noqa: E402
 from faultlib import soft_fd_limit  # noqa: E402
 from harness import CasProcess, SidecarProcess  # noqa: E402
 from meshpeers import (  # noqa: E402
+    DEFAULT_DATAPLANE,
     LOOPBACK,
     LoopThread,
     Mesh,
     echo_server,
     free_ports,
     no_traceback,
+    plane_args,
     start_mesh,
 )
 from onpath import OnPathMesh  # noqa: E402
@@ -293,11 +298,21 @@ def echo_port() -> Iterator[int]:
         yield port
 
 
+@pytest.fixture(scope="module")
+def dataplane(request: pytest.FixtureRequest) -> str:
+    # A module runs on both data planes with
+    # pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True).
+    plane = str(getattr(request, "param", DEFAULT_DATAPLANE))
+    plane_args(plane)  # skips (fails under CI=true) without the extension
+    return plane
+
+
 @pytest.fixture
-def meshes() -> Iterator[Callable[..., Mesh]]:
+def meshes(dataplane: str) -> Iterator[Callable[..., Mesh]]:
     started: list[Mesh] = []
 
     def start(cas: CasProcess, session: str, apps: dict[str, int], **kw: Any) -> Mesh:
+        kw.setdefault("dataplane", dataplane)
         m = start_mesh(cas, session, apps, **kw)
         started.append(m)
         return m
@@ -324,11 +339,12 @@ def shop_mesh(fault_cas: CasProcess, echo_port: int,
 
 
 @pytest.fixture
-def sidecar() -> Iterator[Callable[..., SidecarProcess]]:
+def sidecar(dataplane: str) -> Iterator[Callable[..., SidecarProcess]]:
     started: list[SidecarProcess] = []
 
     def start(cas: CasProcess | FrontCas, session: str, service: str,
               **kw: Any) -> SidecarProcess:
+        kw["extra"] = (*plane_args(dataplane), *kw.get("extra", ()))
         sc = SidecarProcess.start(cas, session, service, **kw)  # type: ignore[arg-type]
         started.append(sc)
         return sc
@@ -358,12 +374,9 @@ def cas_front() -> Iterator[Callable[..., CasFront]]:
 
 
 @pytest.fixture(scope="module")
-def onpath_mesh(request: pytest.FixtureRequest,
+def onpath_mesh(dataplane: str,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[OnPathMesh]:
-    # A module runs it on both data planes with
-    # pytestmark = pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True).
-    m = OnPathMesh(tmp_path_factory.mktemp("onpath"),
-                   dataplane=getattr(request, "param", "python"))
+    m = OnPathMesh(tmp_path_factory.mktemp("onpath"), dataplane=dataplane)
     try:
         yield m
         no_traceback(m.backend, m.frontend)

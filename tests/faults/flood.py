@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 from faultlib import rss_kib
 from harness import CasProcess, SidecarProcess
-from meshpeers import LOOPBACK, apply, client_hello, free_ports, mesh_policy, roundtrip
+from meshpeers import (
+    DEFAULT_DATAPLANE,
+    LOOPBACK,
+    apply,
+    client_hello,
+    free_ports,
+    mesh_policy,
+    plane_args,
+    roundtrip,
+)
 
 __all__ = ["FloodMesh", "call", "client_hello_prefix", "handshake_flood", "rss_kib"]
 
@@ -74,20 +83,22 @@ class FloodMesh:
 
     @classmethod
     def start(cls, cas: CasProcess, app_port: int,
-              target_extra: tuple[str, ...] = ()) -> FloodMesh:
-        """Both sidecars of session "shop" on `cas`, in front of the echo app at
-        `app_port`; the caller stops them (`stop`), then the CAS and the app."""
+              target_extra: tuple[str, ...] = (),
+              dataplane: str = DEFAULT_DATAPLANE) -> FloodMesh:
+        """Both sidecars of session "shop" on `cas` (on `dataplane`), in front of the
+        echo app at `app_port`; the caller stops them (`stop`), then the CAS and the app."""
         m = cas.measurement()
         apply(cas, mesh_policy("shop", backend_m=m, frontend_m=m,
                                frontend_allow_from="[backend]"))
         t_in, t_out, o_in, o_out = free_ports(4)
+        plane = plane_args(dataplane)
         target = SidecarProcess.start(
-            cas, "shop", "backend", extra=target_extra,
+            cas, "shop", "backend", extra=(*plane, *target_extra),
             inbound=[f"{LOOPBACK}:{t_in}={LOOPBACK}:{app_port}"],
             outbound=[f"{LOOPBACK}:{t_out}=frontend@{LOOPBACK}:{o_in}"])
         try:
             other = SidecarProcess.start(
-                cas, "shop", "frontend",
+                cas, "shop", "frontend", extra=plane,
                 inbound=[f"{LOOPBACK}:{o_in}={LOOPBACK}:{app_port}"],
                 outbound=[f"{LOOPBACK}:{o_out}=backend@{LOOPBACK}:{t_in}"])
         except BaseException:

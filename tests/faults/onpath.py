@@ -18,6 +18,7 @@ from typing import Any
 from faultlib import metric
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
+    DEFAULT_DATAPLANE,
     LOOPBACK,
     LoopThread,
     TcpBackend,
@@ -151,7 +152,7 @@ class OnPathMesh:
     """A CAS, a backend sidecar in front of an `EndRecorder` app, and a frontend sidecar
     whose outbound route reaches the backend's inbound listener through an `OnPath`."""
 
-    def __init__(self, root: Path, dataplane: str = "python") -> None:
+    def __init__(self, root: Path, dataplane: str = DEFAULT_DATAPLANE) -> None:
         self.extra = plane_args(dataplane)
         self.cas = CasProcess.start(root / "mesh")
         self.lt = LoopThread()

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import pytest
 from casfront import CasFront
 from faultlib import warm_up
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
+    DATAPLANES,
     LOOPBACK,
     apply,
     closed_by_peer,
@@ -28,6 +30,8 @@ from meshpeers import (
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 def test_a_late_snapshot_revoking_the_peer_does_not_close_its_live_connection(

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 from harness import CasProcess
-from meshpeers import Mesh, connect, roundtrip, status, wait_until
+from meshpeers import DATAPLANES, Mesh, connect, roundtrip, status, wait_until
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 class Traffic:

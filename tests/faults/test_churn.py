@@ -8,11 +8,14 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import pytest
 from harness import CasProcess
-from meshpeers import Mesh, connect, roundtrip
+from meshpeers import DATAPLANES, Mesh, connect, roundtrip
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 CONNECTIONS = 300
 CLIENTS = 6

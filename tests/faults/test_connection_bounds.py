@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 import pytest
 from faultlib import metric, warm_up
 from harness import CasProcess, SidecarProcess
-from meshpeers import Mesh, connect, roundtrip, wait_refusal, wait_until
+from meshpeers import DATAPLANES, Mesh, connect, roundtrip, wait_refusal, wait_until
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 class Chatter:

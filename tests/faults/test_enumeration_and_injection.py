@@ -15,7 +15,7 @@ import pytest
 from attested_peer import attested_peer
 from faultlib import warm_up
 from harness import CasProcess, HttpResult
-from meshpeers import Mesh, connect, roundtrip, wait_until
+from meshpeers import DATAPLANES, Mesh, connect, roundtrip, wait_until
 
 from meshshield.adminauth import write_admin_key
 from meshshield.attestation.sim import generate_sim_platform_key, write_sim_platform_key
@@ -157,6 +157,7 @@ def test_report_cannot_fabricate_other_sidecars_edges(cas: CasProcess) -> None:
         (f"spiffe://{TD}/evil/frontend", f"spiffe://{TD}/evil/backend")], edges
 
 
+@pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 def test_real_sidecars_reports_still_make_their_edge(
         cas: CasProcess, echo_port: int, meshes: Callable[..., Mesh],
         leak_check: LeakCheck) -> None:

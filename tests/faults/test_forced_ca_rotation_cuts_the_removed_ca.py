@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import pytest
 from attested_peer import attested_peer
 from cryptography import x509
 from faultlib import warm_up
 from harness import CasProcess
 from meshpeers import (
+    DATAPLANES,
     LOOPBACK,
     Mesh,
     closed_by_peer,
@@ -30,6 +32,8 @@ from meshpeers import (
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 def _handshake(port: int, ctx: ssl.SSLContext) -> str:

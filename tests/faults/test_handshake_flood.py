@@ -13,7 +13,7 @@ import pytest
 from faultlib import metric, rss_kib
 from flood import FloodMesh, handshake_flood
 from harness import CasProcess
-from meshpeers import closed_by_peer, no_traceback, status, wait_until
+from meshpeers import DATAPLANES, closed_by_peer, no_traceback, status, wait_until
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
@@ -23,9 +23,12 @@ FLOOD = 300  # from one address; over the established cap below and the per-sour
 CAP = 200
 CALLS = 20
 
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
+
 
 @pytest.fixture
-def flood_mesh(fault_cas: CasProcess, echo_port: int) -> Iterator[Callable[..., FloodMesh]]:
+def flood_mesh(fault_cas: CasProcess, echo_port: int,
+               dataplane: str) -> Iterator[Callable[..., FloodMesh]]:
     """`flood_mesh(*target_flags)`: a FloodMesh on the fault CAS, with room in this
     process (and the sidecars) for the flood's sockets."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -34,7 +37,8 @@ def flood_mesh(fault_cas: CasProcess, echo_port: int) -> Iterator[Callable[..., 
     started: list[FloodMesh] = []
 
     def start(*target_extra: str) -> FloodMesh:
-        m = FloodMesh.start(fault_cas, echo_port, target_extra=target_extra)
+        m = FloodMesh.start(fault_cas, echo_port, target_extra=target_extra,
+                            dataplane=dataplane)
         started.append(m)
         return m
 

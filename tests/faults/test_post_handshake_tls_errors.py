@@ -12,13 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from faultlib import metric
 from harness import SidecarProcess, run_cli
-from meshpeers import LOOPBACK, connect, free_ports, no_traceback, status, wait_until
+from meshpeers import DATAPLANES, LOOPBACK, connect, free_ports, no_traceback, status, wait_until
 from onpath import OnPathMesh, how_it_ends
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 CLOSED = "meshshield_sidecar_connections_closed_total"
 

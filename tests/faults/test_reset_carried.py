@@ -14,7 +14,7 @@ from onpath import OnPathMesh, how_it_ends, linger_zero
 if TYPE_CHECKING:
     from conftest import LeakCheck
 
-pytestmark = pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True)
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 def test_app_reset_reaches_other_app_as_reset(

@@ -14,14 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from faultlib import warm_up
 from harness import CasProcess
-from meshpeers import Mesh, closed_by_peer, connect, roundtrip, status, wait_until
+from meshpeers import DATAPLANES, Mesh, closed_by_peer, connect, roundtrip, status, wait_until
 
 from meshshield.adminauth import load_admin_key, write_admin_key
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 def _tenant_policy(cas: CasProcess, name: str, tenant_fp: str) -> str:

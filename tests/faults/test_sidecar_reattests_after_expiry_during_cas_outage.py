@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 import pytest
 from faultlib import warm_up
 from harness import CasProcess
-from meshpeers import Mesh, connect, roundtrip, status, wait_until
+from meshpeers import DATAPLANES, Mesh, connect, roundtrip, status, wait_until
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 @pytest.mark.cas_args("--max-cert-ttl", "10s")

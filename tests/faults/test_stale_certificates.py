@@ -25,6 +25,7 @@ from attested_peer import AttestedPeer, attested_peer, cut
 from faultlib import warm_up
 from harness import CasProcess, SidecarProcess
 from meshpeers import (
+    DATAPLANES,
     LOOPBACK,
     LoopThread,
     Mesh,
@@ -45,6 +46,8 @@ from meshshield.adminauth import load_admin_key, write_admin_key
 
 if TYPE_CHECKING:
     from conftest import LeakCheck
+
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 TD = "spiffe://meshshield.local"
 

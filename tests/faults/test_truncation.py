@@ -12,7 +12,7 @@ from onpath import OnPathMesh, how_it_ends
 if TYPE_CHECKING:
     from conftest import LeakCheck
 
-pytestmark = pytest.mark.parametrize("onpath_mesh", DATAPLANES, indirect=True)
+pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 
 def test_fin_without_close_notify_reaches_app_as_reset(
