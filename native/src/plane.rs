@@ -5,6 +5,9 @@
 //! asks Python's peer check once per handshake, and reports what happened (refusals,
 //! ended connections, counts) as events Python drains when woken through a socket.
 
+// Memory safety: no `unsafe` here (only the PyO3 binding in lib.rs may need it).
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -513,7 +516,8 @@ async fn connect(target: &str, limit: Duration) -> io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {target}"))))
 }
 
-fn server_name(target: &str) -> ServerName<'static> {
+/// The name a route target gives TLS (no host name is checked: see `tls`).
+pub fn server_name(target: &str) -> ServerName<'static> {
     let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string())

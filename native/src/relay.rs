@@ -18,6 +18,9 @@
 //!
 //! The first way a connection ends is the one it keeps.
 
+// Memory safety: no `unsafe` here (only the PyO3 binding in lib.rs may need it).
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;

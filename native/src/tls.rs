@@ -5,6 +5,9 @@
 //! rustls's WebPKI verifiers. The client does not check a host name: a peer sidecar is
 //! identified by the SPIFFE ID in its certificate, which the Python peer check decides.
 
+// Memory safety: no `unsafe` here (only the PyO3 binding in lib.rs may need it).
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};

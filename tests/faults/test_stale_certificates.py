@@ -47,7 +47,7 @@ from meshshield.adminauth import load_admin_key, write_admin_key
 if TYPE_CHECKING:
     from conftest import LeakCheck
 
-pytestmark = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
+ON_BOTH_PLANES = pytest.mark.parametrize("dataplane", DATAPLANES, indirect=True)
 
 TD = "spiffe://meshshield.local"
 
@@ -101,6 +101,7 @@ def _backend_alone(sidecar: Callable[..., SidecarProcess], cas: CasProcess, sess
     return sc, port
 
 
+@ON_BOTH_PLANES
 def test_policy_update_closes_live_connection_of_old_build(
         env: Env, meshes: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     cas = env.cas
@@ -138,6 +139,7 @@ def _star_policy(name: str, m: str, *, with_frontend: bool) -> str:
             "security:\n  attestation:\n    tolerate: [simulation]\n")
 
 
+@ON_BOTH_PLANES
 def test_removed_service_peer_is_cut_and_refused(
         env: Env, meshes: Callable[..., Mesh], leak_check: LeakCheck) -> None:
     """backend admits any service of its session ("*"); removing frontend from the
@@ -177,6 +179,7 @@ def _delete(cas: CasProcess, session: str) -> None:
     assert r.status == 200, r.body
 
 
+@ON_BOTH_PLANES
 def test_deleted_session_peer_is_cut_and_refused(
         env: Env, sidecar: Callable[..., SidecarProcess], leak_check: LeakCheck) -> None:
     cas = env.cas
@@ -200,6 +203,7 @@ def test_deleted_session_peer_is_cut_and_refused(
     wait_refusal(backend, "revoked", after=n, peer_spiffe_id=f"{TD}/deli/frontend")
 
 
+@ON_BOTH_PLANES
 def test_deleted_session_serial_stays_revocable(
         env: Env, sidecar: Callable[..., SidecarProcess], leak_check: LeakCheck) -> None:
     cas = env.cas
