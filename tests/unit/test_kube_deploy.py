@@ -141,6 +141,15 @@ def test_containerfile_runs_as_a_numeric_non_root_user() -> None:
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
 
 
+def test_containerfile_builds_the_native_data_plane() -> None:
+    """The sidecar's default data plane is the Rust extension: the image's build stage
+    has the crate and cargo, and fails unless the extension imports."""
+    text = (DEPLOY / "Containerfile").read_text()
+    assert "COPY native ./native" in text
+    assert "/usr/local/cargo/bin" in text
+    assert 'python -c "import meshshield._native"' in text
+
+
 def _kubectl() -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
