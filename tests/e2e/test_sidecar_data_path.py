@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import CasProcess, SidecarProcess, env_without_proxies
@@ -38,6 +39,7 @@ from meshpeers import (
     free_ports,
     no_traceback,
     recv_all,
+    recv_exact,
     roundtrip,
     sha256_file,
     start_mesh,
@@ -287,3 +289,42 @@ def test_the_chosen_data_plane_carries_the_connections(dp: DataPath,
         assert wait is not None and held is not None
         print(f"{sc.name}: {checks:.0f} peer checks, per handshake {wait / checks * 1e6:.0f} µs "
               f"waiting for the GIL, {held / checks * 1e6:.0f} µs holding it")
+
+
+def _bytes_metric(sc: SidecarProcess, direction: str, way: str) -> float:
+    text = sc.get("/metrics").body.decode()
+    m = re.search(rf'^meshshield_sidecar_bytes_total\{{direction="{direction}",way="{way}"\}} '
+                  r"(\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_byte_counts_are_exact_in_connections_and_metrics(dp: DataPath) -> None:
+    """A live connection's record in /connections counts every byte each way on both
+    sidecars; once it ends, /metrics has counted exactly as many more."""
+    sides = ((dp.mesh.frontend, "outbound"), (dp.mesh.backend, "inbound"))
+    before = {(sc.name, way): _bytes_metric(sc, d, way) for sc, d in sides
+              for way in ("in", "out")}
+    sent = 0
+    with connect(dp.mesh.outbound["echo"], timeout=10) as s:
+        for n in (1, 300_000, 4321):
+            data = os.urandom(n)
+            s.sendall(data)
+            assert recv_exact(s, n) == data  # the echo: the same bytes back
+            sent += n
+
+        def live(sc: SidecarProcess) -> list[dict[str, Any]]:
+            r = sc.get("/connections")
+            assert r.status == 200, r.body
+            return [c for c in r.json()["connections"]
+                    if c["bytes_in"] == sent and c["bytes_out"] == sent]
+
+        for sc, _ in sides:
+            wait_until(lambda sc=sc: live(sc), 10,  # type: ignore[misc]
+                       f"{sc.name}'s record to count {sent} bytes each way")
+    for sc, direction in sides:
+        for way in ("in", "out"):
+            wait_until(lambda sc=sc, d=direction, w=way:  # type: ignore[misc]
+                       _bytes_metric(sc, d, w) - before[(sc.name, w)] == sent, 10,
+                       f"{sc.name}'s {direction} bytes {way} to grow by {sent}")
+        wait_until(lambda sc=sc: status(sc)["connections"] == 0, 10,  # type: ignore[misc]
+                   f"{sc.name} to hold no live connection")
