@@ -477,6 +477,19 @@ class EofWatch:
         self.thread.start()
 
 
+def refused_on_connect(port: int, data: bytes, timeout: float = 10.0) -> bool:
+    """True when the sidecar closes a new connection to `port` (EOF or reset) without
+    answering `data`. A plane that refuses fast may reset it before connect() has
+    returned (Linux then reports the reset from connect()): a refusal too."""
+    try:
+        with connect(port) as s:
+            s.sendall(data)
+            s.settimeout(timeout)
+            return closed_by_peer(s)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
 def closed_with_at_most_an_alert(s: socket.socket) -> bool:
     """True when the peer has closed (EOF or reset) having sent nothing but TLS alert
     records (rustls answers a malformed handshake with a fatal alert, as RFC 8446

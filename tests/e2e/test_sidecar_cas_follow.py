@@ -35,6 +35,7 @@ from meshpeers import (
     mesh_policy,
     no_traceback,
     refusals,
+    refused_on_connect,
     roundtrip,
     start_mesh,
     status,
@@ -90,9 +91,7 @@ def _live(sc_mesh: Mesh) -> list[dict[str, object]]:
 
 
 def _refused_through(port: int) -> None:
-    with connect(port, timeout=10) as s:
-        s.sendall(b"hello?\n")
-        wait_until(lambda: closed_by_peer(s), 10, "the refused connection to be closed")
+    assert refused_on_connect(port, b"hello?\n"), "the refused connection was not closed"
 
 
 def test_revoking_the_frontend_measurement_closes_its_connection_within_1s(

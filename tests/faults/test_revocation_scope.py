@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING
 import pytest
 from faultlib import warm_up
 from harness import CasProcess
-from meshpeers import DATAPLANES, Mesh, closed_by_peer, connect, roundtrip, status, wait_until
+from meshpeers import (
+    DATAPLANES,
+    Mesh,
+    closed_by_peer,
+    connect,
+    refused_on_connect,
+    roundtrip,
+    status,
+    wait_until,
+)
 
 from meshshield.adminauth import load_admin_key, write_admin_key
 
@@ -79,10 +88,7 @@ def test_session_admin_cannot_revoke_measurement_of_other_session(
     assert doc["scope"] == "session" and doc["session"] == "kiosk", doc
     refused = cas.attest("kiosk", "backend")
     assert (refused.status, refused.code) == (403, "revoked"), refused.body
-    with connect(kiosk.outbound["echo"]) as s:
-        s.sendall(b"kiosk again?\n")
-        s.settimeout(10)
-        assert closed_by_peer(s)
+    assert refused_on_connect(kiosk.outbound["echo"], b"kiosk again?\n")
 
     # The tenant may not revoke mesh-wide, nor in a session it may not update.
     code, doc = _revoke(cas, "kiosk", {"measurement": m_, "mesh_wide": True}, tenant)
@@ -98,7 +104,5 @@ def test_session_admin_cannot_revoke_measurement_of_other_session(
     refused = cas.attest("shop", "backend")
     assert (refused.status, refused.code) == (403, "revoked"), refused.body
     started = time.monotonic()
-    with connect(shop.outbound["echo"]) as s:
-        s.sendall(b"shop again?\n")
-        s.settimeout(10)
-        assert closed_by_peer(s), f"still open after {time.monotonic() - started:.1f} s"
+    assert refused_on_connect(shop.outbound["echo"], b"shop again?\n"), \
+        f"still open after {time.monotonic() - started:.1f} s"

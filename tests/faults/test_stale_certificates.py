@@ -37,6 +37,7 @@ from meshpeers import (
     make_workload,
     mesh_policy,
     refusals,
+    refused_on_connect,
     roundtrip,
     status,
     wait_refusal,
@@ -59,8 +60,9 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    cas = CasProcess.start(tmp_path_factory.mktemp("stale") / "mesh")
+def env(dataplane: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    # A CAS per data plane: the scenarios apply the same sessions on each.
+    cas = CasProcess.start(tmp_path_factory.mktemp(f"stale-{dataplane}") / "mesh")
     lt = LoopThread()
     app = TcpBackend(lt, echo)
     try:
@@ -89,9 +91,8 @@ def _send_if_open(s: socket.socket, data: bytes) -> None:
 
 
 def _refused_through(port: int) -> None:
-    with connect(port) as s:
-        s.sendall(b"hello?\n")
-        _cut_within(s, 10, "a new connection")
+    assert refused_on_connect(port, b"hello?\n"), \
+        "a new connection: the connection was still open after 10 s"
 
 
 def _backend_alone(sidecar: Callable[..., SidecarProcess], cas: CasProcess, session: str,
