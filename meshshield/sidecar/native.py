@@ -190,6 +190,13 @@ class NativePlane:
                                 "this sidecar holds no trust view yet")
             info = check_peer(cert, view, local_service=cfg.service, direction=direction,
                               expected=expected)
+            # rustls checks validity in whole seconds: within the second after not_after
+            # it still passes a certificate, which is refused here as the handshake
+            # would have been (nothing is forwarded on it either way).
+            not_after = cert.not_valid_after_utc.timestamp()
+            if not_after <= time.time():
+                raise handshake_error("expired", f"certificate is not valid after "
+                                      f"{cert.not_valid_after_utc.isoformat()}", peer)
         except MeshError as e:
             proxy._refuse(direction, local, peer, e, _spiffe(cert))
             return -1.0
@@ -212,7 +219,7 @@ class NativePlane:
                 return -1.0
         proxy.metrics.accepted.labels(direction).inc()
         proxy.metrics.active.labels(direction).inc()
-        return max(0.0, cert.not_valid_after_utc.timestamp() - time.time())
+        return max(0.0, not_after - time.time())
 
     # -- on the event loop ----------------------------------------------------------------
     def _drain(self) -> None:
