@@ -53,9 +53,12 @@ TRUST = {"epoch": 4, "trust_domain": "meshshield.local", "session": "shop",
 
 
 def _answer(key: Any, **over: Any) -> dict[str, Any]:
+    # Valid around the moment the test runs (not the import: a long run reaches these
+    # tests after a certificate made at import time would have expired).
+    now = datetime.now(UTC)
     leaf = issue_leaf(CA, key.public_key(), spiffe_id="spiffe://meshshield.local/shop/backend",
-                      dns=[], not_before=NOW - timedelta(minutes=1),
-                      not_after=NOW + timedelta(minutes=10), claims=None)
+                      dns=[], not_before=now - timedelta(minutes=1),
+                      not_after=now + timedelta(minutes=10), claims=None)
     base = {"certificate": cert_pem(leaf) + cert_pem(CA_CERT), "bundle": cert_pem(CA_CERT),
             "trust": TRUST, "claims": {"session": "shop"},
             "spiffe_id": "spiffe://meshshield.local/shop/backend"}
