@@ -203,11 +203,12 @@ class Authority:
         self.refresh(force=True)
         self._bundle_seen = self.ca.bundle_pem(self.clock.now())
 
-    def refresh(self, force: bool = False) -> bool:
+    def refresh(self, force: bool = False, epoch: int | None = None) -> bool:
         """Bring the cached state up to the store's epoch (another writer, a replica or
         the CLI, may have bumped it). Incremental: only a session whose policy hash
-        changed is read and parsed again, and CA keys only when the CA set changed."""
-        if not force and self.store.epoch() == self._epoch:
+        changed is read and parsed again, and CA keys only when the CA set changed.
+        `epoch`: the store's epoch, just read along with other work (`attest`)."""
+        if not force and (self.store.epoch() if epoch is None else epoch) == self._epoch:
             return False
         with self._write:
             epoch = self.store.epoch()
@@ -743,7 +744,10 @@ class Authority:
         self.store.put_nonce(nonce, expires)
         return {"nonce": base64.b64encode(nonce).decode(), "expires_at": rfc3339(expires)}
 
-    def _consume_nonce(self, text: str) -> bytes:
+    def _consume_nonce(self, text: str, *, refresh: bool = False) -> bytes:
+        """The nonce, consumed. `refresh`: and the cache brought up to the epoch the
+        store read in the same statement, so every decision after this one is taken on
+        a view at least as new as the request (one database round trip for both)."""
         try:
             nonce = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -754,7 +758,11 @@ class Authority:
                 f"nonce must be standard base64 of {NONCE_SIZE} bytes, found {text[:60]!r}; "
                 "request one with POST /v1/attest/nonce",
             )
-        state = self.store.consume_nonce(nonce, self.clock.now())
+        if refresh:
+            state, epoch = self.store.consume_nonce_epoch(nonce, self.clock.now())
+            self.refresh(epoch=epoch)
+        else:
+            state = self.store.consume_nonce(nonce, self.clock.now())
         if state == "expired":
             raise MeshError(
                 Reason.NONCE_INVALID,
@@ -772,7 +780,6 @@ class Authority:
     # -- attestation --------------------------------------------------------------------
     def attest(self, body: object) -> dict[str, Any]:
         """Verify evidence for a service and issue its certificate, or raise MeshError."""
-        self.refresh()
         if not isinstance(body, dict):
             raise _bad(f"attest body must be a JSON object, found {type(body).__name__}")
         allowed = {"session", "service", "csr", "nonce", "evidence", "platform"}
@@ -790,7 +797,7 @@ class Authority:
             raise MeshError(Reason.BODY_TOO_LARGE, "evidence is larger than 512 KiB")
         # Nonce and evidence first: a caller without valid evidence learns nothing about
         # which sessions and services exist.
-        nonce = self._consume_nonce(nonce_text)
+        nonce = self._consume_nonce(nonce_text, refresh=True)
         key = public_key_from_csr(csr_pem)
         platform = self._platform(body.get("platform"), evidence)
         now = self.clock.now()

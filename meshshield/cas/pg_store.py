@@ -12,7 +12,8 @@ Transactions: every method runs in one transaction on one pooled connection
 autocommit mode: a method of several statements opens its transaction explicitly
 (BEGIN ... COMMIT), one of a single statement (the issuance path's nonce, epoch and
 certificate calls) sends just that statement, which PostgreSQL runs as a transaction
-of its own: one round trip instead of three. Decisions that must hold across
+of its own: one round trip instead of three. An attestation consumes its nonce and
+reads the epoch in one statement (`consume_nonce_epoch`). Decisions that must hold across
 replicas are taken by the database, not by a cache: a session's predecessor under a
 row lock (`SELECT ... FOR UPDATE`), nonces with one `DELETE ... RETURNING`, the admin
 replay guard with a primary key and `ON CONFLICT DO NOTHING`, the CA set under a table
@@ -619,6 +620,21 @@ class PostgresStore:
         if row is None:
             return "unknown"
         return "ok" if row[0] > now else "expired"
+
+    def consume_nonce_epoch(self, nonce: bytes, now: datetime) -> tuple[str, int]:
+        # One statement, one snapshot: the epoch is the one committed when the nonce was
+        # consumed, read in the same round trip.
+        with self._tx(single=True) as c:
+            row = c.execute(
+                "WITH d AS (DELETE FROM nonces WHERE nonce = %s RETURNING expires_at)"
+                " SELECT (SELECT value FROM meta WHERE key = 'epoch'), (SELECT expires_at FROM d)",
+                (nonce,),
+            ).fetchone()
+        assert row is not None
+        epoch = int(row[0])
+        if row[1] is None:
+            return "unknown", epoch
+        return ("ok" if row[1] > now else "expired"), epoch
 
     def purge_nonces(self, now: datetime) -> int:
         with self._tx() as c:

@@ -547,6 +547,16 @@ class SqliteStore:
             return "unknown"
         return "ok" if float(row[0]) > _ts(now) else "expired"
 
+    def consume_nonce_epoch(self, nonce: bytes, now: datetime) -> tuple[str, int]:
+        with self._tx() as c:
+            row = c.execute(
+                "DELETE FROM nonces WHERE nonce=? RETURNING expires_at", (nonce,)
+            ).fetchone()
+            epoch = int(c.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
+        if row is None:
+            return "unknown", epoch
+        return ("ok" if float(row[0]) > _ts(now) else "expired"), epoch
+
     def purge_nonces(self, now: datetime) -> int:
         with self._tx() as c:
             return c.execute("DELETE FROM nonces WHERE expires_at <= ?", (_ts(now),)).rowcount

@@ -274,6 +274,10 @@ class Store(Protocol):
         """Delete the nonce; 'ok', 'expired' or 'unknown' (never issued or already used)."""
         ...
 
+    def consume_nonce_epoch(self, nonce: bytes, now: datetime) -> tuple[str, int]:
+        """`consume_nonce` and the epoch, read in the same statement or transaction."""
+        ...
+
     def purge_nonces(self, now: datetime) -> int: ...
 
     # -- admin request nonces (replay guard) ---------------------------------------

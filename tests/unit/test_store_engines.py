@@ -138,6 +138,21 @@ def test_nonces_are_single_use_and_expire(store: Store) -> None:
     assert store.consume_nonce(b"o" * 32, T0) == "unknown"
 
 
+def test_a_nonce_consumed_with_the_epoch_is_single_use_and_reads_the_newest_epoch(
+        store: Store) -> None:
+    store.put_nonce(b"n" * 32, T0 + timedelta(seconds=30))
+    store.put_nonce(b"m" * 32, T0 + timedelta(seconds=30))
+    before = store.epoch()
+    bumped = store.create_session("s", b"name: s\n", "h1", "admin", T0)
+    assert bumped == before + 1
+    assert store.consume_nonce_epoch(b"n" * 32, T0) == ("ok", bumped)
+    assert store.consume_nonce_epoch(b"n" * 32, T0) == ("unknown", bumped)
+    assert store.consume_nonce(b"n" * 32, T0) == "unknown"
+    assert store.consume_nonce_epoch(b"m" * 32, T0 + timedelta(seconds=31)) == (
+        "expired", bumped)
+    assert store.consume_nonce(b"m" * 32, T0) == "unknown"
+
+
 def test_certificates_revocations_and_reports(store: Store) -> None:
     store.record_certificate(_cert("0a"))
     store.record_certificate(_cert("0b", hours=5))
