@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::relay::{self, reset_on_close, Bounds, Control, Ending};
+use crate::relay::{self, reset_on_close, Bounds, Control, Ending, ReadAhead};
 use crate::tls::{classify, suite_name, HandshakeFailure, Tls};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -572,7 +572,7 @@ async fn inbound(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, route: A
         }
         Ok(Ok(_)) => {}
     }
-    let accept = TlsAcceptor::from(tls.server.clone()).accept(tcp).into_fallible();
+    let accept = TlsAcceptor::from(tls.server.clone()).accept(ReadAhead::new(tcp)).into_fallible();
     let stream = match timeout_at(deadline, accept).await {
         Err(_) => {
             return shared.refused(&route, peer, HandshakeFailure::Timeout.as_str(), timed_out(), slot)
@@ -635,7 +635,7 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
     };
     let deadline = Instant::now() + shared.limits.handshake_timeout;
     let handshake = TlsConnector::from(tls.client.clone())
-        .connect(server_name(&target), raw)
+        .connect(server_name(&target), ReadAhead::new(raw))
         .into_fallible();
     let stream = match timeout_at(deadline, handshake).await {
         Err(_) => {
@@ -651,7 +651,7 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
         Ok(Ok(stream)) => stream,
     };
     let (der, cipher) = peer_of(stream.get_ref().1);
-    let refuse = |stream: &tokio_rustls::client::TlsStream<TcpStream>| {
+    let refuse = |stream: &tokio_rustls::client::TlsStream<ReadAhead>| {
         reset_on_close(stream.get_ref().0);
         reset_on_close(&app);
     };

@@ -22,10 +22,12 @@
 #![forbid(unsafe_code)]
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{sleep, Instant};
@@ -146,6 +148,105 @@ impl TcpOf for tokio_rustls::TlsStream<TcpStream> {
     }
 }
 
+impl TcpOf for tokio_rustls::TlsStream<ReadAhead> {
+    fn tcp(&self) -> &TcpStream {
+        &self.get_ref().0.tcp
+    }
+}
+
+/// The most bytes the mesh socket is read ahead of rustls in one system call.
+const AHEAD: usize = 64 * 1024;
+
+/// The mesh side's TCP socket, read ahead of rustls while a bulk flow lasts.
+///
+/// rustls asks for at most 4 KiB per read, so a 16 KiB record costs several system
+/// calls. Once a read fills all the room rustls gave (more is likely waiting), the
+/// socket is read up to `AHEAD` bytes at a time into a buffer of its own, which rustls
+/// then reads from; when a read brings less than a quarter of that (the flow slowed),
+/// the buffer is freed once drained, so an idle connection holds none.
+pub struct ReadAhead {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    ahead: bool,
+}
+
+impl ReadAhead {
+    pub fn new(tcp: TcpStream) -> ReadAhead {
+        ReadAhead {
+            tcp,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            ahead: false,
+        }
+    }
+}
+
+impl std::ops::Deref for ReadAhead {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.tcp
+    }
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.end {
+            if !this.ahead {
+                let (room, before) = (out.remaining(), out.filled().len());
+                ready!(Pin::new(&mut this.tcp).poll_read(cx, out))?;
+                this.ahead = room > 0 && out.filled().len() - before == room;
+                return Poll::Ready(Ok(()));
+            }
+            if this.buf.is_empty() {
+                this.buf.resize(AHEAD, 0);
+            }
+            let mut into = ReadBuf::new(&mut this.buf);
+            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut into))?;
+            let n = into.filled().len();
+            (this.pos, this.end) = (0, n);
+            this.ahead = n >= AHEAD / 4;
+        }
+        let n = out.remaining().min(this.end - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        if this.pos == this.end && !this.ahead {
+            (this.buf, this.pos, this.end) = (Vec::new(), 0, 0);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReadAhead {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
 /// Make closing `tcp` send an RST rather than a FIN.
 pub fn reset_on_close(tcp: &TcpStream) {
     // Best effort: a socket that is already gone needs no reset.
@@ -158,6 +259,52 @@ async fn read_growing<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, last: 
         buf.resize((buf.len() * 2).clamp(FIRST_CHUNK, CHUNK), 0);
     }
     r.read(buf).await
+}
+
+/// Read into `buf` what `r` has ready, up to its length: at least one byte, or the end,
+/// or an error. From rustls one read brings at most one record's plaintext; gathering
+/// the records already received lets one write to the app carry them all. An error met
+/// after some bytes is `held` and returned by the next call.
+async fn read_ready<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    held: &mut Option<io::Error>,
+) -> io::Result<usize> {
+    if let Some(e) = held.take() {
+        return Err(e);
+    }
+    std::future::poll_fn(|cx| {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let mut into = ReadBuf::new(&mut buf[filled..]);
+            match Pin::new(&mut *r).poll_read(cx, &mut into) {
+                Poll::Ready(Ok(())) if into.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => filled += into.filled().len(),
+                Poll::Ready(Err(e)) if filled == 0 => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => {
+                    *held = Some(e);
+                    break;
+                }
+                Poll::Pending if filled == 0 => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(filled))
+    })
+    .await
+}
+
+/// As `read_growing`, gathering what is ready (see `read_ready`).
+async fn read_ready_growing<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    last: usize,
+    held: &mut Option<io::Error>,
+) -> io::Result<usize> {
+    if last == buf.len() && buf.len() < CHUNK {
+        buf.resize((buf.len() * 2).clamp(FIRST_CHUNK, CHUNK), 0);
+    }
+    read_ready(r, buf, held).await
 }
 
 enum Dir {
@@ -188,12 +335,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (mut buf, mut n) = (Vec::new(), 0);
+    let (mut buf, mut n, mut held) = (Vec::new(), 0, None);
     loop {
         let read = tokio::select! {
             biased;
             _ = drain.asked() => break,
-            r = read_growing(mesh, &mut buf, n) => r,
+            r = read_ready_growing(mesh, &mut buf, n, &mut held) => r,
         };
         n = match read {
             Ok(0) => break,
