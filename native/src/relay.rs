@@ -40,6 +40,8 @@ const CHUNK: usize = 64 * 1024;
 /// idle or request/response connection holds a few KiB and a bulk one soon reads
 /// CHUNK at a time.
 const FIRST_CHUNK: usize = 4 * 1024;
+/// The most plaintext one TLS record carries.
+const RECORD: usize = 16 * 1024;
 /// How often an idle connection's byte counts are sampled within one idle period.
 const IDLE_SAMPLES: u32 = 4;
 /// A timer that never fires in practice (about 30 years).
@@ -276,10 +278,18 @@ async fn read_ready<R: AsyncRead + Unpin>(
     std::future::poll_fn(|cx| {
         let mut filled = 0;
         while filled < buf.len() {
+            let room = buf.len() - filled;
             let mut into = ReadBuf::new(&mut buf[filled..]);
             match Pin::new(&mut *r).poll_read(cx, &mut into) {
-                Poll::Ready(Ok(())) if into.filled().is_empty() => break,
-                Poll::Ready(Ok(())) => filled += into.filled().len(),
+                Poll::Ready(Ok(())) => {
+                    let got = into.filled().len();
+                    filled += got;
+                    // Less than a full record: the peer's burst has ended (a reply, not
+                    // a bulk flow), and one more read would only find nothing there.
+                    if got < room.min(RECORD) {
+                        break;
+                    }
+                }
                 Poll::Ready(Err(e)) if filled == 0 => return Poll::Ready(Err(e)),
                 Poll::Ready(Err(e)) => {
                     *held = Some(e);
