@@ -166,6 +166,7 @@ const AHEAD: usize = 64 * 1024;
 /// socket is read up to `AHEAD` bytes at a time into a buffer of its own, which rustls
 /// then reads from; when a read brings less than a quarter of that (the flow slowed),
 /// the buffer is freed once drained, so an idle connection holds none.
+#[derive(Debug)]
 pub struct ReadAhead {
     tcp: TcpStream,
     buf: Vec<u8>,

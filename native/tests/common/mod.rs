@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use _native::relay::ReadAhead;
 use _native::tls::Tls;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,7 +32,7 @@ pub async fn tls_pair(
     server_tls: &Tls,
     client_tls: Arc<rustls::ClientConfig>,
 ) -> (
-    std::io::Result<server::TlsStream<TcpStream>>,
+    std::io::Result<server::TlsStream<ReadAhead>>,
     std::io::Result<client::TlsStream<TcpStream>>,
 ) {
     let (c, s) = tcp_pair().await;
@@ -39,7 +40,8 @@ pub async fn tls_pair(
     let connector = TlsConnector::from(client_tls);
     // An IP address the certificates do not name: no host name is checked.
     let name = ServerName::try_from("127.0.0.1").unwrap();
-    tokio::join!(acceptor.accept(s), connector.connect(name, c))
+    // The server side reads its socket as the plane does (ahead of rustls in a bulk flow).
+    tokio::join!(acceptor.accept(ReadAhead::new(s)), connector.connect(name, c))
 }
 
 /// Client configuration presenting `who`'s chain but trusting the mesh CA and the foreign
