@@ -1128,6 +1128,16 @@ def _cas_flags(p: argparse.ArgumentParser, admin: bool = True) -> None:
         p.add_argument("--admin-key", required=True, help="folder made by `admin keygen`")
 
 
+def _attester_flags(p: argparse.ArgumentParser) -> None:
+    """What a one-off attestation needs (`attest`, `run`): the CAS, who, and the TEE."""
+    _cas_flags(p, admin=False)
+    p.add_argument("--session", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--platform", required=True, choices=["sim", "sev-snp", "tdx", "sgx"])
+    p.add_argument("--workload", action="append", metavar="PATH")
+    p.add_argument("--sim-key", metavar="FILE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="meshshield", description=__doc__.splitlines()[0])
     top.add_argument("--log-level", default=os.environ.get("MESHSHIELD_LOG", "info"))
@@ -1262,24 +1272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cas_rotate)
 
     p = sub.add_parser("attest", help="attest once and write key, certificate, bundle")
-    _cas_flags(p, admin=False)
-    p.add_argument("--session", required=True)
-    p.add_argument("--service", required=True)
-    p.add_argument("--platform", required=True, choices=["sim", "sev-snp", "tdx", "sgx"])
-    p.add_argument("--workload", action="append", metavar="PATH")
-    p.add_argument("--sim-key", metavar="FILE")
+    _attester_flags(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_attest)
     p = sub.add_parser("run", help="attest, then exec a program with its secrets",
                        usage="meshshield run --cas URL --cas-bundle PEM --session S --service "
                              "NAME --platform P [--workload PATH] [--sim-key FILE] "
                              "[--secrets-dir DIR] -- CMD [ARGS...]")
-    _cas_flags(p, admin=False)
-    p.add_argument("--session", required=True)
-    p.add_argument("--service", required=True)
-    p.add_argument("--platform", required=True, choices=["sim", "sev-snp", "tdx", "sgx"])
-    p.add_argument("--workload", action="append", metavar="PATH")
-    p.add_argument("--sim-key", metavar="FILE")
+    _attester_flags(p)
     p.add_argument("--secrets-dir", metavar="DIR",
                    help="write file secrets here too (a tmpfs)")
     p.add_argument("--secrets-dir-on-disk", action="store_true",
