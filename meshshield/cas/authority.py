@@ -967,7 +967,7 @@ class Authority:
             rfc3339(cert.not_valid_after_utc),
         )
         return {
-            "certificate": leaf_pem + signer.pem,
+            "certificate": leaf_pem + cert_pem(signer.cert),
             "bundle": self.ca.bundle_pem(now),
             "spiffe_id": sid,
             "serial": serial,

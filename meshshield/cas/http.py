@@ -8,11 +8,13 @@ unexpected into a logged `internal` error without details).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -25,7 +27,6 @@ from prometheus_client.registry import Collector
 from meshshield.adminauth import verify_signature
 from meshshield.cas.authority import Authority
 from meshshield.cas.edges import fold_edges
-from meshshield.cas.workers import WorkerPool
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import issued_by_bundle
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
@@ -52,14 +53,15 @@ CLIENT_CLOSED = "client_closed"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTHORITY = web.AppKey("authority", Authority)
-EXECUTOR = web.AppKey("executor", WorkerPool)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 # More of /v1/ready's answer: name -> a status, e.g. "changes" (cas/pg_listen.py).
 READY_DETAILS = web.AppKey("ready_details", dict[str, Callable[[], Any]])
 
 
 async def off_loop(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` on the CAS's worker threads and wait for it."""
-    return await request.app[EXECUTOR].submit(fn, *args)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app[EXECUTOR], functools.partial(fn, *args))
 
 
 class _AuthorityWork(Collector):
@@ -108,17 +110,6 @@ class CasMetrics:
             "meshshield_cas_event_subscribers", "Open /v1/events streams", registry=self.registry
         )
         register_runtime_gauges(self.registry, "meshshield_cas")
-        # Labelled children looked up once each (labels() takes a lock and builds a
-        # key per call); bounded: routes, HTTP statuses, reason codes and platforms.
-        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
-
-    def count(self, family: Counter, *labels: str) -> None:
-        """family.labels(*labels).inc(), with the child kept."""
-        key = (family, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*labels)
-        child.inc()
 
 
 class EventHub:
@@ -202,11 +193,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # ours, so no traceback and no 500; counted apart so a flood of them shows.
             log.debug("client %s closed the connection during %s %s", request.remote,
                       request.method, request.path)
-            metrics.count(metrics.requests, route, CLIENT_CLOSED)
+            metrics.requests.labels(route, CLIENT_CLOSED).inc()
             return web.Response(status=499)  # never delivered: there is no one to read it
         log.exception("internal error on %s %s", request.method, request.path)
         resp = _error(Reason.INTERNAL, "internal error; the CAS logged the details", status=500)
-    metrics.count(metrics.requests, route, str(resp.status))
+    metrics.requests.labels(route, str(resp.status)).inc()
     return resp
 
 
@@ -419,12 +410,12 @@ async def attest(request: web.Request) -> web.Response:
         body = await _read_json(request)
         result = await off_loop(request, request.app[AUTHORITY].attest, body)
     except MeshError as e:
-        metrics.count(metrics.attestations, e.reason.value)
+        metrics.attestations.labels(e.reason.value).inc()
         log.info("attestation refused from %s: %s", request.remote, e)
         raise
-    metrics.count(metrics.attestations, "issued")
+    metrics.attestations.labels("issued").inc()
     claims = result["claims"]
-    metrics.count(metrics.issued, claims["platform"], str(claims["simulated"]))
+    metrics.issued.labels(claims["platform"], str(claims["simulated"])).inc()
     metrics.attest_seconds.observe(time.perf_counter() - started)
     return web.json_response(result)
 
@@ -618,7 +609,7 @@ def create_app(authority: Authority) -> web.Application:
     app[METRICS] = m
     hub = EventHub()
     app[HUB] = hub
-    app[EXECUTOR] = WorkerPool(WORKERS, "cas-work")
+    app[EXECUTOR] = ThreadPoolExecutor(WORKERS, thread_name_prefix="cas-work")
     app[READY_DETAILS] = {}
     m.registry.register(_AuthorityWork(authority))
     authority.listeners.append(hub.notify)

@@ -54,11 +54,6 @@ class CaRecord:
         issuance path)."""
         return hashlib.sha256(self.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
-    @functools.cached_property
-    def pem(self) -> str:
-        """The certificate in PEM (encoded once: every issued chain ends with it)."""
-        return cert_pem(self.cert)
-
 
 def generate_ca(
     trust_domain: str, now: datetime, validity_days: int = 3650
