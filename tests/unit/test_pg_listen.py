@@ -82,12 +82,14 @@ def test_the_feed_follows_commits_and_recovers_from_a_restart(
             await _until(lambda: got[-1] == e3, 5, "the delete's notification")
             assert feed.listening and feed.failures == 0
 
+            # Counted before the restart: the feed may reconnect, and catch up, while
+            # launch() is still waiting for the server to accept connections.
+            before = len(got)
             await asyncio.to_thread(own_pg_server.stop)
             await _until(lambda: not feed.listening and feed.failures >= 1, 10,
                          "the feed to notice the server went away")
             assert feed.status()["last_error"], feed.status()
             await asyncio.to_thread(own_pg_server.launch)
-            before = len(got)
             await _until(lambda: feed.listening, 15, "the feed to reconnect")
             await _until(lambda: None in got[before:], 5, "a catch-up after the reconnect")
             assert feed.connects == 2
