@@ -178,6 +178,8 @@ class SecretRelease:
 
 
 class Store(Protocol):
+    engine: str  # "sqlite" or "postgresql"
+
     def close(self) -> None: ...
 
     def record_counts(self) -> dict[str, int]:
