@@ -32,6 +32,8 @@ from meshshield.attestation.verify import VerifierConfig, platform_of, verify_ev
 from meshshield.cas.castate import CaState
 from meshshield.cas.edges import own_connections
 from meshshield.cas.jwt import JwtAuthority
+from meshshield.cas.nonces import PURGE_MARGIN as NONCE_PURGE_MARGIN
+from meshshield.cas.nonces import NonceMint
 from meshshield.cas.secrets import SecretVault
 from meshshield.cas.standing import FailingCertificates, judge_certificates
 from meshshield.cas.store import (
@@ -160,6 +162,7 @@ class Authority:
         self.ca = CaState(store, config.kek, config.trust_domain)
         self.jwt = JwtAuthority(store, config.kek)
         self.secrets = SecretVault(store, self.key_encryption_key(), config.trust_domain)
+        self.nonces = NonceMint(self.key_encryption_key())
         collateral = load_collateral(config.collateral_dir) if config.collateral_dir else None
         self.verifier = VerifierConfig(
             sim_platform_keys=config.sim_platform_keys, collateral=collateral
@@ -736,18 +739,20 @@ class Authority:
 
     # -- nonces ----------------------------------------------------------------------
     def new_nonce(self) -> dict[str, str]:
-        nonce = secrets.token_bytes(NONCE_SIZE)
+        """A fresh attestation nonce. Nothing is stored (cas/nonces.py): cheap enough to
+        run on the event loop, and it opens on every replica of this store."""
         # Whole seconds, so the expiry the client is shown is exactly the one enforced.
         expires = (self.clock.now() + timedelta(seconds=self.config.nonce_ttl)).replace(
             microsecond=0
         )
-        self.store.put_nonce(nonce, expires)
+        nonce = self.nonces.mint(expires)
         return {"nonce": base64.b64encode(nonce).decode(), "expires_at": rfc3339(expires)}
 
     def _consume_nonce(self, text: str, *, refresh: bool = False) -> bytes:
-        """The nonce, consumed. `refresh`: and the cache brought up to the epoch the
-        store read in the same statement, so every decision after this one is taken on
-        a view at least as new as the request (one database round trip for both)."""
+        """The nonce, checked and its single use recorded. `refresh`: and the cache
+        brought up to the epoch the store read in the same statement, so every decision
+        after this one is taken on a view at least as new as the request (one database
+        round trip for both)."""
         try:
             nonce = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -758,22 +763,30 @@ class Authority:
                 f"nonce must be standard base64 of {NONCE_SIZE} bytes, found {text[:60]!r}; "
                 "request one with POST /v1/attest/nonce",
             )
+        expires = self.nonces.open(nonce)
+        if expires is None:
+            raise MeshError(
+                Reason.NONCE_INVALID,
+                "nonce was not issued by this CAS (or was altered); request a fresh nonce "
+                "with POST /v1/attest/nonce",
+            )
+        if expires <= self.clock.now():
+            raise MeshError(
+                Reason.NONCE_INVALID,
+                f"nonce expired at {rfc3339(expires)} (nonces live "
+                f"{self.config.nonce_ttl:g} s); request a fresh nonce and attest within its "
+                "lifetime",
+            )
         if refresh:
-            state, epoch = self.store.consume_nonce_epoch(nonce, self.clock.now())
+            first, epoch = self.store.use_nonce_epoch(nonce, expires)
             self.refresh(epoch=epoch)
         else:
-            state = self.store.consume_nonce(nonce, self.clock.now())
-        if state == "expired":
+            first = self.store.use_nonce(nonce, expires)
+        if not first:
             raise MeshError(
                 Reason.NONCE_INVALID,
-                f"nonce expired (nonces live {self.config.nonce_ttl:g} s); request a fresh "
-                "nonce and attest within its lifetime",
-            )
-        if state != "ok":
-            raise MeshError(
-                Reason.NONCE_INVALID,
-                "nonce was not issued by this CAS or was already used (nonces are single "
-                "use); request a fresh nonce with POST /v1/attest/nonce",
+                "nonce was already used (nonces are single use, on every replica); request "
+                "a fresh nonce with POST /v1/attest/nonce",
             )
         return nonce
 
@@ -996,8 +1009,8 @@ class Authority:
     def tick(self) -> None:
         """Periodic housekeeping: promote a due CA, drop expired nonces, follow replicas."""
         now = self.clock.now()
-        # Keep expired nonces a minute longer so a late client hears "expired", not "unknown".
-        self.store.purge_nonces(now - timedelta(seconds=60))
+        # A nonce's use is kept past its expiry by the most replica clocks may differ.
+        self.store.purge_nonces(now - NONCE_PURGE_MARGIN)
         self.store.purge_request_nonces(now)
         self._prune_expired(now)
         with self._write:

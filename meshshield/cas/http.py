@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from meshshield.adminauth import verify_signature
 from meshshield.cas.authority import Authority
 from meshshield.cas.edges import fold_edges
+from meshshield.cas.store import StoreUnavailable
 from meshshield.errors import MeshError, Reason
 from meshshield.pki.ca import issued_by_bundle
 from meshshield.pki.spiffe import parse_spiffe_id, spiffe_id_of
@@ -416,7 +417,13 @@ async def secret_releases(request: web.Request) -> web.Response:
 
 async def nonce(request: web.Request) -> web.Response:
     await _read_body(request)
-    return web.json_response(await on_issue_lane(request, request.app[AUTHORITY].new_nonce))
+    authority = request.app[AUTHORITY]
+    # No store call: a nonce is minted, not stored. While the database is known to be
+    # down, say so now rather than at the attestation that would follow.
+    down = authority.store.unavailable()
+    if down is not None:
+        raise StoreUnavailable(down)
+    return web.json_response(authority.new_nonce())
 
 
 async def attest(request: web.Request) -> web.Response:

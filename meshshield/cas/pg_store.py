@@ -12,11 +12,11 @@ Transactions: every method runs in one transaction on one pooled connection
 autocommit mode: a method of several statements opens its transaction explicitly
 (BEGIN ... COMMIT), one of a single statement (the issuance path's nonce, epoch and
 certificate calls) sends just that statement, which PostgreSQL runs as a transaction
-of its own: one round trip instead of three. An attestation consumes its nonce and
-reads the epoch in one statement (`consume_nonce_epoch`). Decisions that must hold across
+of its own: one round trip instead of three. An attestation records its nonce's use and
+reads the epoch in one statement (`use_nonce_epoch`). Decisions that must hold across
 replicas are taken by the database, not by a cache: a session's predecessor under a
-row lock (`SELECT ... FOR UPDATE`), nonces with one `DELETE ... RETURNING`, the admin
-replay guard with a primary key and `ON CONFLICT DO NOTHING`, the CA set under a table
+row lock (`SELECT ... FOR UPDATE`), a nonce's single use and the admin replay guard
+with a primary key and `ON CONFLICT DO NOTHING`, the CA set under a table
 lock (two replicas making the first CA at once: one wins, the other reloads it),
 DNS-name ownership and who may update a session in a check run inside the session
 write's transaction, which such writes take in turns (an advisory lock). Every epoch
@@ -218,6 +218,7 @@ class PostgresStore:
         self._timeout = timeout
         self._down_timeout = down_timeout
         self._down = False
+        self._down_why = ""
         self._down_lock = threading.Lock()
         self._used: dict[int, float] = {}
         kwargs: dict[str, Any] = {"connect_timeout": connect_timeout,
@@ -321,8 +322,15 @@ class PostgresStore:
                     self._down = False
                     log.warning("the CAS database %s is reachable again", self.where)
 
+    def unavailable(self) -> str | None:
+        if not self._down:
+            return None
+        return (f"the CAS database {self.where} is unavailable ({self._down_why}); retry "
+                "shortly")
+
     def _went_down(self, e: BaseException) -> None:
         with self._down_lock:
+            self._down_why = _why(e)
             if not self._down:
                 self._down = True
                 log.warning("the CAS database %s is unavailable: %s; answering 503 "
@@ -608,33 +616,24 @@ class PostgresStore:
                              _utc_req(last[3]))
 
     # -- nonces ---------------------------------------------------------------------------
-    def put_nonce(self, nonce: bytes, expires_at: datetime) -> None:
+    def use_nonce(self, nonce: bytes, expires_at: datetime) -> bool:
         with self._tx(single=True) as c:
-            c.execute("INSERT INTO nonces VALUES (%s, %s)", (nonce, expires_at))
+            c.execute("INSERT INTO nonces VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                      (nonce, expires_at))
+            return c.rowcount == 1
 
-    def consume_nonce(self, nonce: bytes, now: datetime) -> str:
+    def use_nonce_epoch(self, nonce: bytes, expires_at: datetime) -> tuple[bool, int]:
+        # One statement, one snapshot: the epoch is the one committed when the use was
+        # recorded, read in the same round trip.
         with self._tx(single=True) as c:
             row = c.execute(
-                "DELETE FROM nonces WHERE nonce = %s RETURNING expires_at", (nonce,)
-            ).fetchone()
-        if row is None:
-            return "unknown"
-        return "ok" if row[0] > now else "expired"
-
-    def consume_nonce_epoch(self, nonce: bytes, now: datetime) -> tuple[str, int]:
-        # One statement, one snapshot: the epoch is the one committed when the nonce was
-        # consumed, read in the same round trip.
-        with self._tx(single=True) as c:
-            row = c.execute(
-                "WITH d AS (DELETE FROM nonces WHERE nonce = %s RETURNING expires_at)"
-                " SELECT (SELECT value FROM meta WHERE key = 'epoch'), (SELECT expires_at FROM d)",
-                (nonce,),
+                "WITH i AS (INSERT INTO nonces VALUES (%s, %s) ON CONFLICT DO NOTHING"
+                " RETURNING 1) SELECT (SELECT value FROM meta WHERE key = 'epoch'),"
+                " (SELECT count(*) FROM i)",
+                (nonce, expires_at),
             ).fetchone()
         assert row is not None
-        epoch = int(row[0])
-        if row[1] is None:
-            return "unknown", epoch
-        return ("ok" if row[1] > now else "expired"), epoch
+        return int(row[1]) == 1, int(row[0])
 
     def purge_nonces(self, now: datetime) -> int:
         with self._tx() as c:

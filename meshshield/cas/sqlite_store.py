@@ -286,6 +286,9 @@ class SqliteStore:
             self._adopt(db)
         return db
 
+    def unavailable(self) -> str | None:
+        return None  # a local file: every call finds out for itself
+
     def close(self) -> None:
         with self._all_lock:
             conns, self._all = self._all, []
@@ -534,28 +537,17 @@ class SqliteStore:
                              _dt_req(last[3]))
 
     # -- nonces -----------------------------------------------------------------
-    def put_nonce(self, nonce: bytes, expires_at: datetime) -> None:
+    def use_nonce(self, nonce: bytes, expires_at: datetime) -> bool:
         with self._tx() as c:
-            c.execute("INSERT INTO nonces VALUES (?, ?)", (nonce, _ts(expires_at)))
+            return c.execute("INSERT INTO nonces VALUES (?, ?) ON CONFLICT DO NOTHING",
+                             (nonce, _ts(expires_at))).rowcount == 1
 
-    def consume_nonce(self, nonce: bytes, now: datetime) -> str:
+    def use_nonce_epoch(self, nonce: bytes, expires_at: datetime) -> tuple[bool, int]:
         with self._tx() as c:
-            row = c.execute(
-                "DELETE FROM nonces WHERE nonce=? RETURNING expires_at", (nonce,)
-            ).fetchone()
-        if row is None:
-            return "unknown"
-        return "ok" if float(row[0]) > _ts(now) else "expired"
-
-    def consume_nonce_epoch(self, nonce: bytes, now: datetime) -> tuple[str, int]:
-        with self._tx() as c:
-            row = c.execute(
-                "DELETE FROM nonces WHERE nonce=? RETURNING expires_at", (nonce,)
-            ).fetchone()
+            first = c.execute("INSERT INTO nonces VALUES (?, ?) ON CONFLICT DO NOTHING",
+                              (nonce, _ts(expires_at))).rowcount == 1
             epoch = int(c.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
-        if row is None:
-            return "unknown", epoch
-        return ("ok" if float(row[0]) > _ts(now) else "expired"), epoch
+        return first, epoch
 
     def purge_nonces(self, now: datetime) -> int:
         with self._tx() as c:

@@ -182,6 +182,11 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
+    def unavailable(self) -> str | None:
+        """Why the store is known to be unusable right now (its last call failed to reach
+        it), without calling it; None when it is not known to be."""
+        ...
+
     def record_counts(self) -> dict[str, int]:
         """How many records of each durable kind the store holds (CAs, sessions, policy
         history, certificates, revocations, audit); a fresh store has none. The CAS
@@ -270,17 +275,18 @@ class Store(Protocol):
         ...
 
     # -- nonces -------------------------------------------------------------
-    def put_nonce(self, nonce: bytes, expires_at: datetime) -> None: ...
-
-    def consume_nonce(self, nonce: bytes, now: datetime) -> str:
-        """Delete the nonce; 'ok', 'expired' or 'unknown' (never issued or already used)."""
+    def use_nonce(self, nonce: bytes, expires_at: datetime) -> bool:
+        """Record that an attestation nonce (cas/nonces.py) was used, kept until
+        `expires_at`; False if it was used before (by any replica)."""
         ...
 
-    def consume_nonce_epoch(self, nonce: bytes, now: datetime) -> tuple[str, int]:
-        """`consume_nonce` and the epoch, read in the same statement or transaction."""
+    def use_nonce_epoch(self, nonce: bytes, expires_at: datetime) -> tuple[bool, int]:
+        """`use_nonce` and the epoch, read in the same statement or transaction."""
         ...
 
-    def purge_nonces(self, now: datetime) -> int: ...
+    def purge_nonces(self, now: datetime) -> int:
+        """Forget the uses of nonces that expired at or before `now`."""
+        ...
 
     # -- admin request nonces (replay guard) ---------------------------------------
     def remember_request_nonce(

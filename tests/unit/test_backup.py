@@ -44,7 +44,7 @@ def _fill(s: Store) -> None:
                                            T0, T0 + timedelta(hours=1), "{}", "PEM", T0))
     s.add_revocation("shop", "serial", "0a", "admin", T0)
     s.put_report("spiffe://d/shop/api", "{}", T0)
-    s.put_nonce(b"n" * 32, T0)
+    s.use_nonce(b"n" * 32, T0)
     s.remember_request_nonce("fp", "nonce-1", T0 + timedelta(minutes=5), T0)
     s.add_jwt_key("kid1", b"\x01sealed-jwt", T0)
     s.put_kek_wrap(KekWrapRecord("tee-sealed", "sim:ab:cd", b"MSKEKW\x01\x01w", "sim", T0),

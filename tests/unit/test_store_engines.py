@@ -127,30 +127,26 @@ def test_unexpired_certificates_revoked_serials_deleted_sessions_and_jwt_keys(
     assert store.load_jwt_keys() == [("kid1", b"sealed1")]
 
 
-def test_nonces_are_single_use_and_expire(store: Store) -> None:
-    store.put_nonce(b"n" * 32, T0 + timedelta(seconds=30))
-    store.put_nonce(b"m" * 32, T0 + timedelta(seconds=30))
-    assert store.consume_nonce(b"n" * 32, T0) == "ok"
-    assert store.consume_nonce(b"n" * 32, T0) == "unknown"
-    assert store.consume_nonce(b"m" * 32, T0 + timedelta(seconds=31)) == "expired"
-    store.put_nonce(b"o" * 32, T0)
-    assert store.purge_nonces(T0) == 1
-    assert store.consume_nonce(b"o" * 32, T0) == "unknown"
+def test_a_nonce_is_used_once_and_its_use_purged_after_expiry(store: Store) -> None:
+    assert store.use_nonce(b"n" * 32, T0 + timedelta(seconds=30))
+    assert not store.use_nonce(b"n" * 32, T0 + timedelta(seconds=30))
+    assert not store.use_nonce(b"n" * 32, T0 + timedelta(seconds=99))  # the expiry given
+    assert store.use_nonce(b"m" * 32, T0)
+    assert store.purge_nonces(T0) == 1  # m's use is forgotten, n's (later) kept
+    assert not store.use_nonce(b"n" * 32, T0 + timedelta(seconds=30))
+    assert store.use_nonce(b"m" * 32, T0)
 
 
-def test_a_nonce_consumed_with_the_epoch_is_single_use_and_reads_the_newest_epoch(
+def test_a_nonce_used_with_the_epoch_is_single_use_and_reads_the_newest_epoch(
         store: Store) -> None:
-    store.put_nonce(b"n" * 32, T0 + timedelta(seconds=30))
-    store.put_nonce(b"m" * 32, T0 + timedelta(seconds=30))
     before = store.epoch()
     bumped = store.create_session("s", b"name: s\n", "h1", "admin", T0)
     assert bumped == before + 1
-    assert store.consume_nonce_epoch(b"n" * 32, T0) == ("ok", bumped)
-    assert store.consume_nonce_epoch(b"n" * 32, T0) == ("unknown", bumped)
-    assert store.consume_nonce(b"n" * 32, T0) == "unknown"
-    assert store.consume_nonce_epoch(b"m" * 32, T0 + timedelta(seconds=31)) == (
-        "expired", bumped)
-    assert store.consume_nonce(b"m" * 32, T0) == "unknown"
+    assert store.use_nonce_epoch(b"n" * 32, T0 + timedelta(seconds=30)) == (True, bumped)
+    assert store.use_nonce_epoch(b"n" * 32, T0 + timedelta(seconds=30)) == (False, bumped)
+    assert not store.use_nonce(b"n" * 32, T0 + timedelta(seconds=30))
+    assert store.use_nonce(b"m" * 32, T0 + timedelta(seconds=30))
+    assert store.use_nonce_epoch(b"m" * 32, T0 + timedelta(seconds=30)) == (False, bumped)
 
 
 def test_certificates_revocations_and_reports(store: Store) -> None:
