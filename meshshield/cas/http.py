@@ -621,6 +621,16 @@ async def _bind_loop(app: web.Application) -> None:
     app[AUTHORITY].dispatch = dispatch
 
 
+async def _open_issue_lane(app: web.Application) -> None:
+    """Start the issuance lane's thread now, with its store connection (SQLite keeps one
+    per thread), rather than at the first attestation."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(app[ISSUE_LANE], app[AUTHORITY].store.epoch)
+    except MeshError as e:  # the database is down: the first attestation will say so
+        log.warning("issuance lane: the store is not reachable yet: %s", e.message)
+
+
 async def _stop_workers(app: web.Application) -> None:
     loop = asyncio.get_running_loop()
     for pool in (app[ISSUE_LANE], app[EXECUTOR]):
@@ -641,6 +651,7 @@ def create_app(authority: Authority) -> web.Application:
     m.registry.register(_AuthorityWork(authority))
     authority.listeners.append(hub.notify)
     app.on_startup.append(_bind_loop)
+    app.on_startup.append(_open_issue_lane)
     app.on_shutdown.append(hub.close)
     app.on_cleanup.append(_stop_workers)
     r = app.router
