@@ -152,6 +152,19 @@ def _field_str(body: Mapping[str, Any], name: str, limit: int = MAX_FIELD) -> st
     return v
 
 
+# Decisions taken again when the store's epoch moved on before the certificate was
+# recorded (cas/store.py record_issuance), before the client is asked to retry.
+ISSUE_ATTEMPTS = 4
+
+
+def _nonce_used() -> MeshError:
+    return MeshError(
+        Reason.NONCE_INVALID,
+        "nonce was already used (nonces are single use, on every replica); request a "
+        "fresh nonce with POST /v1/attest/nonce",
+    )
+
+
 class Authority:
     """All CAS state transitions; one per CAS process."""
 
@@ -748,11 +761,9 @@ class Authority:
         nonce = self.nonces.mint(expires)
         return {"nonce": base64.b64encode(nonce).decode(), "expires_at": rfc3339(expires)}
 
-    def _consume_nonce(self, text: str, *, refresh: bool = False) -> bytes:
-        """The nonce, checked and its single use recorded. `refresh`: and the cache
-        brought up to the epoch the store read in the same statement, so every decision
-        after this one is taken on a view at least as new as the request (one database
-        round trip for both)."""
+    def _open_nonce(self, text: str) -> tuple[bytes, datetime]:
+        """The nonce and its expiry, if this CAS (or a replica) minted it and it has not
+        expired; whether it was used before is the store's to say."""
         try:
             nonce = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -777,17 +788,13 @@ class Authority:
                 f"{self.config.nonce_ttl:g} s); request a fresh nonce and attest within its "
                 "lifetime",
             )
-        if refresh:
-            first, epoch = self.store.use_nonce_epoch(nonce, expires)
-            self.refresh(epoch=epoch)
-        else:
-            first = self.store.use_nonce(nonce, expires)
-        if not first:
-            raise MeshError(
-                Reason.NONCE_INVALID,
-                "nonce was already used (nonces are single use, on every replica); request "
-                "a fresh nonce with POST /v1/attest/nonce",
-            )
+        return nonce, expires
+
+    def _consume_nonce(self, text: str) -> bytes:
+        """The nonce, checked and its single use recorded."""
+        nonce, expires = self._open_nonce(text)
+        if not self.store.use_nonce(nonce, expires):
+            raise _nonce_used()
         return nonce
 
     # -- attestation --------------------------------------------------------------------
@@ -810,12 +817,34 @@ class Authority:
             raise MeshError(Reason.BODY_TOO_LARGE, "evidence is larger than 512 KiB")
         # Nonce and evidence first: a caller without valid evidence learns nothing about
         # which sessions and services exist.
-        nonce = self._consume_nonce(nonce_text, refresh=True)
+        nonce, nonce_expires = self._open_nonce(nonce_text)
         key = public_key_from_csr(csr_pem)
         platform = self._platform(body.get("platform"), evidence)
         now = self.clock.now()
         claims = verify_evidence(platform, evidence, self.verifier, now)
         self._check_binding(claims, nonce, key)
+        # Decided on the cached view, and recorded (with the nonce's single use) only if
+        # the store is still at that view's epoch: else the view is brought up to the
+        # store's and the decision taken again, so no certificate is issued on a view
+        # older than the store's when it is recorded.
+        for _ in range(ISSUE_ATTEMPTS):
+            seen = self._epoch
+            out = self._decide_and_issue(session, service, claims, evidence, key, now,
+                                         (nonce, nonce_expires, seen))
+            if out is not None:
+                return out
+        raise MeshError(
+            Reason.STORE_UNAVAILABLE,
+            f"the CAS's policies and revocations changed {ISSUE_ATTEMPTS} times while this "
+            "attestation was being decided; retry it",
+        )
+
+    def _decide_and_issue(
+        self, session: str, service: str, claims: Claims, evidence: object,
+        key: ec.EllipticCurvePublicKey, now: datetime, use: tuple[bytes, datetime, int],
+    ) -> dict[str, Any] | None:
+        """One decision and issuance on the current view; None if the store's epoch had
+        moved past the view's by the time the certificate was to be recorded."""
         s = self._session(session)
         if s.policy.service(service) is None:
             raise MeshError(
@@ -829,7 +858,9 @@ class Authority:
         # released refuses the attestation instead of leaving the service without it.
         resolved = self.secrets.resolve(s.policy, svc.name, self._policy_of, now)
         out = self._issue(s, svc.name, svc.dns, svc.cert_ttl_seconds, claims, evidence, key, now,
-                          embed_evidence=svc.embed_evidence)
+                          embed_evidence=svc.embed_evidence, use=use)
+        if out is None:
+            return None
         if resolved:
             out["secrets"] = self.secrets.release(
                 resolved, session=session, service=svc.name, measurement=claims.measurement,
@@ -923,7 +954,11 @@ class Authority:
         now: datetime,
         *,
         embed_evidence: bool = False,
-    ) -> dict[str, Any]:
+        use: tuple[bytes, datetime, int] | None = None,
+    ) -> dict[str, Any] | None:
+        """Sign and record a certificate. `use`: an attestation's (nonce, its expiry, the
+        epoch decided on), recorded with it (`Store.record_issuance`); None (the view
+        was stale, and is now refreshed) or a refusal when that fails."""
         ttl = float(ttl_seconds)
         if self.config.max_cert_ttl is not None:
             ttl = min(ttl, self.config.max_cert_ttl)
@@ -957,8 +992,7 @@ class Authority:
         )
         serial = serial_hex(cert)
         leaf_pem = cert_pem(cert)
-        self.store.record_certificate(
-            IssuedCertificate(
+        record = IssuedCertificate(
                 serial=serial,
                 session=session,
                 service=service,
@@ -973,7 +1007,16 @@ class Authority:
                 cert_pem=leaf_pem,
                 issued_at=now,
             )
-        )
+        if use is None:
+            self.store.record_certificate(record)
+        else:
+            nonce, nonce_expires, seen = use
+            outcome, epoch = self.store.record_issuance(record, nonce, nonce_expires, seen)
+            if outcome == "stale":
+                self.refresh(epoch=epoch)
+                return None
+            if outcome != "issued":
+                raise _nonce_used()
         log.info(
             "issued %s serial %s platform %s%s until %s",
             sid, serial, claims.platform.value, " (SIMULATED)" if claims.simulated else "",

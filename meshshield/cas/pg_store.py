@@ -12,8 +12,9 @@ Transactions: every method runs in one transaction on one pooled connection
 autocommit mode: a method of several statements opens its transaction explicitly
 (BEGIN ... COMMIT), one of a single statement (the issuance path's nonce, epoch and
 certificate calls) sends just that statement, which PostgreSQL runs as a transaction
-of its own: one round trip instead of three. An attestation records its nonce's use and
-reads the epoch in one statement (`use_nonce_epoch`). Decisions that must hold across
+of its own: one round trip instead of three. An attestation records its certificate and its
+nonce's use in one statement, conditional on the epoch it was decided on
+(`record_issuance`). Decisions that must hold across
 replicas are taken by the database, not by a cache: a session's predecessor under a
 row lock (`SELECT ... FOR UPDATE`), a nonce's single use and the admin replay guard
 with a primary key and `ON CONFLICT DO NOTHING`, the CA set under a table
@@ -622,18 +623,30 @@ class PostgresStore:
                       (nonce, expires_at))
             return c.rowcount == 1
 
-    def use_nonce_epoch(self, nonce: bytes, expires_at: datetime) -> tuple[bool, int]:
-        # One statement, one snapshot: the epoch is the one committed when the use was
-        # recorded, read in the same round trip.
+    def record_issuance(self, cert: IssuedCertificate, nonce: bytes, nonce_expires: datetime,
+                        epoch: int) -> tuple[str, int]:
+        # One statement, one round trip: the nonce's use is inserted only if the epoch
+        # is still the one the certificate was decided on, and the certificate only if
+        # the nonce's use was (its RETURNING row); the epoch is read in the same snapshot.
         with self._tx(single=True) as c:
             row = c.execute(
-                "WITH i AS (INSERT INTO nonces VALUES (%s, %s) ON CONFLICT DO NOTHING"
-                " RETURNING 1) SELECT (SELECT value FROM meta WHERE key = 'epoch'),"
-                " (SELECT count(*) FROM i)",
-                (nonce, expires_at),
+                "WITH e AS (SELECT value FROM meta WHERE key = 'epoch'),"
+                " n AS (INSERT INTO nonces SELECT %s, %s FROM e WHERE e.value = %s"
+                " ON CONFLICT DO NOTHING RETURNING 1),"
+                " c AS (INSERT INTO certificates (serial, session, service, spiffe_id, issuer,"
+                " not_before, not_after, claims, cert_pem, issued_at)"
+                " SELECT %s::text,%s::text,%s::text,%s::text,%s::text,%s::timestamptz,"
+                "%s::timestamptz,%s::text,%s::text,%s::timestamptz FROM n RETURNING 1)"
+                " SELECT (SELECT value FROM e), (SELECT count(*) FROM c)",
+                (nonce, nonce_expires, str(epoch), cert.serial, cert.session, cert.service,
+                 cert.spiffe_id, cert.issuer_fingerprint, cert.not_before, cert.not_after,
+                 cert.claims_json, cert.cert_pem, cert.issued_at),
             ).fetchone()
         assert row is not None
-        return int(row[1]) == 1, int(row[0])
+        found = int(row[0])
+        if found != epoch:
+            return "stale", found
+        return ("issued" if int(row[1]) == 1 else "nonce_used"), found
 
     def purge_nonces(self, now: datetime) -> int:
         with self._tx() as c:

@@ -542,12 +542,17 @@ class SqliteStore:
             return c.execute("INSERT INTO nonces VALUES (?, ?) ON CONFLICT DO NOTHING",
                              (nonce, _ts(expires_at))).rowcount == 1
 
-    def use_nonce_epoch(self, nonce: bytes, expires_at: datetime) -> tuple[bool, int]:
+    def record_issuance(self, cert: IssuedCertificate, nonce: bytes, nonce_expires: datetime,
+                        epoch: int) -> tuple[str, int]:
         with self._tx() as c:
-            first = c.execute("INSERT INTO nonces VALUES (?, ?) ON CONFLICT DO NOTHING",
-                              (nonce, _ts(expires_at))).rowcount == 1
-            epoch = int(c.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
-        return first, epoch
+            found = int(c.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
+            if found != epoch:
+                return "stale", found
+            if c.execute("INSERT INTO nonces VALUES (?, ?) ON CONFLICT DO NOTHING",
+                         (nonce, _ts(nonce_expires))).rowcount != 1:
+                return "nonce_used", found
+            self._insert_certificate(c, cert)
+        return "issued", found
 
     def purge_nonces(self, now: datetime) -> int:
         with self._tx() as c:
@@ -577,7 +582,11 @@ class SqliteStore:
     # -- certificates -------------------------------------------------------------
     def record_certificate(self, cert: IssuedCertificate) -> None:
         with self._tx() as c:
-            c.execute(
+            self._insert_certificate(c, cert)
+
+    @staticmethod
+    def _insert_certificate(c: sqlite3.Cursor, cert: IssuedCertificate) -> None:
+        c.execute(
                 "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     cert.serial,

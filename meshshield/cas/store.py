@@ -280,8 +280,12 @@ class Store(Protocol):
         `expires_at`; False if it was used before (by any replica)."""
         ...
 
-    def use_nonce_epoch(self, nonce: bytes, expires_at: datetime) -> tuple[bool, int]:
-        """`use_nonce` and the epoch, read in the same statement or transaction."""
+    def record_issuance(self, cert: IssuedCertificate, nonce: bytes, nonce_expires: datetime,
+                        epoch: int) -> tuple[str, int]:
+        """One issued certificate, recorded with its attestation nonce's single use, in one
+        statement or transaction, only if the store's epoch is still `epoch` (the view
+        the certificate was decided on). Answers the store's epoch and "issued",
+        "nonce_used" (nothing written) or "stale" (another epoch: nothing written)."""
         ...
 
     def purge_nonces(self, now: datetime) -> int:

@@ -287,3 +287,80 @@ def test_spiffe_sequence_grows_when_a_retired_ca_leaves_the_bundle_by_time(
     for i in range(1, len(seqs)):
         if keys[i] != keys[i - 1]:
             assert seqs[i] > seqs[i - 1], (seqs, keys)
+
+
+def _second_replica(a: Authority, root: Path, store_location: str) -> Authority:
+    """Another CAS process's Authority on the same store (a replica, or the CLI)."""
+    b = Authority(a.config, open_store(store_location or None, a.config.data_dir))
+    b.start()
+    return b
+
+
+def test_a_change_committed_between_decision_and_record_is_decided_again(
+        world: tuple[Authority, FixedClock, Path], store_location: str) -> None:
+    """The measurement is revoked (through another replica) after this CAS decided on its
+    view but before it recorded the certificate: the record is refused as stale, the
+    view caught up, and the attestation refused on the new view. Nothing is recorded."""
+    a, _clock, root = world
+    b = _second_replica(a, root, store_location)
+    m = measure_paths([root / "app"])
+    real = a.store.record_issuance
+    calls: list[int] = []
+
+    def racing(cert: object, nonce: bytes, expires: datetime, epoch: int) -> tuple[str, int]:
+        calls.append(epoch)
+        if len(calls) == 1:
+            b.revoke(ADMIN, "shop", {"measurement": m})
+        return real(cert, nonce, expires, epoch)  # type: ignore[arg-type]
+
+    a.store.record_issuance = racing  # type: ignore[method-assign]
+    certs = a.store.count_certificates()
+    try:
+        with pytest.raises(MeshError) as e:
+            _attest(a, root)
+    finally:
+        b.store.close()
+    assert e.value.reason is Reason.REVOKED, e.value
+    assert len(calls) == 1  # the second decision refused before signing
+    assert a.store.count_certificates() == certs
+
+
+def test_an_unrelated_change_in_between_costs_one_more_decision(
+        world: tuple[Authority, FixedClock, Path], store_location: str) -> None:
+    a, _clock, root = world
+    b = _second_replica(a, root, store_location)
+    real = a.store.record_issuance
+    outcomes: list[str] = []
+
+    def racing(cert: object, nonce: bytes, expires: datetime, epoch: int) -> tuple[str, int]:
+        if not outcomes:
+            b.create_session(ADMIN, f"""name: other
+version: "1"
+predecessor: null
+services:
+  - name: x
+    tee: [{{platform: sim, measurement: "{'0' * 64}"}}]
+security: {{attestation: {{tolerate: [simulation]}}}}
+""".encode())
+        got = real(cert, nonce, expires, epoch)  # type: ignore[arg-type]
+        outcomes.append(got[0])
+        return got
+
+    a.store.record_issuance = racing  # type: ignore[method-assign]
+    try:
+        r = _attest(a, root)
+    finally:
+        b.store.close()
+    assert outcomes == ["stale", "issued"]
+    assert a.store.get_certificate(str(r["serial"])) is not None
+
+
+def test_a_nonce_is_single_use_even_when_attestations_race(
+        world: tuple[Authority, FixedClock, Path]) -> None:
+    a, _clock, root = world
+    key = generate_p256()
+    body = build_attest_body(_req(root, "api"), key, a.new_nonce()["nonce"])
+    a.attest(body)
+    with pytest.raises(MeshError) as e:
+        a.attest(body)
+    assert e.value.reason is Reason.NONCE_INVALID and "already used" in e.value.message

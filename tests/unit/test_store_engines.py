@@ -137,16 +137,27 @@ def test_a_nonce_is_used_once_and_its_use_purged_after_expiry(store: Store) -> N
     assert store.use_nonce(b"m" * 32, T0)
 
 
-def test_a_nonce_used_with_the_epoch_is_single_use_and_reads_the_newest_epoch(
+def test_an_issuance_is_recorded_with_its_nonce_only_at_the_epoch_it_was_decided_on(
         store: Store) -> None:
+    exp = T0 + timedelta(seconds=30)
     before = store.epoch()
     bumped = store.create_session("s", b"name: s\n", "h1", "admin", T0)
     assert bumped == before + 1
-    assert store.use_nonce_epoch(b"n" * 32, T0 + timedelta(seconds=30)) == (True, bumped)
-    assert store.use_nonce_epoch(b"n" * 32, T0 + timedelta(seconds=30)) == (False, bumped)
-    assert not store.use_nonce(b"n" * 32, T0 + timedelta(seconds=30))
-    assert store.use_nonce(b"m" * 32, T0 + timedelta(seconds=30))
-    assert store.use_nonce_epoch(b"m" * 32, T0 + timedelta(seconds=30)) == (False, bumped)
+    # Decided on the older view: nothing written, neither the nonce's use nor the cert.
+    assert store.record_issuance(_cert("0a"), b"n" * 32, exp, before) == ("stale", bumped)
+    assert store.get_certificate("0a") is None
+    assert store.record_issuance(_cert("0a"), b"n" * 32, exp, bumped) == ("issued", bumped)
+    got = store.get_certificate("0a")
+    assert got is not None and got.serial == "0a"
+    # The same nonce again, for another certificate: refused, and that one not written.
+    assert store.record_issuance(_cert("0b"), b"n" * 32, exp, bumped) == (
+        "nonce_used", bumped)
+    assert store.get_certificate("0b") is None
+    assert not store.use_nonce(b"n" * 32, exp)  # one record of uses for both paths
+    assert store.use_nonce(b"m" * 32, exp)
+    assert store.record_issuance(_cert("0c"), b"m" * 32, exp, bumped) == (
+        "nonce_used", bumped)
+    assert store.count_certificates() == 1
 
 
 def test_certificates_revocations_and_reports(store: Store) -> None:
