@@ -829,8 +829,17 @@ class Authority:
         # older than the store's when it is recorded.
         for _ in range(ISSUE_ATTEMPTS):
             seen = self._epoch
-            out = self._decide_and_issue(session, service, claims, evidence, key, now,
-                                         (nonce, nonce_expires, seen))
+            try:
+                out = self._decide_and_issue(session, service, claims, evidence, key, now,
+                                             (nonce, nonce_expires, seen))
+            except MeshError:
+                # A refusal stands only on the newest view: a session or service created
+                # a moment ago through another replica is not refused as unknown.
+                epoch = self.store.epoch()
+                if epoch == seen:
+                    raise
+                self.refresh(epoch=epoch)
+                continue
             if out is not None:
                 return out
         raise MeshError(

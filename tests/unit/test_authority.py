@@ -364,3 +364,28 @@ def test_a_nonce_is_single_use_even_when_attestations_race(
     with pytest.raises(MeshError) as e:
         a.attest(body)
     assert e.value.reason is Reason.NONCE_INVALID and "already used" in e.value.message
+
+
+def test_a_refusal_is_decided_on_the_newest_view(
+        world: tuple[Authority, FixedClock, Path], store_location: str) -> None:
+    """A session created a moment ago through another replica, before this CAS's view
+    caught up: its service is not refused as unknown."""
+    a, _clock, root = world
+    b = _second_replica(a, root, store_location)
+    m = measure_paths([root / "app"])
+    try:
+        b.create_session(ADMIN, f"""name: fresh
+version: "1"
+predecessor: null
+services:
+  - name: x
+    tee: [{{platform: sim, measurement: "{m}"}}]
+security: {{attestation: {{tolerate: [simulation]}}}}
+""".encode())
+    finally:
+        b.store.close()
+    assert "fresh" not in a._sessions  # noqa: SLF001 - this CAS has not caught up yet
+    req = AttestRequest("fresh", "x", "sim", (str(root / "app"),),
+                        root / "sim" / "sim-platform.key")
+    r = a.attest(build_attest_body(req, generate_p256(), a.new_nonce()["nonce"]))
+    assert r["spiffe_id"] == "spiffe://meshshield.local/fresh/x"
