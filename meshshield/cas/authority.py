@@ -962,12 +962,12 @@ class Authority:
         key: ec.EllipticCurvePublicKey,
         now: datetime,
         *,
+        use: tuple[bytes, datetime, int],
         embed_evidence: bool = False,
-        use: tuple[bytes, datetime, int] | None = None,
     ) -> dict[str, Any] | None:
-        """Sign and record a certificate. `use`: an attestation's (nonce, its expiry, the
-        epoch decided on), recorded with it (`Store.record_issuance`); None (the view
-        was stale, and is now refreshed) or a refusal when that fails."""
+        """Sign and record a certificate with its attestation's `use` (nonce, its expiry,
+        the epoch decided on; `Store.record_issuance`); None (the view was stale, and is
+        now refreshed) or a refusal when that fails."""
         ttl = float(ttl_seconds)
         if self.config.max_cert_ttl is not None:
             ttl = min(ttl, self.config.max_cert_ttl)
@@ -1002,30 +1002,27 @@ class Authority:
         serial = serial_hex(cert)
         leaf_pem = cert_pem(cert)
         record = IssuedCertificate(
-                serial=serial,
-                session=session,
-                service=service,
-                spiffe_id=sid,
-                issuer_fingerprint=signer.fingerprint,
-                not_before=now - timedelta(seconds=60),
-                not_after=cert.not_valid_after_utc,
-                # The verified claims too (workload fields, advisories): a policy
-                # change judges the certificate again by them (cas/standing.py).
-                claims_json=json.dumps({**cert_claims, "verified": claims.to_json()},
-                                       sort_keys=True, default=_json_default),
-                cert_pem=leaf_pem,
-                issued_at=now,
-            )
-        if use is None:
-            self.store.record_certificate(record)
-        else:
-            nonce, nonce_expires, seen = use
-            outcome, epoch = self.store.record_issuance(record, nonce, nonce_expires, seen)
-            if outcome == "stale":
-                self.refresh(epoch=epoch)
-                return None
-            if outcome != "issued":
-                raise _nonce_used()
+            serial=serial,
+            session=session,
+            service=service,
+            spiffe_id=sid,
+            issuer_fingerprint=signer.fingerprint,
+            not_before=now - timedelta(seconds=60),
+            not_after=cert.not_valid_after_utc,
+            # The verified claims too (workload fields, advisories): a policy
+            # change judges the certificate again by them (cas/standing.py).
+            claims_json=json.dumps({**cert_claims, "verified": claims.to_json()},
+                                   sort_keys=True, default=_json_default),
+            cert_pem=leaf_pem,
+            issued_at=now,
+        )
+        nonce, nonce_expires, seen = use
+        outcome, epoch = self.store.record_issuance(record, nonce, nonce_expires, seen)
+        if outcome == "stale":
+            self.refresh(epoch=epoch)
+            return None
+        if outcome != "issued":
+            raise _nonce_used()
         log.info(
             "issued %s serial %s platform %s%s until %s",
             sid, serial, claims.platform.value, " (SIMULATED)" if claims.simulated else "",

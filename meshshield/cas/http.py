@@ -69,16 +69,11 @@ ISSUE_LANE = web.AppKey("issue_lane", ThreadPoolExecutor)
 READY_DETAILS = web.AppKey("ready_details", dict[str, Callable[[], Any]])
 
 
-async def off_loop(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(*args)` on the CAS's worker threads and wait for it."""
+async def off_loop(request: web.Request, fn: Callable[..., T], *args: Any,
+                   lane: web.AppKey[ThreadPoolExecutor] = EXECUTOR) -> T:
+    """Run `fn(*args)` on the CAS's worker threads (or those of `lane`) and wait."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app[EXECUTOR], functools.partial(fn, *args))
-
-
-async def on_issue_lane(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(*args)` on the issuance lane (ISSUE_WORKERS) and wait for it."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app[ISSUE_LANE], functools.partial(fn, *args))
+    return await loop.run_in_executor(request.app[lane], functools.partial(fn, *args))
 
 
 class _AuthorityWork(Collector):
@@ -431,7 +426,8 @@ async def attest(request: web.Request) -> web.Response:
     started = time.perf_counter()
     try:
         body = await _read_json(request)
-        result = await on_issue_lane(request, request.app[AUTHORITY].attest, body)
+        result = await off_loop(request, request.app[AUTHORITY].attest, body,
+                                lane=ISSUE_LANE)
     except MeshError as e:
         metrics.attestations.labels(e.reason.value).inc()
         log.info("attestation refused from %s: %s", request.remote, e)

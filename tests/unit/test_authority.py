@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from meshshield.attestation.measure import measure_paths
 from meshshield.attestation.sim import generate_sim_platform_key
 from meshshield.attestclient import AttestRequest, build_attest_body
 from meshshield.cas.authority import Authority, CasConfig
+from meshshield.cas.store import IssuedCertificate
 from meshshield.cas.stores import open_store
 from meshshield.clock import FixedClock
 from meshshield.errors import MeshError, Reason
@@ -289,6 +290,35 @@ def test_spiffe_sequence_grows_when_a_retired_ca_leaves_the_bundle_by_time(
             assert seqs[i] > seqs[i - 1], (seqs, keys)
 
 
+def _one_service_session(name: str, measurement: str) -> bytes:
+    return f"""name: {name}
+version: "1"
+predecessor: null
+services:
+  - name: x
+    tee: [{{platform: sim, measurement: "{measurement}"}}]
+security: {{attestation: {{tolerate: [simulation]}}}}
+""".encode()
+
+
+def _race_before_record(a: Authority, change: Callable[[], object]) -> list[str]:
+    """Make `change` (through another replica) happen between this CAS's first decision
+    and its record; answers the outcome of every record_issuance, in order."""
+    real = a.store.record_issuance
+    outcomes: list[str] = []
+
+    def racing(cert: IssuedCertificate, nonce: bytes, nonce_expires: datetime,
+               epoch: int) -> tuple[str, int]:
+        if not outcomes:
+            change()
+        got = real(cert, nonce, nonce_expires, epoch)
+        outcomes.append(got[0])
+        return got
+
+    a.store.record_issuance = racing  # type: ignore[method-assign]
+    return outcomes
+
+
 def _second_replica(a: Authority, root: Path, store_location: str) -> Authority:
     """Another CAS process's Authority on the same store (a replica, or the CLI)."""
     b = Authority(a.config, open_store(store_location or None, a.config.data_dir))
@@ -304,16 +334,8 @@ def test_a_change_committed_between_decision_and_record_is_decided_again(
     a, _clock, root = world
     b = _second_replica(a, root, store_location)
     m = measure_paths([root / "app"])
-    real = a.store.record_issuance
-    calls: list[int] = []
-
-    def racing(cert: object, nonce: bytes, expires: datetime, epoch: int) -> tuple[str, int]:
-        calls.append(epoch)
-        if len(calls) == 1:
-            b.revoke(ADMIN, "shop", {"measurement": m})
-        return real(cert, nonce, expires, epoch)  # type: ignore[arg-type]
-
-    a.store.record_issuance = racing  # type: ignore[method-assign]
+    outcomes = _race_before_record(
+        a, lambda: b.revoke(ADMIN, "shop", {"measurement": m}))
     certs = a.store.count_certificates()
     try:
         with pytest.raises(MeshError) as e:
@@ -321,7 +343,7 @@ def test_a_change_committed_between_decision_and_record_is_decided_again(
     finally:
         b.store.close()
     assert e.value.reason is Reason.REVOKED, e.value
-    assert len(calls) == 1  # the second decision refused before signing
+    assert outcomes == ["stale"]  # the second decision refused before signing
     assert a.store.count_certificates() == certs
 
 
@@ -329,24 +351,8 @@ def test_an_unrelated_change_in_between_costs_one_more_decision(
         world: tuple[Authority, FixedClock, Path], store_location: str) -> None:
     a, _clock, root = world
     b = _second_replica(a, root, store_location)
-    real = a.store.record_issuance
-    outcomes: list[str] = []
-
-    def racing(cert: object, nonce: bytes, expires: datetime, epoch: int) -> tuple[str, int]:
-        if not outcomes:
-            b.create_session(ADMIN, f"""name: other
-version: "1"
-predecessor: null
-services:
-  - name: x
-    tee: [{{platform: sim, measurement: "{'0' * 64}"}}]
-security: {{attestation: {{tolerate: [simulation]}}}}
-""".encode())
-        got = real(cert, nonce, expires, epoch)  # type: ignore[arg-type]
-        outcomes.append(got[0])
-        return got
-
-    a.store.record_issuance = racing  # type: ignore[method-assign]
+    outcomes = _race_before_record(
+        a, lambda: b.create_session(ADMIN, _one_service_session("other", "0" * 64)))
     try:
         r = _attest(a, root)
     finally:
@@ -374,14 +380,7 @@ def test_a_refusal_is_decided_on_the_newest_view(
     b = _second_replica(a, root, store_location)
     m = measure_paths([root / "app"])
     try:
-        b.create_session(ADMIN, f"""name: fresh
-version: "1"
-predecessor: null
-services:
-  - name: x
-    tee: [{{platform: sim, measurement: "{m}"}}]
-security: {{attestation: {{tolerate: [simulation]}}}}
-""".encode())
+        b.create_session(ADMIN, _one_service_session("fresh", m))
     finally:
         b.store.close()
     assert "fresh" not in a._sessions  # noqa: SLF001 - this CAS has not caught up yet
