@@ -35,9 +35,12 @@ use tokio::time::{sleep, Instant};
 use crate::tls::rustls_error;
 
 /// The most bytes read per direction before they are written on (one chunk in flight).
-const CHUNK: usize = 64 * 1024;
-/// A direction's first buffer. It doubles (up to CHUNK) each time a read fills it, so an
-/// idle or request/response connection holds a few KiB and a bulk one soon reads
+/// A bulk flow moves CHUNK per pass: each pass costs a wake-up and a system call each
+/// way, so a large chunk is what keeps a one-stream transfer from being bound by them.
+const CHUNK: usize = 256 * 1024;
+/// A direction's first buffer. It doubles (up to CHUNK) each time a read fills it and
+/// falls back to this size when a read brings less than a quarter of it (see `size_for`),
+/// so an idle or request/response connection holds a few KiB and a bulk one soon reads
 /// CHUNK at a time.
 const FIRST_CHUNK: usize = 4 * 1024;
 /// The most plaintext one TLS record carries.
@@ -157,7 +160,7 @@ impl TcpOf for tokio_rustls::TlsStream<ReadAhead> {
 }
 
 /// The most bytes the mesh socket is read ahead of rustls in one system call.
-const AHEAD: usize = 64 * 1024;
+const AHEAD: usize = 256 * 1024;
 
 /// The mesh side's TCP socket, read ahead of rustls while a bulk flow lasts.
 ///
@@ -256,11 +259,21 @@ pub fn reset_on_close(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
-/// Read into `buf`, growing it first when the last read filled it.
-async fn read_growing<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, last: usize) -> io::Result<usize> {
+/// Size `buf` for the next read from how much the last one brought: doubled (up to
+/// CHUNK) when it filled the buffer, since more is likely waiting; back to FIRST_CHUNK
+/// when it brought less than a quarter, since the flow has slowed (a connection that
+/// carried a bulk transfer and then goes quiet keeps a few KiB, not CHUNK).
+fn size_for(buf: &mut Vec<u8>, last: usize) {
     if last == buf.len() && buf.len() < CHUNK {
         buf.resize((buf.len() * 2).clamp(FIRST_CHUNK, CHUNK), 0);
+    } else if buf.len() > FIRST_CHUNK && last < buf.len() / 4 {
+        *buf = vec![0; FIRST_CHUNK];
     }
+}
+
+/// Read into `buf`, sized first by `size_for`.
+async fn read_growing<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, last: usize) -> io::Result<usize> {
+    size_for(buf, last);
     r.read(buf).await
 }
 
@@ -312,9 +325,7 @@ async fn read_ready_growing<R: AsyncRead + Unpin>(
     last: usize,
     held: &mut Option<io::Error>,
 ) -> io::Result<usize> {
-    if last == buf.len() && buf.len() < CHUNK {
-        buf.resize((buf.len() * 2).clamp(FIRST_CHUNK, CHUNK), 0);
-    }
+    size_for(buf, last);
     read_ready(r, buf, held).await
 }
 
@@ -489,4 +500,32 @@ where
     drop(mesh);
     drop(app);
     (ending, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{size_for, CHUNK, FIRST_CHUNK};
+
+    #[test]
+    fn a_buffer_grows_while_reads_fill_it_and_falls_back_when_the_flow_slows() {
+        let mut buf = Vec::new();
+        size_for(&mut buf, 0);
+        assert_eq!(buf.len(), FIRST_CHUNK, "the first read gets the first chunk");
+        let mut sizes = vec![buf.len()];
+        for _ in 0..10 {
+            let full = buf.len();
+            size_for(&mut buf, full);
+            sizes.push(buf.len());
+        }
+        assert_eq!(sizes[..7], [4096, 8192, 16384, 32768, 65536, 131072, 262144]);
+        assert!(sizes.iter().all(|&n| n <= CHUNK), "never past CHUNK: {sizes:?}");
+        // A read that brought a quarter or more keeps the size; less falls back.
+        size_for(&mut buf, CHUNK / 4);
+        assert_eq!(buf.len(), CHUNK);
+        size_for(&mut buf, CHUNK / 4 - 1);
+        assert_eq!(buf.len(), FIRST_CHUNK);
+        // At the first size, a short read keeps it (nothing smaller to fall to).
+        size_for(&mut buf, 1);
+        assert_eq!(buf.len(), FIRST_CHUNK);
+    }
 }
