@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshshield.errors import MeshError, Reason
-from meshshield.sidecar.peercheck import check_peer
+from meshshield.sidecar.peercheck import PeerInfo, TrustView, check_peer
 from meshshield.sidecar.registry import Connection
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ _DRAIN_GRACE = 1.5
 
 # Ways a connection ends that the plane's own timers decide.
 _BOUNDS = {"certificate_expired", "idle_timeout", "max_connection_lifetime"}
+
+# How many admitted (certificate, direction, route) decisions are remembered; when full,
+# all are forgotten at once (a sidecar talks to far fewer peer certificates than this).
+_DECIDED_MAX = 4096
 
 
 def load_dataplane() -> type[DataPlane]:
@@ -106,6 +110,15 @@ class NativePlane:
         )
         self._wake = socket.socket(fileno=self.plane.take_wake_fd())
         self._wake.setblocking(False)
+        # Admissions by (DER, direction, route): the view each was decided on, what it
+        # found and the certificate's not_after. `check_peer` is a function of the
+        # certificate and the view alone, so on the same view the answer is the same; a
+        # peer that opens many connections with one certificate is decided once per view,
+        # and every trust event (a new view) decides it afresh. Refusals are not kept.
+        self._decided: dict[tuple[bytes, str, int], tuple[TrustView, PeerInfo, float]] = {}
+        m = proxy.metrics
+        self._counters = {d: (m.accepted.labels(d), m.active.labels(d))
+                          for d in ("inbound", "outbound")}
         for direction in ("inbound", "outbound"):
             proxy.metrics.handshakes.labels(direction).set_function(
                 functools.partial(self.plane.handshakes_in_progress, direction))
@@ -184,16 +197,24 @@ class NativePlane:
             expected = (o.session or cfg.session, o.service)
         cert = _load_certificate(der)
         view = identity.view
+        key = (der, direction, route)
         try:
             if view is None:
                 raise MeshError(Reason.CERTIFICATE_MISSING,
                                 "this sidecar holds no trust view yet")
-            info = check_peer(cert, view, local_service=cfg.service, direction=direction,
-                              expected=expected)
+            decided = self._decided.get(key)
+            if decided is not None and decided[0] is view:
+                _, info, not_after = decided
+            else:
+                info = check_peer(cert, view, local_service=cfg.service,
+                                  direction=direction, expected=expected)
+                not_after = cert.not_valid_after_utc.timestamp()
+                if len(self._decided) >= _DECIDED_MAX:
+                    self._decided.clear()
+                self._decided[key] = (view, info, not_after)
             # rustls checks validity in whole seconds: within the second after not_after
             # it still passes a certificate, which is refused here as the handshake
             # would have been (nothing is forwarded on it either way).
-            not_after = cert.not_valid_after_utc.timestamp()
             if not_after <= time.time():
                 raise handshake_error("expired", f"certificate is not valid after "
                                       f"{cert.not_valid_after_utc.isoformat()}", peer)
@@ -217,8 +238,9 @@ class NativePlane:
                 proxy.registry.remove(conn)
                 proxy._refuse(direction, local, peer, e, _spiffe(cert))
                 return -1.0
-        proxy.metrics.accepted.labels(direction).inc()
-        proxy.metrics.active.labels(direction).inc()
+        accepted, active = self._counters[direction]
+        accepted.inc()
+        active.inc()
         return max(0.0, not_after - time.time())
 
     # -- on the event loop ----------------------------------------------------------------
@@ -271,7 +293,7 @@ class NativePlane:
             conn = proxy.registry.live.get(int(str(conn_id)))
             if conn is not None:
                 proxy.registry.remove(conn)
-                proxy.metrics.active.labels(conn.direction).dec()
+                self._counters[conn.direction][1].dec()
             cfg = proxy.config
             log.warning("%s/%s: %s", cfg.session, cfg.service, detail)
 
@@ -296,7 +318,7 @@ class NativePlane:
         for way, n in (("in", bytes_in), ("out", bytes_out)):
             key = (conn.direction, way)
             proxy.metrics.bytes_closed[key] = proxy.metrics.bytes_closed.get(key, 0) + n
-        proxy.metrics.active.labels(conn.direction).dec()
+        self._counters[conn.direction][1].dec()
         proxy.registry.remove(conn)
         level = logging.DEBUG if ending == "closed" else logging.INFO
         log.log(level, "%s/%s: %s connection %d %s %s/%s (%s) ended: %s: %s; "
