@@ -537,6 +537,14 @@ fn peer_of(common: &rustls::CommonState) -> (Option<Vec<u8>>, String) {
     (der, suite)
 }
 
+/// A chain the handshake verified and the peer check admitted: verified once per
+/// generation (see `tls::Verified`).
+fn remember(tls: &Tls, common: &rustls::CommonState, expires_in: Duration) {
+    if let Some(chain) = common.peer_certificates() {
+        tls.verified.remember(chain, expires_in);
+    }
+}
+
 /// Ask Python's peer check, on a blocking thread (it waits for the GIL); a refused
 /// connection is unregistered.
 async fn check(shared: &Arc<Shared>, req: CheckRequest) -> Verdict {
@@ -605,6 +613,7 @@ async fn inbound(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, route: A
         reset_on_close(stream.get_ref().0);
         return;
     };
+    remember(&tls, stream.get_ref().1, expires_in);
     let app = match connect(&route.target, shared.limits.connect_timeout).await {
         Ok(app) => app,
         Err(e) => {
@@ -675,6 +684,7 @@ async fn outbound(shared: Arc<Shared>, app: TcpStream, route: Arc<Route>, mut sl
     let Verdict::Accept { expires_in } = check(&shared, req).await else {
         return refuse(&stream);
     };
+    remember(&tls, stream.get_ref().1, expires_in);
     let bounds = shared.bounds(expires_in);
     let (ending, detail) = relay::run(tokio_rustls::TlsStream::Client(stream), app, &ctl, bounds).await;
     shared.finish(id, ending, detail, slot);

@@ -4,20 +4,28 @@
 //! Both sides require the peer's certificate and verify its chain to the bundle with
 //! rustls's WebPKI verifiers. The client does not check a host name: a peer sidecar is
 //! identified by the SPIFFE ID in its certificate, which the Python peer check decides.
+//!
+//! A generation remembers the chains it verified and the peer check then admitted
+//! (`Verified`), so a peer that opens many connections with one certificate has its
+//! chain's signature checked once per generation, not once per handshake.
 
 // Memory safety: no `unsafe` here (only the PyO3 binding in lib.rs may need it).
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
-    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore,
-    ServerConfig, SignatureScheme,
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName,
+    RootCertStore, ServerConfig, SignatureScheme,
 };
 
 /// One generation of TLS configurations; new handshakes take the current one, open
@@ -25,6 +33,94 @@ use rustls::{
 pub struct Tls {
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
+    /// The chains this generation's verifiers may take as verified (both directions).
+    pub verified: Arc<Verified>,
+}
+
+/// The most chains one generation remembers; when full, all are forgotten at once.
+const REMEMBERED_MAX: usize = 4096;
+/// The longest a chain is remembered, however long its leaf is valid.
+const REMEMBERED_FOR: Duration = Duration::from_secs(600);
+
+/// Peer chains this generation verified to its bundle and the peer check then admitted,
+/// each with the second (Unix time) from which it must be verified again.
+///
+/// Verifying a chain checks the CA's signature on the leaf, an ECDSA P-256 verification
+/// per handshake, whose answer for the same chain against the same bundle changes only
+/// when a certificate's validity ends. So a chain is remembered, by SHA-256 of its
+/// certificates as presented, until one second before its leaf's not_after as the peer
+/// check read it (at most `REMEMBERED_FOR`), and only once both the verification and
+/// the peer check passed. A remembered chain skips the signature and time checks of
+/// the chain only: the peer's proof of its key (CertificateVerify) is verified on every
+/// handshake, and the peer check decides every connection. A new bundle is a new
+/// generation with nothing remembered; an unknown or expired entry is verified in full,
+/// so a refusal is the same as without this.
+#[derive(Debug, Default)]
+pub struct Verified {
+    until: Mutex<HashMap<[u8; 32], u64>>,
+    reused: AtomicU64,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Verified {
+    fn key<'a>(chain: impl Iterator<Item = &'a [u8]>) -> [u8; 32] {
+        let mut ctx = ::ring::digest::Context::new(&::ring::digest::SHA256);
+        for der in chain {
+            // Length-prefixed, so that no two different chains hash the same input.
+            ctx.update(&(der.len() as u64).to_be_bytes());
+            ctx.update(der);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        key
+    }
+
+    fn key_of(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+        Verified::key(std::iter::once(end_entity.as_ref()).chain(intermediates.iter().map(|c| c.as_ref())))
+    }
+
+    /// Whether this chain was remembered and still holds at `now`.
+    fn holds(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> bool {
+        let key = Verified::key_of(end_entity, intermediates);
+        let held = self
+            .until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&key)
+            .is_some_and(|&until| now.as_secs() < until);
+        if held {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+        }
+        held
+    }
+
+    /// Remember `chain` (as the peer presented it, leaf first), whose leaf the peer check
+    /// found valid for `valid_for` more.
+    pub fn remember(&self, chain: &[CertificateDer<'_>], valid_for: Duration) {
+        if chain.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        // The second before not_after: rustls compares in whole seconds.
+        let until = unix_secs(now + valid_for.min(REMEMBERED_FOR)).saturating_sub(1);
+        if until <= unix_secs(now) {
+            return;
+        }
+        let key = Verified::key(chain.iter().map(|c| c.as_ref()));
+        let mut map = self.until.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if map.len() >= REMEMBERED_MAX {
+            map.clear();
+        }
+        map.insert(key, until);
+    }
+
+    /// Handshakes that took a remembered chain as verified.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
+    }
 }
 
 /// ring, with the TLS 1.3 suites in the order the mesh prefers: AES-128-GCM with SHA-256
@@ -68,10 +164,13 @@ impl Tls {
         }
         let roots = Arc::new(roots);
         let provider = provider();
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        let verified = Arc::new(Verified::default());
+        let client_verifier = Arc::new(ClientVerifier {
+            inner: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
-                .map_err(|e| format!("client verifier: {e}"))?;
+                .map_err(|e| format!("client verifier: {e}"))?,
+            verified: verified.clone(),
+        });
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| format!("server configuration: {e}"))?
@@ -86,6 +185,7 @@ impl Tls {
         let verifier = Arc::new(BundleVerifier {
             roots,
             algorithms: provider.signature_verification_algorithms,
+            verified: verified.clone(),
         });
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -98,6 +198,7 @@ impl Tls {
         Ok(Tls {
             server: Arc::new(server),
             client: Arc::new(client),
+            verified,
         })
     }
 }
@@ -109,6 +210,7 @@ impl Tls {
 struct BundleVerifier {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
+    verified: Arc<Verified>,
 }
 
 impl ServerCertVerifier for BundleVerifier {
@@ -120,6 +222,9 @@ impl ServerCertVerifier for BundleVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.verified.holds(end_entity, intermediates, now) {
+            return Ok(ServerCertVerified::assertion());
+        }
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
@@ -153,6 +258,63 @@ impl ServerCertVerifier for BundleVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// The inbound side's verifier: rustls's WebPKI client verifier (the client's chain must
+/// end at the bundle and its leaf be valid for client authentication), skipped for a
+/// chain this generation remembers (see `Verified`).
+#[derive(Debug)]
+struct ClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    verified: Arc<Verified>,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.verified.holds(end_entity, intermediates, now) {
+            return Ok(ClientCertVerified::assertion());
+        }
+        self.inner.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
