@@ -1359,7 +1359,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who carries the bytes: the Rust relay (default) or the asyncio "
                         "one (where the extension meshshield._native is not built)")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="threads of the native data plane (default 2)")
+                   help="relay threads of the native data plane (default 2; each connection "
+                        "stays on one)")
     p.add_argument("--secrets-dir", metavar="DIR",
                    help="write the service's file secrets here (a tmpfs; the app sees it as "
                         "/run/secrets)")

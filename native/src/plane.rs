@@ -4,6 +4,12 @@
 //! told what to listen on, which certificate and bundle to use (new handshakes only),
 //! asks Python's peer check once per handshake, and reports what happened (refusals,
 //! ended connections, counts) as events Python drains when woken through a socket.
+//!
+//! Threads: one accepts on every listener and hands each connection to one of the
+//! `workers` relay threads (`Relays`), each a single-threaded runtime, where the
+//! connection then lives until it ends. On a work-stealing runtime one busy connection's
+//! task moved between the workers at its wake-ups (thousands of context switches a
+//! second on each of them in a one-stream transfer); pinned, it costs one thread.
 
 // Memory safety: no `unsafe` here (only the PyO3 binding in lib.rs may need it).
 #![forbid(unsafe_code)]
@@ -12,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -160,6 +166,51 @@ struct Shared {
     checker: Checker,
     budgets: [Mutex<BudgetState>; 2],
     stop: watch::Sender<bool>,
+    relays: Relays,
+}
+
+/// The threads that carry connections: each runs a single-threaded runtime, and a
+/// connection lives on one of them from its accept to its end (handshake, peer check,
+/// relay), so its wake-ups never move it between threads. A new connection goes to the
+/// thread carrying the fewest.
+struct Relays {
+    handles: Vec<tokio::runtime::Handle>,
+    carrying: Vec<AtomicUsize>,
+}
+
+impl Relays {
+    /// `n` threads, each running until `stop` is dropped (with the plane).
+    fn start(n: usize, stop: &watch::Sender<()>) -> io::Result<Relays> {
+        let (mut handles, mut carrying) = (Vec::new(), Vec::new());
+        for _ in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                // Peer checks wait for the GIL there, one at a time: a few threads suffice.
+                .max_blocking_threads(4)
+                .thread_name("meshshield-dataplane")
+                .enable_io()
+                .enable_time()
+                .build()?;
+            handles.push(rt.handle().clone());
+            carrying.push(AtomicUsize::new(0));
+            let mut stopped = stop.subscribe();
+            std::thread::Builder::new()
+                .name("meshshield-dataplane".into())
+                .spawn(move || {
+                    // Ends when the plane drops its sender; the connections still on this
+                    // runtime are dropped with it.
+                    rt.block_on(async move {
+                        let _ = stopped.changed().await;
+                    });
+                })?;
+        }
+        Ok(Relays { handles, carrying })
+    }
+
+    fn least_loaded(&self) -> usize {
+        (0..self.handles.len())
+            .min_by_key(|&i| self.carrying[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
 }
 
 /// A connection's claim on its direction's budgets, given back when dropped.
@@ -319,24 +370,30 @@ impl Shared {
     }
 }
 
-/// The handle Python holds: a small tokio runtime and what its tasks share.
+/// The handle Python holds: a runtime for the listeners, the relay threads (see
+/// `Relays`) and what their tasks share.
 pub struct Plane {
     rt: Runtime,
     shared: Arc<Shared>,
+    /// Dropped with the plane, which ends the relay threads.
+    _relays_stop: watch::Sender<()>,
 }
 
 impl Plane {
     /// A plane on `workers` threads; the returned socket becomes readable when events
     /// are waiting (`take_events`).
     pub fn new(workers: usize, limits: Limits, checker: Checker) -> io::Result<(Plane, UnixStream)> {
+        // The listeners only accept and hand each connection to a relay thread: one
+        // thread is plenty for that.
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers.max(1))
-            // Peer checks wait for the GIL here, one at a time: a few threads suffice.
-            .max_blocking_threads(8)
-            .thread_name("meshshield-dataplane")
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .thread_name("meshshield-dataplane-accept")
             .enable_io()
             .enable_time()
             .build()?;
+        let (relays_stop, _) = watch::channel(());
+        let relays = Relays::start(workers, &relays_stop)?;
         let (wake, python_end) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         python_end.set_nonblocking(true)?;
@@ -351,8 +408,14 @@ impl Plane {
             checker,
             budgets: [Mutex::default(), Mutex::default()],
             stop,
+            relays,
         });
-        Ok((Plane { rt, shared }, python_end))
+        let plane = Plane {
+            rt,
+            shared,
+            _relays_stop: relays_stop,
+        };
+        Ok((plane, python_end))
     }
 
     /// New handshakes use `tls` from now on; open connections keep theirs.
@@ -460,6 +523,16 @@ impl Plane {
         out
     }
 
+    /// The connections each relay thread carries now (from accept to end).
+    pub fn carrying(&self) -> Vec<usize> {
+        self.shared
+            .relays
+            .carrying
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Events waiting for Python (refusals, ended and unreachable connections).
     pub fn events_waiting(&self) -> usize {
         lock(&self.shared.events).queue.len()
@@ -486,12 +559,35 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, route: Arc<Rout
                 continue;
             }
         };
-        let (shared, route) = (shared.clone(), route.clone());
-        tokio::spawn(async move {
-            match route.direction {
-                Direction::Inbound => inbound(shared, tcp, addr, route, slot).await,
-                Direction::Outbound => outbound(shared, tcp, route, slot).await,
+        // The refusal's peer, should moving the connection fail (as in `refused` elsewhere).
+        let peer = || match route.direction {
+            Direction::Inbound => addr.to_string(),
+            Direction::Outbound => route.target.clone(),
+        };
+        // Out of this runtime's reactor, into the relay thread's.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                shared.refused(&route, peer(), HandshakeFailure::Other.as_str(), e.to_string(), slot);
+                continue;
             }
+        };
+        let peer = peer();
+        let relay = shared.relays.least_loaded();
+        shared.relays.carrying[relay].fetch_add(1, Ordering::Relaxed);
+        let (shared, route) = (shared.clone(), route.clone());
+        shared.relays.handles[relay].clone().spawn(async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => match route.direction {
+                    Direction::Inbound => inbound(shared.clone(), tcp, addr, route, slot).await,
+                    Direction::Outbound => outbound(shared.clone(), tcp, route, slot).await,
+                },
+                Err(e) => {
+                    let detail = format!("cannot register the connection: {e}");
+                    shared.refused(&route, peer, HandshakeFailure::Other.as_str(), detail, slot)
+                }
+            }
+            shared.relays.carrying[relay].fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -73,3 +73,26 @@ fn events_wait_within_the_budgets_and_a_flood_meanwhile_is_counted() {
         other => panic!("expected one refusal, got {other:?}"),
     }
 }
+
+#[test]
+fn connections_are_spread_over_the_relay_threads_and_each_is_given_back_when_it_ends() {
+    let (plane, _wake) = Plane::new(2, limits(8), Box::new(|_| Verdict::Refuse)).unwrap();
+    plane.set_tls(tls("server"));
+    let addr = plane.listen(Direction::Inbound, 0, "127.0.0.1:0", "127.0.0.1:9").unwrap();
+    assert_eq!(plane.carrying(), vec![0, 0]);
+    // Connections that send nothing wait for their first flight, each on its thread.
+    let mut held = Vec::new();
+    for n in 1..=4 {
+        held.push(TcpStream::connect(&addr).unwrap());
+        wait_for("the connection to be carried", || plane.carrying().iter().sum::<usize>() == n);
+    }
+    assert_eq!(plane.carrying(), vec![2, 2], "each went to the thread carrying fewer");
+    // One ends: the next connection goes where it left room.
+    drop(held.remove(0));
+    wait_for("the closed one to be given back", || plane.carrying().iter().sum::<usize>() == 3);
+    held.push(TcpStream::connect(&addr).unwrap());
+    wait_for("the next one to be carried", || plane.carrying().iter().sum::<usize>() == 4);
+    assert_eq!(plane.carrying(), vec![2, 2]);
+    drop(held);
+    wait_for("every connection to be given back", || plane.carrying() == vec![0, 0]);
+}
